@@ -1,0 +1,1 @@
+"""Our own PyTorch implementations of the SD3 family's networks."""

@@ -1,0 +1,392 @@
+"""MMDiT-X: the joint text-image diffusion transformer of SD3 / SD3.5.
+
+Module and parameter names mirror the official checkpoint keys (``joint_blocks.N.x_block.attn.qkv``
+and so on), so the official file loads without renaming. Facts and line numbers refer to
+Stability-AI/sd3.5 ``mmditx.py`` as summarised in ``shared/spec/REFERENCE.md`` section 1.
+
+Every size is read from the weights (:meth:`MMDiTXConfig.from_state_dict`): SD3 Medium, SD3.5
+Medium and SD3.5 Large files all load with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sd35.errors import CheckpointError, SD35Error
+from sd35.loading.tensors import StateDict, shape_of
+from sd35.loading.weights import load_weights
+
+PREFIX = "model.diffusion_model."
+HEAD_DIM = 64  # the reference sets hidden = 64 * depth and heads = depth (mmditx.py 742-744)
+
+
+@dataclass(frozen=True)
+class MMDiTXConfig:
+    hidden_size: int
+    depth: int
+    patch_size: int
+    in_channels: int
+    out_channels: int
+    pos_embed_max_size: int
+    pooled_dim: int  # adm_in_channels: CLIP-L pooled + CLIP-G pooled
+    context_dim: int  # the text features' width (4096, T5-XXL's)
+    mlp_hidden: int
+    qk_norm: bool
+    attn2_layers: tuple[int, ...]  # blocks whose x stream has the second self-attention (MMDiT-X)
+    timestep_dim: int = 256
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // HEAD_DIM
+
+    @classmethod
+    def from_state_dict(cls, sd: StateDict) -> MMDiTXConfig:
+        """Infer the configuration from key names and shapes only (reference sd3_impls.py 72-120)."""
+        sd = strip_prefix(sd)
+        for key in (
+            "x_embedder.proj.weight",
+            "pos_embed",
+            "final_layer.linear.weight",
+            "t_embedder.mlp.0.weight",
+        ):
+            if key not in sd:
+                raise CheckpointError(
+                    f"MMDiT-X weights: required tensor '{key}' is missing; this is not an SD3-family model."
+                )
+        hidden, in_ch, patch, _ = shape_of(sd["x_embedder.proj.weight"])
+        if hidden % HEAD_DIM:
+            raise CheckpointError(
+                f"MMDiT-X weights: hidden size {hidden} is not a multiple of the head width {HEAD_DIM}."
+            )
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
+        if not blocks:
+            raise CheckpointError(
+                "MMDiT-X weights: no 'joint_blocks.N' tensors; this is not an SD3-family model."
+            )
+        depth = max(blocks) + 1
+        if blocks != set(range(depth)):
+            missing = sorted(set(range(depth)) - blocks)
+            raise CheckpointError(
+                f"MMDiT-X weights: joint blocks {missing} are missing (the file is incomplete)."
+            )
+        num_patches = shape_of(sd["pos_embed"])[1]
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise CheckpointError(
+                f"MMDiT-X weights: pos_embed has {num_patches} positions, not a square grid."
+            )
+        out_dim = shape_of(sd["final_layer.linear.weight"])[0]
+        return cls(
+            hidden_size=hidden,
+            depth=depth,
+            patch_size=patch,
+            in_channels=in_ch,
+            out_channels=out_dim // (patch * patch),
+            pos_embed_max_size=grid,
+            pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
+            context_dim=shape_of(sd["context_embedder.weight"])[1],
+            mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
+            qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
+            attn2_layers=tuple(
+                sorted(
+                    int(m.group(1))
+                    for k in sd
+                    if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
+                )
+            ),
+            timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
+        )
+
+    @property
+    def max_image_size(self) -> int:
+        """The largest image side in pixels the positional-embedding grid covers (8x VAE downsampling)."""
+        return self.pos_embed_max_size * self.patch_size * 8
+
+
+def strip_prefix(sd: StateDict, prefix: str = PREFIX) -> StateDict:
+    """Keys with the official ``model.diffusion_model.`` prefix, if any key carries it, are taken without it."""
+    if any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters, eps 1e-6 (norm1, norm2, norm_final in the reference)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked multi-head attention on (B, L, H, Dh) tensors, returning (B, L, H*Dh)."""
+    b, n, h, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t = sigma*1000, laid out as [cos | sin] (cos first; mmditx.py 158-187)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class RMSNorm(nn.Module):
+    """QK normalisation over the head dimension: x * rsqrt(mean(x^2) + 1e-6) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class MLP2(nn.Module):
+    """Linear -> SiLU -> Linear, the timestep and pooled-text embedders (keys ``mlp.0`` / ``mlp.2``)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_channels: int, hidden: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # tokens in row-major (h, w) order
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection ([q; k; v] along the output dim), optional RMS qk-norm, output projection.
+
+    ``pre_only`` attention (the last context block) has no output projection (mmditx.py 238-240).
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, pre_only: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ln_q = RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.ln_k = RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
+
+    def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).unbind(2)
+        return self.ln_q(q), self.ln_k(k), v
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DismantledBlock(nn.Module):
+    """One stream (context or image) of a joint block.
+
+    adaLN chunks (mmditx.py 469-476): 6 = (shift, scale, gate) for attention and MLP; 9 adds
+    (shift, scale, gate) for the second self-attention ``attn2``; 2 = (shift, scale) for the
+    ``pre_only`` last context block, which has no projection, MLP or second norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_hidden: int,
+        qk_norm: bool,
+        pre_only: bool = False,
+        attn2: bool = False,
+    ):
+        super().__init__()
+        self.pre_only = pre_only
+        self.has_attn2 = attn2
+        n_mod = 2 if pre_only else (9 if attn2 else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim))
+        self.attn = SelfAttention(dim, heads, qk_norm, pre_only)
+        if attn2:
+            self.attn2 = SelfAttention(dim, heads, qk_norm)
+        if not pre_only:
+            self.mlp = Mlp(dim, mlp_hidden)
+
+    def finish(
+        self, x: torch.Tensor, attn_out: torch.Tensor, mods: tuple[torch.Tensor, ...], attn2_out=None
+    ) -> torch.Tensor:
+        """Residual updates after attention (post_attention / post_attention_x, mmditx.py 509-576)."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2], mods[3], mods[4], mods[5]
+        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn_out)
+        if attn2_out is not None:
+            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2_out)  # after attn1's residual, before norm2
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+
+class JointBlock(nn.Module):
+    """Joint attention over [context tokens ; image tokens] (context first, mmditx.py 591-647)."""
+
+    def __init__(self, cfg: MMDiTXConfig, index: int):
+        super().__init__()
+        dim, heads = cfg.hidden_size, cfg.num_heads
+        last = index == cfg.depth - 1
+        self.context_block = DismantledBlock(dim, heads, cfg.mlp_hidden, cfg.qk_norm, pre_only=last)
+        self.x_block = DismantledBlock(
+            dim, heads, cfg.mlp_hidden, cfg.qk_norm, attn2=index in cfg.attn2_layers
+        )
+
+    def forward(
+        self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        cb, xb = self.context_block, self.x_block
+        c_mods = cb.adaLN_modulation(c).chunk(2 if cb.pre_only else 6, dim=1)
+        x_mods = xb.adaLN_modulation(c).chunk(9 if xb.has_attn2 else 6, dim=1)
+
+        cq, ck, cv = cb.attn.pre_attention(modulate(layer_norm(context), c_mods[0], c_mods[1]))
+        x_norm = layer_norm(x)
+        xq, xk, xv = xb.attn.pre_attention(modulate(x_norm, x_mods[0], x_mods[1]))
+        n_ctx = context.shape[1]
+        joint = attention(torch.cat([cq, xq], 1), torch.cat([ck, xk], 1), torch.cat([cv, xv], 1))
+        ctx_out, x_out = joint[:, :n_ctx], joint[:, n_ctx:]
+
+        attn2_out = None
+        if xb.has_attn2:  # the second self-attention reads the same norm1(x), with its own modulation
+            attn2_out = attention(*xb.attn2.pre_attention(modulate(x_norm, x_mods[6], x_mods[7])))
+
+        context = None if cb.pre_only else cb.finish(context, ctx_out, c_mods)
+        return context, xb.finish(x, x_out, x_mods, attn2_out)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale: shift first, mmditx.py 689) then a linear map to patch pixels."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class MMDiTX(nn.Module):
+    """The SD3-family transformer: ``forward(x, t, y, context, skip_layers=())`` predicts the flow velocity.
+
+    x: latents (B, C, H, W) with even H, W; t: sigma * 1000, shape (B,); y: pooled text (B, pooled_dim);
+    context: text tokens (B, L, context_dim). Returns (B, C, H, W) in x's dtype.
+    ``skip_layers`` bypasses whole joint blocks (Skip Layer Guidance, mmditx.py 874-877).
+    """
+
+    def __init__(self, config: MMDiTXConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.hidden_size
+        self.register_buffer("pos_embed", torch.zeros(1, cfg.pos_embed_max_size**2, dim))
+        self.x_embedder = PatchEmbed(cfg.in_channels, dim, cfg.patch_size)
+        self.t_embedder = MLP2(cfg.timestep_dim, dim)
+        self.y_embedder = MLP2(cfg.pooled_dim, dim)
+        self.context_embedder = nn.Linear(cfg.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(dim, cfg.patch_size**2 * cfg.out_channels)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: StateDict,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        what: str = "MMDiT-X",
+    ) -> MMDiTX:
+        """Build from official keys, with or without the ``model.diffusion_model.`` prefix."""
+        sd = strip_prefix(sd)
+        config = MMDiTXConfig.from_state_dict(sd)
+        with torch.device("meta"):
+            model = cls(config)
+        return load_weights(model, sd, what=what, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.context_embedder.weight.dtype
+
+    def check_latent_size(self, height: int, width: int) -> None:
+        cfg = self.config
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise SD35Error(
+                f"latent size {height}x{width} must be a multiple of the patch size {p} "
+                f"(image sides must be multiples of {8 * p} pixels)."
+            )
+        if height // p > cfg.pos_embed_max_size or width // p > cfg.pos_embed_max_size:
+            raise SD35Error(
+                f"latent size {height}x{width} is larger than this model's position grid allows "
+                f"(at most {cfg.max_image_size}x{cfg.max_image_size} pixels)."
+            )
+
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """The centred crop of the stored positional grid for an h x w token grid (floor division, mmditx.py 814-833)."""
+        grid = self.config.pos_embed_max_size
+        top, left = (grid - h) // 2, (grid - w) // 2
+        pe = self.pos_embed.reshape(1, grid, grid, -1)[:, top : top + h, left : left + w, :]
+        return pe.reshape(1, h * w, -1)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, p*p*C) with channel fastest -> (B, C, h*p, w*p) (mmditx.py 835-853)."""
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """c = t_embedder(sinusoid(t)) + y_embedder(y), the vector every adaLN reads."""
+        temb = timestep_embedding(t, self.config.timestep_dim).to(self.dtype)
+        return self.t_embedder(temb) + self.y_embedder(y.to(self.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        context: torch.Tensor,
+        skip_layers: Iterable[int] = (),
+    ) -> torch.Tensor:
+        out_dtype = x.dtype
+        height, width = x.shape[-2:]
+        self.check_latent_size(height, width)
+        p = self.config.patch_size
+        h, w = height // p, width // p
+        skip = set(skip_layers)
+
+        tokens = self.x_embedder(x.to(self.dtype)) + self.cropped_pos_embed(h, w)
+        c = self.conditioning(t, y)
+        ctx = self.context_embedder(context.to(self.dtype))
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip:
+                continue
+            ctx, tokens = block(ctx, tokens, c)
+        out = self.final_layer(tokens, c)
+        return self.unpatchify(out, h, w).to(out_dtype)

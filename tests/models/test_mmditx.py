@@ -1,0 +1,148 @@
+"""MMDiT-X against diffusers' SD3Transformer2DModel, loaded through diffusers' own single-file converter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+from sd35.errors import CheckpointError, SD35Error
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, timestep_embedding
+from sd35.testing import tiny_configs
+from sd35.testing.random_weights import random_state_dict
+
+CONFIGS = {
+    "sd35m-like": dict(attn2_layers=(0, 1), qk_norm=True),
+    "sd3m-like": dict(attn2_layers=(), qk_norm=False),
+    "attn2-subset": dict(attn2_layers=(1, 3), qk_norm=True, depth=4),
+    "attn2-no-qknorm": dict(attn2_layers=(0,), qk_norm=False),
+}
+
+
+def _pair(name: str, seed: int = 0):
+    cfg = tiny_configs(**CONFIGS[name]).mmditx
+    sd = random_state_dict(MMDiTX(cfg), seed)
+    ours = MMDiTX.from_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()})
+    ref = SD3Transformer2DModel(
+        sample_size=cfg.pos_embed_max_size,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        attention_head_dim=64,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_dim,
+        caption_projection_dim=cfg.hidden_size,
+        pooled_projection_dim=cfg.pooled_dim,
+        out_channels=cfg.out_channels,
+        pos_embed_max_size=cfg.pos_embed_max_size,
+        dual_attention_layers=cfg.attn2_layers,
+        qk_norm="rms_norm" if cfg.qk_norm else None,
+    )
+    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
+    return cfg, ours, ref.eval()
+
+
+def _inputs(cfg: MMDiTXConfig, h: int, w: int, batch: int = 2, n_ctx: int = 11):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, h, w, generator=g)
+    t = torch.tensor([991.0, 13.5][:batch])
+    y = torch.randn(batch, cfg.pooled_dim, generator=g)
+    ctx = torch.randn(batch, n_ctx, cfg.context_dim, generator=g)
+    return x, t, y, ctx
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("hw", [(8, 8), (12, 6)])
+def test_matches_diffusers(name, hw):
+    cfg, ours, ref = _pair(name)
+    assert ours.config == cfg
+    x, t, y, ctx = _inputs(cfg, *hw)
+    with torch.no_grad():
+        a = ours(x, t, y, ctx)
+        b = ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+    assert a.shape == x.shape
+    assert _rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("skip", [[1], [0, 2]])
+def test_skip_layers_match_diffusers(skip):
+    cfg, ours, ref = _pair("sd35m-like")
+    x, t, y, ctx = _inputs(cfg, 8, 10)
+    with torch.no_grad():
+        a = ours(x, t, y, ctx, skip_layers=skip)
+        b = ref(
+            hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t, skip_layers=skip
+        ).sample
+        full = ours(x, t, y, ctx)
+    assert _rel_err(a, b) <= 1e-5
+    assert _rel_err(a, full) > 1e-3  # skipping really changes the result
+
+
+def test_config_inferred_from_weights():
+    cfg = tiny_configs(attn2_layers=(1, 3), qk_norm=True, depth=4).mmditx
+    sd = random_state_dict(MMDiTX(cfg))
+    assert MMDiTXConfig.from_state_dict(sd) == cfg
+    assert sd["joint_blocks.1.x_block.adaLN_modulation.1.weight"].shape[0] == 9 * cfg.hidden_size
+    assert sd["joint_blocks.0.x_block.adaLN_modulation.1.weight"].shape[0] == 6 * cfg.hidden_size
+    assert sd["joint_blocks.3.context_block.adaLN_modulation.1.weight"].shape[0] == 2 * cfg.hidden_size
+    assert "joint_blocks.3.context_block.mlp.fc1.weight" not in sd  # the last context block is pre-only
+
+
+def test_prefix_and_bare_keys_load_identically():
+    cfg = tiny_configs().mmditx
+    sd = random_state_dict(MMDiTX(cfg), 3)
+    a = MMDiTX.from_state_dict(sd).state_dict()
+    b = MMDiTX.from_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()}).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timestep_embedding_is_cos_first():
+    emb = timestep_embedding(torch.tensor([0.0]), 8)
+    assert torch.equal(emb[0, :4], torch.ones(4)) and torch.equal(emb[0, 4:], torch.zeros(4))
+
+
+def test_pos_embed_crop_is_centred():
+    cfg = tiny_configs().mmditx
+    model = MMDiTX.from_state_dict(random_state_dict(MMDiTX(cfg)))
+    grid = model.pos_embed.reshape(cfg.pos_embed_max_size, cfg.pos_embed_max_size, -1)
+    crop = model.cropped_pos_embed(3, 4).reshape(3, 4, -1)
+    top, left = (cfg.pos_embed_max_size - 3) // 2, (cfg.pos_embed_max_size - 4) // 2
+    assert torch.equal(crop, grid[top : top + 3, left : left + 4])
+
+
+def test_bad_sizes_and_shapes_are_clear_errors():
+    cfg = tiny_configs().mmditx
+    sd = random_state_dict(MMDiTX(cfg))
+    model = MMDiTX.from_state_dict(sd)
+    x, t, y, ctx = _inputs(cfg, 7, 8)
+    with pytest.raises(SD35Error, match="multiple of"):
+        model(x, t, y, ctx)
+    big = cfg.pos_embed_max_size * cfg.patch_size + 2
+    x, t, y, ctx = _inputs(cfg, big, 8)
+    with pytest.raises(SD35Error, match="at most 512x512"):
+        model(x, t, y, ctx)
+    bad = dict(sd)
+    bad["joint_blocks.1.x_block.mlp.fc2.weight"] = torch.zeros(cfg.hidden_size, 7)
+    with pytest.raises(
+        CheckpointError, match=r"joint_blocks\.1\.x_block\.mlp\.fc2\.weight.*\[128, 7\].*\[128, 512\]"
+    ):
+        MMDiTX.from_state_dict(bad)
+    del bad["joint_blocks.1.x_block.mlp.fc2.weight"]
+    with pytest.raises(CheckpointError, match="lack"):
+        MMDiTX.from_state_dict(bad)
+
+
+def test_bf16_close_to_fp32():
+    cfg = tiny_configs().mmditx
+    sd = random_state_dict(MMDiTX(cfg))
+    x, t, y, ctx = _inputs(cfg, 8, 8)
+    with torch.no_grad():
+        a = MMDiTX.from_state_dict(sd)(x, t, y, ctx)
+        b = MMDiTX.from_state_dict(sd, dtype=torch.bfloat16)(x, t, y, ctx)
+    assert b.dtype == torch.float32  # returned in the input's dtype
+    assert _rel_err(b, a) < 0.05
