@@ -1,7 +1,28 @@
 """sd35: a from-scratch PyTorch engine for Stable Diffusion 3.5 Medium."""
 
-from sd35.errors import SD35Error
+from sd35.errors import CheckpointError, MissingComponentError, SD35Error
+from sd35.loading.components import Component, assemble, load_component, load_models, scan
+from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.t5 import T5Config, T5Encoder
+from sd35.models.vae import VAE, VAEConfig
 
-__all__ = ["MMDiTX", "MMDiTXConfig", "SD35Error"]
+__all__ = [
+    "CLIPTextConfig",
+    "CLIPTextEncoder",
+    "CheckpointError",
+    "Component",
+    "MMDiTX",
+    "MMDiTXConfig",
+    "MissingComponentError",
+    "SD35Error",
+    "T5Config",
+    "T5Encoder",
+    "VAE",
+    "VAEConfig",
+    "assemble",
+    "load_component",
+    "load_models",
+    "scan",
+]
 __version__ = "0.1.0"

@@ -91,6 +91,7 @@ def report(paths: list[str | Path]) -> str:
     for path in paths:
         path = Path(path)
         mine = [c for c in components if c.source == path or path in c.source.parents]
+        mine.sort(key=lambda c: KINDS.index(c.kind) if c.kind in KINDS else len(KINDS))
         layouts = sorted({c.layout for c in mine})
         lines.append(f"{path}  [{', '.join(layouts)}]")
         for c in mine:
