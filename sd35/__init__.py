@@ -1,11 +1,14 @@
 """sd35: a from-scratch PyTorch engine for Stable Diffusion 3.5 Medium."""
 
+__version__ = "0.1.0"  # first: sd35.pipeline reads it while this package initialises
+
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error
 from sd35.loading.components import Component, assemble, load_component, load_models, scan
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.t5 import T5Config, T5Encoder
 from sd35.models.vae import VAE, VAEConfig
+from sd35.pipeline import SD3Pipeline, load_pipeline
 
 __all__ = [
     "CLIPTextConfig",
@@ -16,6 +19,7 @@ __all__ = [
     "MMDiTXConfig",
     "MissingComponentError",
     "SD35Error",
+    "SD3Pipeline",
     "T5Config",
     "T5Encoder",
     "VAE",
@@ -23,6 +27,6 @@ __all__ = [
     "assemble",
     "load_component",
     "load_models",
+    "load_pipeline",
     "scan",
 ]
-__version__ = "0.1.0"

@@ -18,3 +18,7 @@ class CheckpointError(SD35Error):
 
 class MissingComponentError(SD35Error):
     """A pipeline part (MMDiT, VAE, a text encoder) that none of the given files provides."""
+
+
+class SD35Warning(UserWarning):
+    """Something the user should know (a truncated prompt, a missing optional part); the run goes on."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from sd35.cli import main
 from sd35.inspect import mmditx_family
@@ -115,3 +117,110 @@ def test_console_script_never_shows_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no such file" in proc.stderr
+
+
+# --- generate -------------------------------------------------------------------------------
+
+A1111_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext parser
+
+
+def _gen(capsys, tiny, out, *extra):
+    args = [
+        "generate",
+        "--model",
+        str(tiny["diffusers"]),
+        "--prompt",
+        "a red circle, photo",
+        "--negative-prompt",
+        "blurry",
+        "--width",
+        "32",
+        "--height",
+        "48",
+        "--steps",
+        "2",
+        "--seed",
+        "9",
+        "-o",
+        str(out),
+        *extra,
+    ]
+    return _run(capsys, *args)
+
+
+def test_generate_writes_png_with_a1111_parameters(capsys, tiny, tmp_path):
+    out = tmp_path / "cat.png"
+    code, stdout, _ = _gen(capsys, tiny, out, "--slg", "--slg-layers", "1")
+    assert code == 0 and stdout.strip() == str(out)
+    image = Image.open(out)
+    assert image.size == (32, 48)
+    prompt, negative, settings = image.text["parameters"].split("\n")
+    assert prompt == "a red circle, photo" and negative == "Negative prompt: blurry"
+    pairs = {k: v.strip('"') for k, v in A1111_PAIR.findall(settings)}
+    assert pairs["Steps"] == "2" and pairs["Sampler"] == "DPM++ 2M" and pairs["CFG scale"] == "5.0"
+    assert pairs["Seed"] == "9" and pairs["Size"] == "32x48" and pairs["Model"] == "diffusers"
+    assert pairs["SLG layers"] == "1" and pairs["SLG scale"] == "2.5" and pairs["SLG end"] == "0.2"
+
+
+def test_generate_never_overwrites(capsys, tiny, tmp_path):
+    out = tmp_path / "img.png"
+    out.write_bytes(b"precious")
+    code, stdout, _ = _gen(capsys, tiny, out, "--num-images", "2")
+    assert code == 0
+    assert out.read_bytes() == b"precious"
+    assert stdout.split() == [str(tmp_path / "img-1.png"), str(tmp_path / "img-2.png")]
+    assert "Seed: 10" in Image.open(tmp_path / "img-2.png").text["parameters"]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    "extra,says",
+    [
+        (["--width", "50"], "use 48 or 64"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--slg-start", "0.5", "--slg-end", "0.1"], "start"),
+        (["--slg-layers", "seven"], "--slg-layers"),
+    ],
+)
+def test_generate_bad_arguments_exit_2(capsys, tiny, tmp_path, extra, says):
+    code, _, err = _gen(capsys, tiny, tmp_path / "x.png", *extra)
+    assert code == 2 and err.startswith("sd35: error: ") and says in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_missing_parts_exit_2(capsys, tiny, tmp_path):
+    base = ["generate", "--prompt", "x", "-o", str(tmp_path / "x.png")]
+    code, _, err = _run(capsys, *base, "--model", str(tiny["official"]))
+    assert code == 2 and "CLIP-L" in err and "--text-encoders" in err
+    code, _, err = _run(
+        capsys, *base, "--model", str(tiny["official"]), "--text-encoders", str(tiny["text_encoders"])
+    )
+    assert code == 2 and "tokenizer" in err and "--tokenizers" in err
+    code, _, err = _run(capsys, *base, "--model", str(tiny["diffusers"]), "-o", str(tmp_path / "x.jpg"))
+    assert code == 2 and ".png" in err
+
+
+def test_generate_from_split_files_warns_without_t5(capsys, tiny, tmp_path):
+    te = tiny["text_encoders"]
+    code, _, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny["official"]),
+        "--text-encoders",
+        str(te / "clip_l.safetensors"),
+        str(te / "clip_g.safetensors"),
+        "--tokenizers",
+        str(tiny["diffusers"]),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "-o",
+        str(tmp_path / "x.png"),
+    )
+    assert code == 0 and "sd35: warning: no T5-XXL" in err

@@ -308,20 +308,32 @@ def resolve_clip_roles(components: list[Component]) -> None:
         taken.add(c.kind)
 
 
-def assemble(components: list[Component], required: Iterable[str] = KINDS) -> dict[str, Component]:
-    """One component per kind; a kind given twice or a required kind missing is an error naming the files."""
+def assemble(
+    components: list[Component],
+    required: Iterable[str] = KINDS,
+    overrides: Iterable[Component] = (),
+    hint: str = "",
+) -> dict[str, Component]:
+    """One component per kind; a kind given twice or a required kind missing is an error naming the files.
+
+    ``overrides`` (e.g. text encoders passed on their own) replace same-kind parts of ``components``
+    (e.g. those embedded in an all-in-one file); ``hint`` is appended to the missing-part message.
+    """
     by_kind: dict[str, Component] = {}
-    for c in components:
-        if c.kind in by_kind:
-            raise CheckpointError(
-                f"two {c.name} weights were given: {by_kind[c.kind].source} and {c.source}. Pass only one of them."
-            )
-        by_kind[c.kind] = c
+    for group in (list(components), list(overrides)):
+        seen: dict[str, Component] = {}
+        for c in group:
+            if c.kind in seen:
+                raise CheckpointError(
+                    f"two {c.name} weights were given: {seen[c.kind].source} and {c.source}. Pass only one of them."
+                )
+            seen[c.kind] = c
+        by_kind.update(seen)
     missing = [k for k in required if k not in by_kind]
     if missing:
         lines = "; ".join(f"{KIND_NAMES[k]}: {USUAL_FILES[k]}" for k in missing)
         raise MissingComponentError(
-            f"missing {', '.join(KIND_NAMES[k] for k in missing)}. Usual files: {lines}."
+            f"missing {', '.join(KIND_NAMES[k] for k in missing)}. Usual files: {lines}.{hint}"
         )
     return by_kind
 

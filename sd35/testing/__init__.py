@@ -30,6 +30,7 @@ from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.t5 import T5Config, T5Encoder
 from sd35.models.vae import VAE, VAEConfig
 from sd35.testing.random_weights import random_state_dict
+from sd35.testing.tokenizers import write_tiny_tokenizers
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def _clip_hf_config(c: CLIPTextConfig, act: str) -> dict:
 
 
 def write_diffusers(folder: Path, w: TinyWeights, *, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers folder; CLIP-L gets an identity ``text_projection`` (diffusers' text_encoder has one)."""
+    """A diffusers folder with tokenizers; CLIP-L gets an identity ``text_projection`` (diffusers' text_encoder has one)."""
     configs = diffusers_configs(w.configs)
     _write_json(
         folder / "model_index.json",
@@ -297,8 +298,12 @@ def write_diffusers(folder: Path, w: TinyWeights, *, dtype: torch.dtype | None =
             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
             "text_encoder_3": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "tokenizer_3": ["transformers", "T5TokenizerFast"],
         },
     )
+    write_tiny_tokenizers(folder, clip_vocab=w.configs.clip_l.vocab_size, t5_vocab=w.configs.t5.vocab_size)
     _write_json(
         folder / "scheduler" / "scheduler_config.json",
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},

@@ -1,0 +1,352 @@
+"""Token ids for SD3's three text encoders, made the way the official reference makes them (REFERENCE.md 4.2).
+
+Only the ``tokenizers`` library is used at run time (no transformers, no sentencepiece). The files are
+the ones SD3's diffusers repository ships: ``tokenizer/`` and ``tokenizer_2/`` (CLIP: ``vocab.json`` +
+``merges.txt``) and ``tokenizer_3/`` (T5: ``tokenizer.json``).
+
+What the reference does, and so what :class:`SD3Tokenizer` does:
+
+- Every prompt goes through the emphasis parser (:func:`sd35.conditioning.prompt.parse_weights`, which
+  eats unescaped parentheses and ``:1.2`` weights), ``\\n`` becomes a space, the text is split on spaces
+  and **each word is tokenized on its own** (no BOS/EOS); the words' tokens are concatenated.
+- CLIP-L and CLIP-G: ``[BOS] + up to 75 tokens + [EOS]``, padded to 77 with EOS (CLIP-L) or with id 0
+  (CLIP-G). Only the reference's first 77-token chunk is ever encoded, so a long prompt is cut at a word
+  boundary: words are kept whole while they fit; the first word that does not fit ends the prompt,
+  except that a word of 8 or more tokens is split to fill the chunk.
+- T5: ``tokens + [EOS=1]``, padded with 0 to at least 77.
+
+Where we differ on purpose (see :meth:`SD3Tokenizer.__call__`): the reference cuts the T5 text to its
+first 226 *characters* and pads each prompt on its own, so a prompt with more than 76 T5 tokens gives
+cond and uncond rows of different lengths, which its CFG cannot batch. We do not cut characters;
+instead every row of a batch is padded to the same length (at least 77, at most ``t5_max_tokens``),
+and a prompt longer than the cap is truncated with EOS kept last. Prompts with at most 76 T5 tokens
+get exactly the reference's ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from sd35.conditioning.prompt import prompt_words
+from sd35.errors import MissingComponentError, SD35Error
+
+CLIP_LENGTH = 77
+T5_MIN_LENGTH = 77
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+T5_EOS = "</s>"
+T5_PAD_ID = 0
+CLIP_G_PAD_ID = 0
+_CLIP_CONTENT = CLIP_LENGTH - 2
+# Words of this many tokens or more are split at the end of the chunk (the reference's max_word_length).
+_LONG_WORD = 8
+_CLIP_MAX_MERGES = 49152 - 256 - 2  # the slow CLIPTokenizer reads at most this many lines of merges.txt
+
+# CLIP's pre-tokenization regex (OpenAI simple_tokenizer, used unchanged by transformers' CLIPTokenizer).
+CLIP_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+# The slow tokenizer's text cleaning (BERT's BasicTokenizer, used when ftfy is not installed, as in the
+# reference's requirements): it drops NUL, U+FFFD and every "C*" category character except \t \n \r ...
+_CONTROL = r"[[\p{C}\x{FFFD}]&&[^\t\n\r]]"
+# ... and puts spaces around CJK ideographs, so each one is a word of its own.
+_CJK = (
+    "[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+    "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f]"
+)
+
+SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
+_WHERE_FROM = (
+    f"they are the tokenizer/ (CLIP-L), tokenizer_2/ (CLIP-G) and tokenizer_3/ (T5) folders of the diffusers "
+    f"repository {SD35_REPO} (https://huggingface.co/{SD35_REPO}/tree/main): download those folders into one "
+    "folder and pass that folder (--tokenizers DIR)"
+)
+_CLIP_NEEDS = "vocab.json and merges.txt (or tokenizer.json)"
+_T5_NEEDS = "tokenizer.json"
+
+
+def clip_normalizer() -> normalizers.Normalizer:
+    """The slow CLIPTokenizer's cleaning: drop control characters, NFC, collapse whitespace, lowercase."""
+    return normalizers.Sequence(
+        [
+            normalizers.Replace(Regex(_CONTROL), ""),
+            normalizers.NFC(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Lowercase(),
+        ]
+    )
+
+
+def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """CJK ideographs apart, CLIP's regex (whitespace removed), then bytes mapped to printable characters."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CJK), behavior="isolated"),
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE (``</w>`` marks a word's last token), giving the slow CLIPTokenizer's ids.
+
+    The slow (pure Python) tokenizer is what the reference uses; transformers' fast one skips its
+    control-character removal and CJK splitting, which we keep. Lowercasing uses Python's
+    ``str.lower`` (as the slow tokenizer does; it differs from the Rust one on a word-final capital sigma).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = "CLIP tokenizer"):
+        for name in (CLIP_BOS, CLIP_EOS):
+            if name not in vocab:
+                raise SD35Error(
+                    f"{source}: the vocabulary has no {name} token, so this is not a CLIP tokenizer."
+                )
+        self.bos_id = vocab[CLIP_BOS]
+        self.eos_id = vocab[CLIP_EOS]
+        self.vocab_size = len(vocab)
+        try:
+            model = BPE(
+                vocab=vocab,
+                merges=merges[:_CLIP_MAX_MERGES],
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                fuse_unk=False,
+                unk_token=CLIP_EOS,
+            )
+        except Exception as e:  # the Rust side raises plain Exceptions
+            raise SD35Error(f"{source}: the vocabulary and the merges do not fit together ({e}).") from e
+        tok = Tokenizer(model)
+        tok.normalizer = clip_normalizer()
+        tok.pre_tokenizer = clip_pre_tokenizer()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (CLIP_BOS, CLIP_EOS)])
+        self._tokenizer = tok
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ClipTokenizer:
+        """From ``vocab.json`` + ``merges.txt``, else from the BPE model inside ``tokenizer.json``."""
+        folder = Path(folder)
+        vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+        if vocab_file.is_file() and merges_file.is_file():
+            vocab = _read_json(vocab_file)
+            merges = _parse_merges(_read_text(merges_file).split("\n"), merges_file)
+            source = str(vocab_file)
+        elif (folder / "tokenizer.json").is_file():
+            source = str(folder / "tokenizer.json")
+            model = _read_json(folder / "tokenizer.json").get("model", {})
+            if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+                raise SD35Error(f"{source}: not a BPE tokenizer, so not a CLIP tokenizer.")
+            vocab = model["vocab"]
+            merges = [
+                tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])
+            ]
+        else:
+            raise MissingComponentError(f"{folder}: the CLIP tokenizer needs {_CLIP_NEEDS}; {_WHERE_FROM}.")
+        if not isinstance(vocab, dict):
+            raise SD35Error(f"{source}: expected a JSON object mapping tokens to ids.")
+        return cls(vocab, merges, source)
+
+    def encode_words(self, words: Sequence[str]) -> list[list[int]]:
+        """Each word's ids, without BOS/EOS (the reference's ``tokenizer(word)["input_ids"][1:-1]``)."""
+        # One call per word (prompts are short): encode_batch would start the Rust thread pool, which
+        # makes tokenizers warn if the process forks later.
+        return [self._tokenizer.encode(w.lower(), add_special_tokens=False).ids for w in words]
+
+
+class T5Tokenizer:
+    """T5's SentencePiece-style Unigram tokenizer, read from a ``tokenizer.json`` as it is."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "T5 tokenizer"):
+        eos = tokenizer.token_to_id(T5_EOS)
+        if eos is None:
+            raise SD35Error(f"{source}: the vocabulary has no {T5_EOS} token, so this is not a T5 tokenizer.")
+        self.eos_id = eos
+        self.pad_id = T5_PAD_ID
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> T5Tokenizer:
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise MissingComponentError(f"{folder}: the T5 tokenizer needs {_T5_NEEDS}; {_WHERE_FROM}.")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise SD35Error(f"{path}: cannot read this tokenizer file ({e}).") from e
+        return cls(tokenizer, str(path))
+
+    def encode_words(self, words: Sequence[str]) -> list[list[int]]:
+        """Each word's ids without EOS (the reference's ``tokenizer(word)["input_ids"][:-1]``)."""
+        return [self._tokenizer.encode(w, add_special_tokens=False).ids for w in words]
+
+
+@dataclass
+class SD3Tokens:
+    """Token ids for one batch of prompts; every row of a tensor has the same length.
+
+    ``clip_dropped`` / ``t5_dropped`` say, per prompt, how many tokens did not fit (CLIP reads only
+    75; T5 stops at ``t5_max_tokens``), so that the caller can warn.
+    """
+
+    clip_l: torch.Tensor  # [B, 77] int64: BOS, tokens, EOS, EOS padding
+    clip_g: torch.Tensor  # [B, 77] int64: BOS, tokens, EOS, 0 padding
+    t5: torch.Tensor | None  # [B, L] int64: tokens, EOS, 0 padding; None without a T5 tokenizer
+    clip_dropped: list[int]
+    t5_dropped: list[int]
+
+
+class SD3Tokenizer:
+    """The three tokenizers of SD3 / SD3.5, applied the reference's way (see the module docstring)."""
+
+    def __init__(self, clip_l: ClipTokenizer, clip_g: ClipTokenizer, t5: T5Tokenizer | None):
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+
+    @classmethod
+    def from_folders(cls, clip_l: Path, clip_g: Path, t5: Path | None = None) -> SD3Tokenizer:
+        """From the three tokenizer folders (``t5=None``: no T5 tokens). All missing files are named at once."""
+        needed = [("CLIP-L", clip_l, _CLIP_NEEDS), ("CLIP-G", clip_g, _CLIP_NEEDS)]
+        if t5 is not None:
+            needed.append(("T5", t5, _T5_NEEDS))
+        missing = [
+            f"{folder} ({name}) needs {needs}"
+            for name, folder, needs in needed
+            if not _has_files(Path(folder), name == "T5")
+        ]
+        if missing:
+            raise MissingComponentError(f"tokenizer files are missing: {'; '.join(missing)}; {_WHERE_FROM}.")
+        return cls(
+            ClipTokenizer.from_folder(Path(clip_l)),
+            ClipTokenizer.from_folder(Path(clip_g)),
+            T5Tokenizer.from_folder(Path(t5)) if t5 is not None else None,
+        )
+
+    @classmethod
+    def from_root(cls, root: Path, *, t5: bool | None = None) -> SD3Tokenizer:
+        """From a folder holding ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/`` (a diffusers folder).
+
+        ``clip_l/``, ``clip_g/``, ``t5xxl/`` are accepted too. ``t5``: ``None`` loads the T5 tokenizer
+        when its folder exists, ``True`` requires it, ``False`` skips it.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise MissingComponentError(f"{root}: no such tokenizer folder; {_WHERE_FROM}.")
+        clip_l = _first_dir(root, ("tokenizer", "clip_l"))
+        clip_g = _first_dir(root, ("tokenizer_2", "clip_g"))
+        t5_dir = _first_dir(root, ("tokenizer_3", "t5xxl")) if t5 is not False else None
+        if t5 and t5_dir is None:
+            t5_dir = root / "tokenizer_3"
+        return cls.from_folders(clip_l or root / "tokenizer", clip_g or root / "tokenizer_2", t5_dir)
+
+    def __call__(self, prompts: Sequence[str], t5_max_tokens: int = 256) -> SD3Tokens:
+        """Tokenize a batch. T5 rows are padded to ``L = min(max(77, longest row), t5_max_tokens)``.
+
+        Unlike the reference, the T5 text is not cut to 226 characters: that cut only kept most
+        prompts under the 77 tokens its un-batched padding could handle (longer cond and uncond rows
+        had different lengths). A common length per batch plus the token cap replace it, and the cap
+        truncates at a token with EOS kept last.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if t5_max_tokens < 1:
+            raise SD35Error(f"t5_max_tokens must be at least 1 (it was {t5_max_tokens}).")
+        l_rows, g_rows, clip_dropped, t5_rows = [], [], [], []
+        for prompt in prompts:
+            words = [w for w, _weight in prompt_words(prompt)]
+            l_row, l_lost = _clip_row(self.clip_l.encode_words(words), self.clip_l, pad=self.clip_l.eos_id)
+            g_row, g_lost = _clip_row(self.clip_g.encode_words(words), self.clip_g, pad=CLIP_G_PAD_ID)
+            l_rows.append(l_row)
+            g_rows.append(g_row)
+            clip_dropped.append(max(l_lost, g_lost))
+            if self.t5 is not None:
+                t5_rows.append([t for ids in self.t5.encode_words(words) for t in ids] + [self.t5.eos_id])
+
+        t5_tensor, t5_dropped = None, [0] * len(prompts)
+        if self.t5 is not None:
+            length = min(max([T5_MIN_LENGTH, *map(len, t5_rows)]), t5_max_tokens)
+            t5_dropped = [max(0, len(r) - length) for r in t5_rows]
+            t5_rows = [r if len(r) <= length else r[: length - 1] + [self.t5.eos_id] for r in t5_rows]
+            t5_tensor = _tensor([r + [self.t5.pad_id] * (length - len(r)) for r in t5_rows], length)
+        return SD3Tokens(
+            clip_l=_tensor(l_rows, CLIP_LENGTH),
+            clip_g=_tensor(g_rows, CLIP_LENGTH),
+            t5=t5_tensor,
+            clip_dropped=clip_dropped,
+            t5_dropped=t5_dropped,
+        )
+
+
+def _clip_row(words: list[list[int]], tok: ClipTokenizer, pad: int) -> tuple[list[int], int]:
+    """The reference's first 77-token chunk, and how many tokens did not make it in.
+
+    Words go in whole while they fit in the 75 content slots. The first word that does not fit ends
+    the chunk; a word of 8 or more tokens is split to fill it instead (REFERENCE.md 4.2; ComfyUI
+    sd1_clip ``tokenize_with_weights``).
+    """
+    content: list[int] = []
+    for ids in words:
+        if len(content) + len(ids) <= _CLIP_CONTENT:
+            content.extend(ids)
+            continue
+        if len(ids) >= _LONG_WORD:
+            content.extend(ids[: _CLIP_CONTENT - len(content)])
+        break
+    dropped = sum(map(len, words)) - len(content)
+    row = [tok.bos_id, *content, tok.eos_id]
+    return row + [pad] * (CLIP_LENGTH - len(row)), dropped
+
+
+def _tensor(rows: list[list[int]], length: int) -> torch.Tensor:
+    if not rows:
+        return torch.zeros((0, length), dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _has_files(folder: Path, is_t5: bool) -> bool:
+    if is_t5:
+        return (folder / "tokenizer.json").is_file()
+    has_pair = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return has_pair or (folder / "tokenizer.json").is_file()
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SD35Error(f"{path}: cannot read this tokenizer file ({e}).") from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise SD35Error(f"{path}: not valid JSON ({e}); the download may be incomplete.") from e
+    if not isinstance(data, dict):
+        raise SD35Error(f"{path}: expected a JSON object.")
+    return data
+
+
+def _parse_merges(lines: list[str], path: Path) -> list[tuple[str, str]]:
+    """``merges.txt``: an optional ``#version`` header, then one ``left right`` pair a line."""
+    first = 1 if lines and lines[0].startswith("#") else 0
+    merges = []
+    for n, line in enumerate(lines[first:], start=first + 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise SD35Error(f"{path}, line {n}: expected two tokens separated by a space, got {line!r}.")
+        merges.append((parts[0], parts[1]))
+    return merges

@@ -1,0 +1,205 @@
+"""From the MMDiT-X velocity to a guided denoiser: classifier-free guidance and Skip Layer Guidance.
+
+The transformer predicts the flow velocity ``v = noise - x0`` at ``t = 1000 * sigma``; the denoised
+estimate is ``x - v * sigma`` (``calculate_denoised``, ``shared/spec/REFERENCE.md`` 2.1). Guidance is
+combined on denoised tensors in float32, with the batch ordered [cond ; uncond] as the reference does
+(REFERENCE.md 2.5). Because x and sigma are shared by both halves this equals diffusers' guidance on v
+up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from sd35.errors import SD35Error
+
+if TYPE_CHECKING:
+    from sd35.models.mmditx import MMDiTX
+
+FlowDenoiser = Callable[..., torch.Tensor]
+"""``denoise(x, sigma, y, context, skip_layers=()) -> denoised`` for one batch."""
+
+Conditioning = tuple[torch.Tensor, torch.Tensor]
+"""``(context, pooled)``: text tokens (B, L, C) and pooled vector (B, P); B may be 1 for any image batch."""
+
+SIGMA_RTOL = 1e-5  # how close a sigma must be to a schedule entry to count as that entry (rounding slack)
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip Layer Guidance (REFERENCE.md 3); the defaults are the reference's SD3.5 Medium values.
+
+    On steps where it is :meth:`active`, one extra forward of the cond half with the joint blocks
+    ``layers`` bypassed gives ``D_skip``, and the guided result becomes ``D + (D_cond - D_skip) * scale``.
+    Diffusers uses the same rule but a default scale of 2.8.
+    """
+
+    layers: tuple[int, ...] = (7, 8, 9)
+    scale: float = 2.5
+    start: float = 0.01
+    end: float = 0.20
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        if not layers:
+            raise SD35Error(
+                "Skip Layer Guidance needs at least one layer to skip (SD3.5 Medium uses 7, 8, 9)."
+            )
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise SD35Error(f"Skip Layer Guidance layers must be block indices >= 0, got {layers!r}.")
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise SD35Error(f"Skip Layer Guidance scale must be a number >= 0, got {self.scale!r}.")
+        if not 0 <= self.start < self.end <= 1:
+            raise SD35Error(
+                f"Skip Layer Guidance needs 0 <= start < end <= 1 (fractions of the steps), "
+                f"got start={self.start!r}, end={self.end!r}."
+            )
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether 0-based ``step`` of ``steps`` gets the skip pass: ``start*steps < step < end*steps``.
+
+        Both inequalities are strict, as in the reference and diffusers; for 50 steps with the defaults
+        that is steps 1..9 (REFERENCE.md 3).
+        """
+        return self.scale > 0 and self.start * steps < step < self.end * steps
+
+
+def flow_denoiser(mmditx: MMDiTX) -> FlowDenoiser:
+    """Wrap the transformer as ``denoise(x, sigma, y, context, skip_layers=()) -> x - v * sigma``.
+
+    ``sigma`` has shape (B,); the model sees ``t = sigma * 1000``. The subtraction is done in float32
+    whatever the model's dtype (the reference's ``calculate_denoised``, REFERENCE.md 2.1 and 6.3).
+    """
+
+    def denoise(
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        y: torch.Tensor,
+        context: torch.Tensor,
+        skip_layers: Sequence[int] = (),
+    ) -> torch.Tensor:
+        x = x.to(torch.float32)
+        sigma = sigma.to(device=x.device, dtype=torch.float32)
+        v = mmditx(x, sigma * 1000, y, context, skip_layers=tuple(skip_layers)).to(torch.float32)
+        return x - v * sigma.reshape(-1, *([1] * (x.dim() - 1)))
+
+    return denoise
+
+
+def _batched(cond: Conditioning, batch: int, what: str) -> Conditioning:
+    """``(context, pooled)`` with batch ``batch``: a batch of 1 is repeated, any other must match."""
+    context, pooled = cond
+    if context.dim() != 3 or pooled.dim() != 2 or context.shape[0] != pooled.shape[0]:
+        raise SD35Error(
+            f"{what} conditioning must be (context (B, L, C), pooled (B, P)), "
+            f"got shapes {tuple(context.shape)} and {tuple(pooled.shape)}."
+        )
+    if context.shape[0] == batch:
+        return context, pooled
+    if context.shape[0] == 1:
+        return context.expand(batch, -1, -1), pooled.expand(batch, -1)
+    raise SD35Error(f"{what} conditioning has batch {context.shape[0]} but the latents have batch {batch}.")
+
+
+class GuidedDenoiser:
+    """``denoiser(x, sigma) -> D`` with classifier-free guidance and optional Skip Layer Guidance.
+
+    Per call (REFERENCE.md 2.5 and 3):
+
+    - one forward of the batch [cond ; uncond] (cond first, like the reference; x and sigma duplicated),
+      ``D = D_uncond + (D_cond - D_uncond) * cfg``; with ``cfg == 1`` there is no uncond pass at all and
+      ``D = D_cond`` (``uncond`` may then be None). If the two contexts differ in length they cannot share
+      a batch, and two forwards are made instead (same result);
+    - when ``slg`` is active for this step, one more forward of the cond rows only, with the joint
+      blocks ``slg.layers`` bypassed: ``D = D + (D_cond - D_skip) * slg.scale``. (Unlike diffusers, SLG
+      also applies with ``cfg == 1``; the reference has no such case.)
+
+    ``sigmas`` is the FULL schedule. The step of a call is found from its sigma: the largest ``i`` with
+    ``sigmas[i] >= sigma`` (a relative slack of 1e-5 absorbs rounding), which is also right for samplers
+    that call the model more than once per step. The SLG window counts ``steps = len(sigmas) - 1``: for
+    img2img, pass the full schedule here and sample on its tail (:func:`~sd35.sampling.img2img_sigmas`),
+    because the reference counts the window over the full step count (REFERENCE.md 3).
+
+    ``cond`` and ``uncond`` are ``(context, pooled)`` with batch 1 or the latents' batch B; ``slg`` is
+    None for plain CFG.
+    """
+
+    def __init__(
+        self,
+        mmditx: MMDiTX,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        cfg: float,
+        slg: SkipLayerGuidance | None,
+        sigmas: torch.Tensor,
+    ):
+        if slg is not None and not isinstance(slg, SkipLayerGuidance):
+            raise TypeError(f"slg must be a SkipLayerGuidance or None, got {type(slg).__name__}")
+        if not math.isfinite(cfg):
+            raise SD35Error(f"the CFG scale must be a finite number, got {cfg!r}.")
+        if uncond is None and cfg != 1:
+            raise SD35Error(
+                f"CFG scale {cfg} needs the negative (uncond) conditioning; only cfg 1 works without."
+            )
+        sigmas = torch.as_tensor(sigmas).detach().to(device="cpu", dtype=torch.float32)
+        if sigmas.dim() != 1 or len(sigmas) < 2:
+            raise SD35Error(
+                f"the guidance needs the full 1-D sigma schedule, got shape {tuple(sigmas.shape)}."
+            )
+        depth = getattr(getattr(mmditx, "config", None), "depth", None)
+        if slg is not None and depth is not None and max(slg.layers) >= depth:
+            raise SD35Error(
+                f"Skip Layer Guidance layers {list(slg.layers)} do not exist: this model has joint blocks 0..{depth - 1}."
+            )
+        self.mmditx = mmditx
+        self.denoise = flow_denoiser(mmditx)
+        self.cond = cond
+        self.uncond = None if cfg == 1 else uncond
+        self.cfg = float(cfg)
+        self.sigmas = sigmas
+        self.steps = len(sigmas) - 1
+        self.slg = slg
+
+    def step_index(self, sigma: torch.Tensor) -> int:
+        """The schedule step a sigma belongs to: the largest ``i`` with ``sigmas[i] >= sigma`` (see class doc)."""
+        value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        at_or_above = torch.nonzero(self.sigmas >= value * (1 - SIGMA_RTOL)).flatten()
+        return int(at_or_above[-1]) if len(at_or_above) else 0
+
+    def slg_active(self, sigma: torch.Tensor) -> bool:
+        """Whether the call at ``sigma`` gets the Skip Layer Guidance pass."""
+        return self.slg is not None and self.slg.active(self.step_index(sigma), self.steps)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        batch = x.shape[0]
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(batch)
+        c_ctx, c_y = (t.to(x.device) for t in _batched(self.cond, batch, "the prompt"))
+        if self.uncond is None:
+            d_cond = self.denoise(x, sigma, c_y, c_ctx)
+            out = d_cond
+        else:
+            u_ctx, u_y = (t.to(x.device) for t in _batched(self.uncond, batch, "the negative prompt"))
+            if u_ctx.shape[1:] == c_ctx.shape[1:]:
+                both = self.denoise(
+                    torch.cat([x, x]),
+                    torch.cat([sigma, sigma]),
+                    torch.cat([c_y, u_y]),
+                    torch.cat([c_ctx, u_ctx]),
+                )
+                d_cond, d_uncond = both.chunk(2)
+            else:
+                d_cond = self.denoise(x, sigma, c_y, c_ctx)
+                d_uncond = self.denoise(x, sigma, u_y, u_ctx)
+            out = d_uncond + (d_cond - d_uncond) * self.cfg
+        if self.slg_active(sigma):
+            d_skip = self.denoise(x, sigma, c_y, c_ctx, self.slg.layers)
+            out = out + (d_cond - d_skip) * self.slg.scale
+        return out

@@ -1,0 +1,181 @@
+"""The whole text-to-image pipeline against diffusers' StableDiffusion3Pipeline on the same tiny files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd35.errors import MissingComponentError, SD35Error, SD35Warning
+from sd35.pipeline import load_pipeline
+from sd35.sampling.guidance import SkipLayerGuidance
+from sd35.testing import tiny_weights, write_diffusers, write_official, write_text_encoders
+
+PROMPT = "a red circle on a blue background, photo"
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return tiny_weights(seed=11)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, weights):
+    return write_diffusers(tmp_path_factory.mktemp("pipe") / "sd35-tiny", weights)
+
+
+@pytest.fixture(scope="module")
+def ours(root):
+    return load_pipeline(root, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def theirs(root):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(root).to("cpu")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_prompt_embeddings_match_diffusers(ours, theirs):
+    context, pooled = ours.encode_prompt(PROMPT)
+    ref_ctx, _, ref_pooled, _ = theirs.encode_prompt(
+        prompt=PROMPT,
+        prompt_2=PROMPT,
+        prompt_3=PROMPT,
+        do_classifier_free_guidance=False,
+        max_sequence_length=77,
+    )
+    assert context.shape == ref_ctx.shape == (1, 154, 256)
+    assert _rel(context, ref_ctx) <= 1e-4
+    assert _rel(pooled, ref_pooled) <= 1e-4
+
+
+def _ours(pipe, **kw):
+    final = {}
+
+    def grab(step, total, x, denoised):
+        final["x"] = x.clone()
+
+    images = pipe.generate(
+        PROMPT, width=64, height=48, sampler="euler", t5_max_tokens=77, callback=grab, **kw
+    )
+    return images[0], final["x"]
+
+
+def _theirs(pipe, steps, cfg, seed, **kw):
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt="",
+        height=48,
+        width=64,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        max_sequence_length=77,
+        **kw,
+    )
+    latents = pipe(**common, generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    image = pipe(**common, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return image, latents
+
+
+@pytest.mark.parametrize("cfg", [4.5, 1.0])
+def test_image_matches_diffusers(ours, theirs, cfg):
+    image, latents = _ours(ours, steps=4, cfg=cfg, seed=42)
+    ref_image, ref_latents = _theirs(theirs, 4, cfg, 42)
+    assert _rel(latents, ref_latents) <= 1e-4
+    ours_px = np.asarray(image).astype(np.float32) / 255.0
+    assert ours_px.shape == ref_image.shape == (48, 64, 3)
+    assert np.abs(ours_px - ref_image).max() <= 2 / 255
+    assert ours_px.std() > 0.01  # not a blank image
+
+
+def test_skip_layer_guidance_matches_diffusers(ours, theirs):
+    slg = SkipLayerGuidance(layers=(1,), scale=2.5, start=0.01, end=0.2)
+    image, latents = _ours(ours, steps=10, cfg=4.0, seed=3, slg=slg)
+    ref_image, ref_latents = _theirs(
+        theirs,
+        10,
+        4.0,
+        3,
+        skip_guidance_layers=[1],
+        skip_layer_guidance_scale=2.5,
+        skip_layer_guidance_start=0.01,
+        skip_layer_guidance_stop=0.2,
+    )
+    assert _rel(latents, ref_latents) <= 1e-4
+    _, plain = _ours(ours, steps=10, cfg=4.0, seed=3)
+    assert _rel(latents, plain) > 1e-3  # SLG really acted
+
+
+def test_same_seed_same_image_and_batch_seeds(ours):
+    a = ours.generate(PROMPT, width=32, height=32, steps=2, seed=7, num_images=2)
+    b = ours.generate(PROMPT, width=32, height=32, steps=2, seed=8)
+    c = ours.generate(PROMPT, width=32, height=32, steps=2, seed=7)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # image i of a batch uses seed + i
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    assert "Seed: 8" in a[1].info["parameters"]
+
+
+def test_defaults_are_the_references(ours):
+    params = ours.generate(PROMPT, width=32, height=32, steps=1, seed=1)[0].info["parameters"]
+    assert "Sampler: DPM++ 2M" in params and "CFG scale: 5.0" in params and "Shift: 3.0" in params
+
+
+@pytest.mark.parametrize(
+    "kw,says",
+    [
+        (dict(width=50), "width 50 is not a multiple of 16.*use 48 or 64"),
+        (dict(height=1000), "use 992 or 1008"),
+        (dict(width=1024), "at most 512"),
+        (dict(width=8), "use 16"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(sampler="dpm_fast"), "dpmpp_2m"),
+        (dict(num_images=0), "num_images"),
+        (dict(cfg=float("nan")), "cfg"),
+    ],
+)
+def test_bad_generation_arguments(ours, kw, says):
+    args = dict(width=32, height=32, steps=1, seed=1) | kw
+    with pytest.raises(SD35Error, match=says):
+        ours.generate(PROMPT, **args)
+
+
+def test_long_t5_prompt_warns(ours):
+    long_prompt = " ".join(["red circle blue square"] * 40)
+    with pytest.warns(SD35Warning, match="T5 dropped"):
+        context, _ = ours.encode_prompt(long_prompt, t5_max_tokens=80)
+    assert context.shape[1] == 77 + 80
+
+
+def test_split_files_need_tokenizers_and_text_encoders(tmp_path, weights, root):
+    model = write_official(tmp_path / "sd3.5_medium.safetensors", weights)
+    with pytest.raises(MissingComponentError, match="--text-encoders"):
+        load_pipeline(model, device="cpu")
+    te = write_text_encoders(tmp_path / "te", weights)
+    with pytest.raises(MissingComponentError, match="tokenizer_3"):
+        load_pipeline(model, te, device="cpu")
+    pipe = load_pipeline(model, te, tokenizers=root, device="cpu")
+    a = pipe.generate(PROMPT, width=32, height=32, steps=2, seed=5)[0]
+    b = load_pipeline(root, device="cpu").generate(PROMPT, width=32, height=32, steps=2, seed=5)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # same weights, same image, whatever the layout
+
+
+def test_without_t5_warns_and_runs(tmp_path, weights, root):
+    model = write_official(tmp_path / "sd3.5_medium.safetensors", weights)
+    te = write_text_encoders(tmp_path / "te", weights)
+    with pytest.warns(SD35Warning, match="no T5-XXL"):
+        pipe = load_pipeline(model, te[:2], tokenizers=root, device="cpu")
+    context, _ = pipe.encode_prompt(PROMPT)
+    assert context.shape[1] == 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = pipe.generate(PROMPT, width=32, height=32, steps=1, seed=1)[0]
+    assert isinstance(image, Image.Image)
