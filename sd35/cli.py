@@ -48,47 +48,144 @@ def _slg_from_args(args: argparse.Namespace):
     return SkipLayerGuidance(**{k: v for k, v in parts.items() if v is not None})
 
 
+def _apg_from_args(args: argparse.Namespace):
+    from sd35.sampling.guidance import APG
+
+    parts = {"eta": args.apg_eta, "norm_threshold": args.apg_norm_threshold, "momentum": args.apg_momentum}
+    if not args.apg and all(v is None for v in parts.values()):
+        return None
+    return APG(**{k: v for k, v in parts.items() if v is not None})
+
+
+def _hires_from_args(args: argparse.Namespace):
+    from sd35.pipeline import HiresFix
+
+    if args.hires_scale is None:
+        if any(v is not None for v in (args.hires_steps, args.hires_strength, args.hires_upscaler)):
+            raise SD35Error("--hires-steps/--hires-strength/--hires-upscaler need --hires-scale.")
+        return None
+    parts = {"steps": args.hires_steps, "strength": args.hires_strength, "upscaler": args.hires_upscaler}
+    return HiresFix(scale=args.hires_scale, **{k: v for k, v in parts.items() if v is not None})
+
+
+def _edit_inputs(args: argparse.Namespace):
+    """(init image, mask) from --init-image, --mask and --outpaint; None where not given."""
+    from sd35.imaging import load_image, load_mask, outpaint_canvas
+
+    if args.init_image is None:
+        if args.mask is not None or args.outpaint is not None or args.strength is not None:
+            raise SD35Error("--mask, --outpaint and --strength need --init-image.")
+        return None, None
+    init = load_image(args.init_image, "init image")
+    mask = load_mask(args.mask) if args.mask is not None else None
+    if args.outpaint is not None:
+        if mask is not None:
+            raise SD35Error("--outpaint makes its own mask; do not pass --mask with it.")
+        try:
+            left, top, right, bottom = (int(v) for v in args.outpaint.split(","))
+        except ValueError:
+            raise SD35Error(
+                f"--outpaint takes four pixel counts LEFT,TOP,RIGHT,BOTTOM, got {args.outpaint!r}."
+            ) from None
+        init, mask = outpaint_canvas(init, left, top, right, bottom)
+        if init.width % 16 or init.height % 16:
+            raise SD35Error(
+                f"the outpainted canvas is {init.width}x{init.height}; choose borders that make both sides multiples "
+                "of 16."
+            )
+    return init, mask
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from sd35.conditioning.prompt import read_prompt_file
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise SD35Error("give exactly one of --prompt and --prompt-file.")
+    return [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
+
+
+class _Progress:
+    """A tqdm bar per sampling pass (opened at a pass's first step, so a request that fails early shows none),
+    and the live preview file, rewritten every ``every`` steps."""
+
+    def __init__(self, preview: Path | None, every: int):
+        from sd35.image_io import next_free_path
+
+        self.bar = None
+        self.preview = next_free_path(preview) if preview is not None else None
+        self.every = every
+
+    def __call__(self, step: int, total: int, x, denoised) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or step == 0:
+            self.close()
+            self.bar = tqdm(total=total, initial=step, unit="step", desc="sampling", dynamic_ncols=True)
+        self.bar.update(1)
+        if self.preview is not None and ((step + 1) % self.every == 0 or step + 1 == total):
+            from sd35.image_io import replace_png
+            from sd35.preview import latent_preview
+
+            replace_png(latent_preview(denoised), self.preview)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from sd35.image_io import check_output_path, save_png
-    from sd35.pipeline import check_arguments, load_pipeline
+    from sd35.pipeline import DEFAULTS, check_arguments, load_pipeline
 
-    slg = _slg_from_args(args)
+    prompts = _prompts(args)
+    slg, apg, hires = _slg_from_args(args), _apg_from_args(args), _hires_from_args(args)
+    init, mask = _edit_inputs(args)
     check_output_path(args.output)  # before spending minutes on loading and sampling
-    check_arguments(args.width, args.height, args.steps, args.cfg, args.num_images, args.sampler)
+    if args.preview is not None:
+        check_output_path(args.preview)
+    if args.preview_every < 1:
+        raise SD35Error(f"--preview-every must be a positive integer, got {args.preview_every}.")
+    width = args.width or (init.width if init is not None else DEFAULTS.width)
+    height = args.height or (init.height if init is not None else DEFAULTS.height)
+    if init is None or (args.width and args.height):
+        check_arguments(width, height, args.steps, args.cfg, args.num_images, args.sampler)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     pipe = load_pipeline(args.model, args.text_encoders, args.tokenizers, device=args.device, dtype=dtype)
-    bars: list[tqdm] = []
-
-    def progress(step: int, total: int, x, denoised) -> None:
-        if not bars:  # opened at the first step, so a request that fails early shows no bar
-            bars.append(tqdm(total=total, initial=step, unit="step", desc="sampling", dynamic_ncols=True))
-        bars[0].update(1)
-
+    progress = _Progress(args.preview, args.preview_every)
     try:
-        images = pipe.generate(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            width=args.width,
-            height=args.height,
-            steps=args.steps,
-            cfg=args.cfg,
-            seed=args.seed,
-            sampler=args.sampler,
-            shift=args.shift,
-            slg=slg,
-            num_images=args.num_images,
-            t5_max_tokens=args.t5_max_tokens,
-            callback=progress,
-        )
+        for prompt in prompts:
+            images = pipe.generate(
+                prompt,
+                negative_prompt=args.negative_prompt,
+                width=args.width,
+                height=args.height,
+                steps=args.steps,
+                cfg=args.cfg,
+                seed=args.seed,
+                sampler=args.sampler,
+                scheduler=args.scheduler,
+                shift=args.shift,
+                slg=slg,
+                apg=apg,
+                num_images=args.num_images,
+                t5_max_tokens=args.t5_max_tokens,
+                init_image=init,
+                strength=args.strength,
+                mask=mask,
+                mask_blur=args.mask_blur,
+                hires=hires,
+                weighting=args.weighting,
+                long_clip=args.long_clip,
+                callback=progress,
+            )
+            progress.close()
+            for image in images:
+                print(save_png(image, args.output, image.info.get("parameters")))
     finally:
-        for bar in bars:
-            bar.close()
-    for image in images:
-        path = save_png(image, args.output, image.info.get("parameters"))
-        print(path)
+        progress.close()
     return 0
 
 
@@ -96,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sd35.pipeline import DEFAULTS
     from sd35.sampling.guidance import SkipLayerGuidance
     from sd35.sampling.samplers import SAMPLERS
+    from sd35.sampling.schedules import SCHEDULERS
 
     slg_defaults = SkipLayerGuidance()
 
@@ -134,17 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tokenizers", type=Path, default=None, help="folder with tokenizer/, tokenizer_2/, tokenizer_3/"
     )
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None)
+    g.add_argument(
+        "--prompt-file", type=Path, default=None, help="one prompt per line (# comments); each is generated"
+    )
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--width", type=int, default=DEFAULTS.width, help="multiple of 16 (default %(default)s)")
-    g.add_argument("--height", type=int, default=DEFAULTS.height, help="multiple of 16 (default %(default)s)")
+    g.add_argument(
+        "--width", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)"
+    )
+    g.add_argument(
+        "--height", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)"
+    )
     g.add_argument("--steps", type=int, default=DEFAULTS.steps, help="default %(default)s")
     g.add_argument(
         "--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (default %(default)s)"
     )
     g.add_argument("--seed", type=int, default=None, help="random if omitted; image i uses seed+i")
+    g.add_argument("--sampler", default=DEFAULTS.sampler, choices=list(SAMPLERS), help="default %(default)s")
     g.add_argument(
-        "--sampler", default=DEFAULTS.sampler, choices=sorted(SAMPLERS), help="default %(default)s"
+        "--scheduler", default=DEFAULTS.scheduler, choices=list(SCHEDULERS), help="default %(default)s"
     )
     g.add_argument(
         "--shift", type=float, default=None, help="flow shift (default 3.0 for SD3.5, 1.0 for SD3 Medium)"
@@ -164,6 +270,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--slg-end", type=float, default=None, help=f"fraction of steps (default {slg_defaults.end})"
     )
+    g.add_argument("--apg", action="store_true", help="adaptive projected guidance instead of plain CFG")
+    g.add_argument("--apg-eta", type=float, default=None, help="weight of the parallel component (default 0)")
+    g.add_argument(
+        "--apg-norm-threshold", type=float, default=None, help="cap on the guidance norm (0 = off)"
+    )
+    g.add_argument("--apg-momentum", type=float, default=None, help="running-average momentum (default 0)")
+    g.add_argument("--init-image", type=Path, default=None, help="img2img / inpainting source image")
+    g.add_argument(
+        "--strength", type=float, default=None, help="img2img denoise 0..1 (default 0.8; 1.0 with a mask)"
+    )
+    g.add_argument(
+        "--mask", type=Path, default=None, help="inpainting mask: white (or transparent) = repaint"
+    )
+    g.add_argument(
+        "--mask-blur", type=float, default=8.0, help="mask feathering radius in pixels (default 8)"
+    )
+    g.add_argument("--outpaint", default=None, help="extend the init image by LEFT,TOP,RIGHT,BOTTOM pixels")
+    g.add_argument(
+        "--hires-scale", type=float, default=None, help="hires fix: second pass at this scale (e.g. 1.5)"
+    )
+    g.add_argument("--hires-steps", type=int, default=None, help="steps of the second pass (default --steps)")
+    g.add_argument(
+        "--hires-strength", type=float, default=None, help="denoise of the second pass (default 0.5)"
+    )
+    g.add_argument("--hires-upscaler", choices=["latent", "lanczos"], default=None, help="default latent")
+    g.add_argument(
+        "--weighting",
+        choices=["none", "comfy", "a1111"],
+        default="none",
+        help="apply (word:1.2) emphasis: none (the reference: parsed, ignored), comfy or a1111",
+    )
+    g.add_argument("--long-clip", action="store_true", help="encode CLIP prompts past 75 tokens in chunks")
+    g.add_argument(
+        "--preview", type=Path, default=None, help="PNG rewritten with a latent preview while sampling"
+    )
+    g.add_argument("--preview-every", type=int, default=5, help="preview interval in steps (default 5)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument(
         "--t5-max-tokens",

@@ -79,3 +79,15 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
                 continue
     finally:
         os.unlink(tmp)
+
+
+def replace_png(image: Image.Image, path: Path) -> None:
+    """Write ``path`` whole, replacing our own earlier version (for the live preview file only)."""
+    fd, tmp = tempfile.mkstemp(prefix=".sd35-", suffix=".png.partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sd35 import __version__
@@ -24,6 +24,15 @@ from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error, SD35Warning
 from sd35.image_io import a1111_parameters
+from sd35.imaging import (
+    composite,
+    image_to_tensor,
+    latent_mask,
+    load_image,
+    load_mask,
+    mask_to_tensor,
+    tensor_to_image,
+)
 from sd35.inspect import mmditx_family
 from sd35.loading.components import (
     CLIP_G,
@@ -41,10 +50,11 @@ from sd35.models.clip import CLIPTextConfig
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAE as VAEModel
-from sd35.models.vae import model_to_latent
-from sd35.sampling.guidance import GuidedDenoiser, SkipLayerGuidance
-from sd35.sampling.samplers import get_sampler
-from sd35.sampling.schedules import reference_sigmas
+from sd35.models.vae import latent_to_model, model_to_latent
+from sd35.sampling.guidance import APG, GuidedDenoiser, SkipLayerGuidance
+from sd35.sampling.inpaint import MaskedDenoiser
+from sd35.sampling.samplers import SAMPLER_DISPLAY_NAMES, get_sampler
+from sd35.sampling.schedules import A1111_SCHEDULER_NAMES, get_sigmas, img2img_sigmas
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,57 @@ class Defaults:
     steps: int = 50
     cfg: float = 5.0
     sampler: str = "dpmpp_2m"
+    scheduler: str = "simple"
     shift: float = 3.0
     width: int = 1024
     height: int = 1024
 
 
 DEFAULTS = Defaults()
-# A1111/Forge names of our samplers, for the PNG parameters.
-A1111_SAMPLER_NAMES = {"euler": "Euler", "dpmpp_2m": "DPM++ 2M"}
+Conditioning = tuple[torch.Tensor, torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What every sampling pass of one request shares."""
+
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    shift: float
+    slg: SkipLayerGuidance | None
+    apg: APG | None
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A second pass at ``scale`` times the size: upscale ("latent" or "lanczos" in pixels), then img2img."""
+
+    scale: float = 2.0
+    steps: int | None = None  # steps run in the second pass; None = the first pass's
+    strength: float = 0.5
+    upscaler: str = "latent"
+
+    def __post_init__(self) -> None:
+        if self.upscaler not in ("latent", "lanczos"):
+            raise SD35Error(f"unknown hires upscaler {self.upscaler!r}; choose latent or lanczos.")
+        if not 1.0 < self.scale <= 4.0:
+            raise SD35Error(f"hires scale must be above 1 and at most 4, got {self.scale}.")
+        if not 0.0 < self.strength <= 1.0:
+            raise SD35Error(f"hires strength must be in (0, 1], got {self.strength}.")
+        if self.steps is not None and self.steps < 1:
+            raise SD35Error(f"hires steps must be a positive integer, got {self.steps}.")
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size, rounded to multiples of 16."""
+        return (
+            int(width * self.scale / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE,
+            int(height * self.scale / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE,
+        )
+
+
 SIZE_MULTIPLE = 16  # 8x VAE downsampling times the patch size 2
 
 
@@ -112,16 +165,6 @@ def check_arguments(
     get_sampler(sampler)
 
 
-def latents_to_images(latents: torch.Tensor, vae: VAEModel) -> list[Image.Image]:
-    """Decode and convert to 8-bit RGB, truncating like the reference (``astype(uint8)``, sd3_infer.py 414-426)."""
-    images = []
-    for z in latents:
-        decoded = vae.decode(model_to_latent(z[None].float())).float()
-        pixels = (255.0 * torch.clamp((decoded[0] + 1.0) / 2.0, 0.0, 1.0)).permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(pixels.astype(np.uint8)))
-    return images
-
-
 class SD3Pipeline:
     """The loaded models plus the procedure that turns a prompt into images."""
 
@@ -143,11 +186,21 @@ class SD3Pipeline:
         return self.mmditx.pos_embed.device
 
     def encode_prompt(
-        self, prompt: str | Sequence[str], t5_max_tokens: int = 256
+        self,
+        prompt: str | Sequence[str],
+        t5_max_tokens: int = 256,
+        weighting: str = "none",
+        long_clip: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(context, pooled)`` for one prompt or a list; every row padded to the same length."""
+        """``(context, pooled)`` for one prompt or a list; every row padded to the same length.
+
+        ``weighting`` applies ``(word:1.2)`` emphasis ("comfy" or "a1111"; "none" = the reference, which
+        parses and ignores it); ``long_clip`` encodes CLIP prompts past 75 tokens in chunks.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        tokens = self.tokenizer(prompts, t5_max_tokens=t5_max_tokens)
+        tokens = self.tokenizer(
+            prompts, t5_max_tokens=t5_max_tokens, weighting=weighting, long_clip=long_clip
+        )
         for p, dropped in zip(prompts, tokens.t5_dropped, strict=True):
             if dropped:
                 warnings.warn(
@@ -165,69 +218,234 @@ class SD3Pipeline:
                 )
         return self.text(tokens)
 
+    def _sample(
+        self,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        settings: GenerationSettings,
+        sigmas: torch.Tensor,
+        strength: float,
+        noise: torch.Tensor,
+        generator: torch.Generator,
+        init_latent: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img)."""
+        run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
+        denoiser = GuidedDenoiser(
+            self.mmditx, cond, uncond, settings.cfg, settings.slg, sigmas, apg=settings.apg
+        )
+        # txt2img starts from pure noise; img2img from the flow forward process (REFERENCE.md 2.7)
+        x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
+        if mask is not None:
+            denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
+        sample = get_sampler(settings.sampler)
+        return sample(denoiser, x, run.to(self.device), callback=callback, generator=generator)
+
+    def _encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """Model-space latent of an image (the VAE mean: deterministic, unlike the reference's sample)."""
+        pixels = image_to_tensor(image, width, height).to(self.device)
+        return latent_to_model(self.vae.encode(pixels).float())
+
+    def _decode(self, latent: torch.Tensor) -> Image.Image:
+        return tensor_to_image(self.vae.decode(model_to_latent(latent.float())))
+
     @torch.no_grad()
     def generate(
         self,
         prompt: str,
         negative_prompt: str = "",
-        width: int = DEFAULTS.width,
-        height: int = DEFAULTS.height,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = DEFAULTS.steps,
         cfg: float = DEFAULTS.cfg,
         seed: int | None = None,
         sampler: str = DEFAULTS.sampler,
+        scheduler: str = DEFAULTS.scheduler,
         shift: float | None = None,
         slg: SkipLayerGuidance | None = None,
+        apg: APG | None = None,
         num_images: int = 1,
         t5_max_tokens: int = 256,
-        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        init_image: str | Path | Image.Image | None = None,
+        strength: float | None = None,
+        mask: str | Path | Image.Image | None = None,
+        mask_blur: float = 8.0,
+        hires: HiresFix | None = None,
+        weighting: str = "none",
+        long_clip: bool = False,
+        callback: Callback | None = None,
     ) -> list[Image.Image]:
-        """Images for ``prompt``; image i uses seed+i. Each image's ``info["parameters"]`` holds its settings."""
+        """Images for ``prompt``; image i uses seed+i. Each image's ``info["parameters"]`` holds its settings.
+
+        txt2img by default; with ``init_image`` img2img (``strength`` in [0, 1], default 0.8 like the
+        reference's DENOISE); with ``mask`` too, inpainting (white = repaint; ``mask_blur`` feathers it;
+        ``strength`` defaults to 1). ``hires`` adds a second, upscaled img2img pass. Width and height default to
+        1024, or to the init image's size. ``weighting`` and ``long_clip``: see :meth:`encode_prompt`.
+        """
+        init = load_image(init_image, "init image") if init_image is not None else None
+        if mask is not None and init is None:
+            raise SD35Error("a mask needs an init image to inpaint (--init-image).")
+        if hires is not None and mask is not None:
+            raise SD35Error("hires fix and inpainting cannot be combined; inpaint at the final size instead.")
+        width, height = self._size(width, height, init)
+        if strength is None:
+            strength = 1.0 if mask is not None else 0.8
+        if init is not None and not 0.0 <= strength <= 1.0:
+            raise SD35Error(f"strength must be between 0 and 1, got {strength}.")
+        settings = GenerationSettings(
+            steps, cfg, sampler, scheduler, self.default_shift if shift is None else shift, slg, apg
+        )
         check_arguments(width, height, steps, cfg, num_images, sampler, self.mmditx.config.max_image_size)
-        sample = get_sampler(sampler)
-        shift = self.default_shift if shift is None else shift
-        sigmas = reference_sigmas(steps, shift)
+        if hires is not None:
+            check_arguments(
+                *hires.size(width, height),
+                hires.steps or steps,
+                cfg,
+                1,
+                sampler,
+                self.mmditx.config.max_image_size,
+            )
+        sigmas = get_sigmas(scheduler, steps, settings.shift)
         seed = random.randrange(2**32) if seed is None else int(seed)
 
-        n = num_images
         guided = cfg != 1.0
         context, pooled = self.encode_prompt(
-            [prompt] * n + ([negative_prompt] * n if guided else []), t5_max_tokens
+            [prompt] + ([negative_prompt] if guided else []), t5_max_tokens, weighting, long_clip
         )
-        dtype = self.mmditx.dtype
-        context, pooled = context.to(self.device, dtype), pooled.to(self.device, dtype)
-        cond = (context[:n], pooled[:n])
-        uncond = (context[n:], pooled[n:]) if guided else None
-        denoiser = GuidedDenoiser(self.mmditx, cond, uncond, cfg, slg, sigmas)
+        context, pooled = (
+            context.to(self.device, self.mmditx.dtype),
+            pooled.to(self.device, self.mmditx.dtype),
+        )
+        cond = (context[:1], pooled[:1])
+        uncond = (context[1:], pooled[1:]) if guided else None
 
         latent_shape = (1, self.mmditx.config.in_channels, height // 8, width // 8)
-        noise = torch.cat(
-            [torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
-        )
-        x = noise.to(self.device) * sigmas[0]
-        latents = sample(denoiser, x, sigmas.to(self.device), callback=callback)
-        images = latents_to_images(latents, self.vae)
-        for i, image in enumerate(images):
+        init_latent = self._encode_image(init, width, height) if init is not None else None
+        pixel_mask = mask_to_tensor(load_mask(mask), width, height, mask_blur) if mask is not None else None
+        lmask = latent_mask(pixel_mask, *latent_shape[2:]).to(self.device) if pixel_mask is not None else None
+
+        images = []
+        for i in range(num_images):
+            generator = torch.Generator().manual_seed(seed + i)
+            noise = torch.randn(latent_shape, generator=generator).to(self.device)
+            if init is not None and strength == 0.0:
+                latent = init_latent  # nothing to denoise: the input through the VAE
+            else:
+                latent = self._sample(
+                    cond,
+                    uncond,
+                    settings,
+                    sigmas,
+                    strength if init is not None else 1.0,
+                    noise,
+                    generator,
+                    init_latent,
+                    lmask,
+                    callback,
+                )
+            if hires is not None:
+                latent = self._hires_pass(
+                    latent, hires, cond, uncond, settings, width, height, generator, callback
+                )
+            image = self._decode(latent)
+            if pixel_mask is not None:
+                image = composite(image, init, pixel_mask)
             image.info["parameters"] = self.parameters_text(
-                prompt, negative_prompt, steps, sampler, cfg, seed + i, width, height, shift, slg
+                prompt,
+                negative_prompt,
+                settings,
+                seed + i,
+                image.width,
+                image.height,
+                strength if init is not None else None,
+                mask_blur if mask is not None else None,
+                hires,
             )
+            images.append(image)
         return images
 
+    def _size(self, width: int | None, height: int | None, init: Image.Image | None) -> tuple[int, int]:
+        if init is None:
+            return width or DEFAULTS.width, height or DEFAULTS.height
+        w = width or init.width // SIZE_MULTIPLE * SIZE_MULTIPLE
+        h = height or init.height // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if (width is None and w != init.width) or (height is None and h != init.height):
+            warnings.warn(
+                f"the init image is {init.width}x{init.height}; sizes must be multiples of {SIZE_MULTIPLE}, so it is "
+                f"resized to {w}x{h}. Pass --width/--height to choose.",
+                SD35Warning,
+                stacklevel=3,
+            )
+        return w, h
+
+    def _hires_pass(
+        self,
+        latent: torch.Tensor,
+        hires: HiresFix,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        settings: GenerationSettings,
+        width: int,
+        height: int,
+        generator: torch.Generator,
+        callback: Callback | None,
+    ) -> torch.Tensor:
+        """Upscale (in latent space, or Lanczos in pixels) and refine with img2img at ``hires.strength``.
+
+        ``hires.steps`` is the number of steps actually run (A1111's convention): the schedule has
+        ``round(steps / strength)`` steps, of which the last ``steps`` or so remain after the img2img cut.
+        """
+        w2, h2 = hires.size(width, height)
+        if hires.upscaler == "latent":
+            big = F.interpolate(latent, size=(h2 // 8, w2 // 8), mode="bicubic", align_corners=False)
+        else:
+            big = self._encode_image(self._decode(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
+        steps = hires.steps or settings.steps
+        full = get_sigmas(settings.scheduler, max(steps, round(steps / hires.strength)), settings.shift)
+        noise = torch.randn(big.shape, generator=generator).to(self.device)
+        return self._sample(
+            cond, uncond, settings, full, hires.strength, noise, generator, big, None, callback
+        )
+
     def parameters_text(
-        self, prompt, negative_prompt, steps, sampler, cfg, seed, width, height, shift, slg
+        self,
+        prompt: str,
+        negative_prompt: str,
+        settings: GenerationSettings,
+        seed: int,
+        width: int,
+        height: int,
+        strength: float | None = None,
+        mask_blur: float | None = None,
+        hires: HiresFix | None = None,
     ) -> str:
-        settings: dict[str, object] = {
-            "Steps": steps,
-            "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
-            "Schedule type": "Simple",
-            "CFG scale": cfg,
+        """The A1111-style ``parameters`` text of one image."""
+        info: dict[str, object] = {
+            "Steps": settings.steps,
+            "Sampler": SAMPLER_DISPLAY_NAMES.get(settings.sampler, settings.sampler),
+            "Schedule type": A1111_SCHEDULER_NAMES.get(settings.scheduler, settings.scheduler),
+            "CFG scale": settings.cfg,
             "Seed": seed,
             "Size": f"{width}x{height}",
             "Model": self.model_name,
-            "Shift": shift,
+            "Shift": settings.shift,
+            "Denoising strength": strength,
+            "Mask blur": mask_blur,
         }
-        if slg is not None:
-            settings.update(
+        if hires is not None:
+            info.update(
+                {
+                    "Hires upscale": hires.scale,
+                    "Hires steps": hires.steps,
+                    "Hires upscaler": "Latent" if hires.upscaler == "latent" else "Lanczos",
+                    "Hires strength": hires.strength,
+                }
+            )
+        if settings.slg is not None:
+            slg = settings.slg
+            info.update(
                 {
                     "SLG layers": ",".join(map(str, slg.layers)),
                     "SLG scale": slg.scale,
@@ -235,8 +453,13 @@ class SD3Pipeline:
                     "SLG end": slg.end,
                 }
             )
-        settings["Version"] = f"sd35 {__version__}"
-        return a1111_parameters(prompt, negative_prompt, settings)
+        if settings.apg is not None:
+            apg = settings.apg
+            info.update(
+                {"APG eta": apg.eta, "APG norm threshold": apg.norm_threshold, "APG momentum": apg.momentum}
+            )
+        info["Version"] = f"sd35 {__version__}"
+        return a1111_parameters(prompt, negative_prompt, info)
 
 
 def _paths(value: str | Path | Sequence[str | Path] | None) -> list[Path]:

@@ -6,18 +6,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from sd35.cli import main
 from sd35.inspect import mmditx_family
 from sd35.models.mmditx import MMDiTXConfig
-from sd35.testing import write_tiny_set
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_set(tmp_path_factory.mktemp("tiny"))
 
 
 def _run(capsys, *args):
@@ -224,3 +219,120 @@ def test_generate_from_split_files_warns_without_t5(capsys, tiny, tmp_path):
         str(tmp_path / "x.png"),
     )
     assert code == 0 and "sd35: warning: no T5-XXL" in err
+
+
+# --- the editing toolkit from the command line ------------------------------------------------
+
+
+@pytest.fixture()
+def init_png(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "init.png"
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _edit(capsys, tiny, tmp_path, *extra):
+    return _run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny["diffusers"]),
+        "--prompt",
+        "a blue circle",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "-o",
+        str(tmp_path / "out.png"),
+        *extra,
+    )
+
+
+def test_img2img_inpaint_outpaint_from_the_cli(capsys, tiny, tmp_path, init_png):
+    code, out, _ = _edit(capsys, tiny, tmp_path, "--init-image", str(init_png), "--strength", "0.5")
+    assert code == 0 and Image.open(out.strip()).size == (64, 48)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 48), 255).save(mask)
+    code, out, _ = _edit(capsys, tiny, tmp_path, "--init-image", str(init_png), "--mask", str(mask))
+    assert code == 0 and "Mask blur: 8.0" in Image.open(out.strip()).text["parameters"]
+    code, out, _ = _edit(capsys, tiny, tmp_path, "--init-image", str(init_png), "--outpaint", "16,0,16,16")
+    assert code == 0 and Image.open(out.strip()).size == (96, 64)
+
+
+def test_hires_scheduler_sampler_apg_weighting_from_the_cli(capsys, tiny, tmp_path):
+    code, out, _ = _edit(
+        capsys,
+        tiny,
+        tmp_path,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--hires-scale",
+        "1.5",
+        "--hires-upscaler",
+        "lanczos",
+        "--sampler",
+        "euler_ancestral",
+        "--scheduler",
+        "karras",
+        "--apg",
+        "--apg-eta",
+        "0.5",
+        "--weighting",
+        "comfy",
+        "--long-clip",
+        "--prompt",
+        "a (blue:1.3) circle",
+    )
+    assert code == 0
+    params = Image.open(out.strip()).text["parameters"]
+    assert Image.open(out.strip()).size == (48, 48)
+    assert "Sampler: Euler a" in params and "Schedule type: Karras" in params and "APG eta: 0.5" in params
+
+
+def test_prompt_file_and_preview(capsys, tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red square\n\na green circle\n")
+    preview = tmp_path / "preview.png"
+    code, out, _ = _run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny["diffusers"]),
+        "--prompt-file",
+        str(prompts),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "--preview",
+        str(preview),
+        "--preview-every",
+        "1",
+        "-o",
+        str(tmp_path / "batch.png"),
+    )
+    assert code == 0 and len(out.split()) == 2
+    assert Image.open(out.split()[1]).text["parameters"].startswith("a green circle")
+    assert Image.open(preview).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "extra,says",
+    [
+        (["--mask", "m.png"], "need --init-image"),
+        (["--hires-steps", "3"], "need --hires-scale"),
+        (["--hires-scale", "9"], "at most 4"),
+        (["--init-image", "nope.png"], "no such init image"),
+        (["--apg-momentum", "2"], "momentum"),
+        (["--prompt-file", "nope.txt"], "exactly one"),
+    ],
+)
+def test_editing_bad_input_exit_2(capsys, tiny, tmp_path, extra, says):
+    code, _, err = _edit(capsys, tiny, tmp_path, *extra)
+    assert code == 2 and says in err and err.startswith("sd35: error:")

@@ -12,6 +12,8 @@ from PIL import Image
 from sd35.errors import MissingComponentError, SD35Error, SD35Warning
 from sd35.pipeline import load_pipeline
 from sd35.sampling.guidance import SkipLayerGuidance
+from sd35.sampling.samplers import SAMPLER_DISPLAY_NAMES, SAMPLERS
+from sd35.sampling.schedules import A1111_SCHEDULER_NAMES, SCHEDULERS
 from sd35.testing import tiny_weights, write_diffusers, write_official, write_text_encoders
 
 PROMPT = "a red circle on a blue background, photo"
@@ -179,3 +181,36 @@ def test_without_t5_warns_and_runs(tmp_path, weights, root):
         warnings.simplefilter("error")
         image = pipe.generate(PROMPT, width=32, height=32, steps=1, seed=1)[0]
     assert isinstance(image, Image.Image)
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs_in_the_pipeline_and_repeats(tiny_pipe, sampler):
+    a = tiny_pipe.generate(PROMPT, width=32, height=32, steps=4, seed=12, sampler=sampler)[0]
+    b = tiny_pipe.generate(PROMPT, width=32, height=32, steps=4, seed=12, sampler=sampler)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert f"Sampler: {SAMPLER_DISPLAY_NAMES[sampler]}" in a.info["parameters"]
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_runs_in_the_pipeline(tiny_pipe, scheduler):
+    calls = []
+    image = tiny_pipe.generate(
+        PROMPT,
+        width=32,
+        height=32,
+        steps=5,
+        seed=1,
+        sampler="euler",
+        scheduler=scheduler,
+        callback=lambda *a: calls.append(a[0]),
+    )[0]
+    assert calls == list(range(5))
+    assert f"Schedule type: {A1111_SCHEDULER_NAMES[scheduler]}" in image.info["parameters"]
+
+
+def test_ancestral_batch_image_i_equals_seed_plus_i(tiny_pipe):
+    batch = tiny_pipe.generate(
+        PROMPT, width=32, height=32, steps=3, seed=20, sampler="euler_ancestral", num_images=2
+    )
+    single = tiny_pipe.generate(PROMPT, width=32, height=32, steps=3, seed=21, sampler="euler_ancestral")
+    assert np.array_equal(np.asarray(batch[1]), np.asarray(single[0]))

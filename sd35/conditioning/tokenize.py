@@ -21,6 +21,17 @@ cond and uncond rows of different lengths, which its CFG cannot batch. We do not
 instead every row of a batch is padded to the same length (at least 77, at most ``t5_max_tokens``),
 and a prompt longer than the cap is truncated with EOS kept last. Prompts with at most 76 T5 tokens
 get exactly the reference's ids.
+
+Two opt-in extensions, both off by default (then the ids are the reference's, as above):
+
+- ``weighting="comfy"`` or ``"a1111"``: the emphasis weights are kept, one per token (BOS, EOS and padding
+  get 1), in :attr:`SD3Tokens.clip_l_weights` etc.; ``[text]`` de-emphasis is parsed too (see
+  :mod:`sd35.conditioning.prompt`). :class:`~sd35.conditioning.encode.TextConditioner` applies them.
+- ``long_clip=True``: instead of cutting the CLIP text at 75 tokens, it is cut into chunks of 75 with the
+  same word-boundary rule, each made ``BOS + tokens + EOS + padding`` (77), and the rows become 77*k long
+  (ComfyUI ``comfy/sd1_clip.py``, ``SDTokenizer.tokenize_with_weights``, which builds the same chunks).
+  Every prompt of a batch gets the same number k of chunks: shorter ones are padded with empty chunks
+  (``BOS, EOS, padding``), as A1111's ``sd_hijack_clip`` pads a batch with ``empty_chunk()``.
 """
 
 from __future__ import annotations
@@ -189,19 +200,50 @@ class T5Tokenizer:
         return [self._tokenizer.encode(w, add_special_tokens=False).ids for w in words]
 
 
+WEIGHTINGS = ("none", "comfy", "a1111")
+
+
 @dataclass
 class SD3Tokens:
     """Token ids for one batch of prompts; every row of a tensor has the same length.
 
     ``clip_dropped`` / ``t5_dropped`` say, per prompt, how many tokens did not fit (CLIP reads only
-    75; T5 stops at ``t5_max_tokens``), so that the caller can warn.
+    75 unless ``long_clip``; T5 stops at ``t5_max_tokens``), so that the caller can warn.
+
+    The ``*_weights`` tensors hold one float32 weight per token, of the ids' shapes; they are all ones
+    unless the prompt was tokenized with a ``weighting``, which :class:`~sd35.conditioning.encode.TextConditioner`
+    reads from ``weighting``. ``*_empty`` are the empty prompt's ids, one row of one CLIP chunk (77) or
+    of the T5 length, which the ``"comfy"`` weighting encodes. Left out (``None``), the weights are
+    filled with ones.
     """
 
-    clip_l: torch.Tensor  # [B, 77] int64: BOS, tokens, EOS, EOS padding
-    clip_g: torch.Tensor  # [B, 77] int64: BOS, tokens, EOS, 0 padding
+    clip_l: torch.Tensor  # [B, 77*k] int64: k chunks of BOS, tokens, EOS, EOS padding (k = 1 by default)
+    clip_g: torch.Tensor  # [B, 77*k] int64: k chunks of BOS, tokens, EOS, 0 padding
     t5: torch.Tensor | None  # [B, L] int64: tokens, EOS, 0 padding; None without a T5 tokenizer
     clip_dropped: list[int]
     t5_dropped: list[int]
+    clip_l_weights: torch.Tensor | None = None  # [B, 77*k] float32
+    clip_g_weights: torch.Tensor | None = None  # [B, 77*k] float32
+    t5_weights: torch.Tensor | None = None  # [B, L] float32; None when t5 is None
+    clip_l_empty: torch.Tensor | None = None  # [1, 77] int64
+    clip_g_empty: torch.Tensor | None = None  # [1, 77] int64
+    t5_empty: torch.Tensor | None = None  # [1, L] int64
+    weighting: str = "none"
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise SD35Error(f"weighting must be one of {', '.join(WEIGHTINGS)} (it was {self.weighting!r}).")
+        if self.clip_l_weights is None:
+            self.clip_l_weights = torch.ones(self.clip_l.shape, dtype=torch.float32)
+        if self.clip_g_weights is None:
+            self.clip_g_weights = torch.ones(self.clip_g.shape, dtype=torch.float32)
+        if self.t5_weights is None and self.t5 is not None:
+            self.t5_weights = torch.ones(self.t5.shape, dtype=torch.float32)
+
+    @property
+    def clip_chunks(self) -> int:
+        """How many 77-token CLIP chunks each row holds (1 unless tokenized with ``long_clip``)."""
+        return max(1, -(-self.clip_l.shape[1] // CLIP_LENGTH))
 
 
 class SD3Tokenizer:
@@ -246,62 +288,129 @@ class SD3Tokenizer:
             t5_dir = root / "tokenizer_3"
         return cls.from_folders(clip_l or root / "tokenizer", clip_g or root / "tokenizer_2", t5_dir)
 
-    def __call__(self, prompts: Sequence[str], t5_max_tokens: int = 256) -> SD3Tokens:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        t5_max_tokens: int = 256,
+        *,
+        weighting: str = "none",
+        long_clip: bool = False,
+    ) -> SD3Tokens:
         """Tokenize a batch. T5 rows are padded to ``L = min(max(77, longest row), t5_max_tokens)``.
 
         Unlike the reference, the T5 text is not cut to 226 characters: that cut only kept most
         prompts under the 77 tokens its un-batched padding could handle (longer cond and uncond rows
         had different lengths). A common length per batch plus the token cap replace it, and the cap
         truncates at a token with EOS kept last.
+
+        ``weighting``: ``"none"`` (the reference: weights parsed and ignored, all ones), ``"comfy"`` or
+        ``"a1111"`` (keep the per-token weights, parse ``[text]``; the conditioner applies them the chosen
+        way). ``long_clip``: keep every CLIP token, in 77-token chunks, instead of the first 75 tokens.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if t5_max_tokens < 1:
             raise SD35Error(f"t5_max_tokens must be at least 1 (it was {t5_max_tokens}).")
-        l_rows, g_rows, clip_dropped, t5_rows = [], [], [], []
+        if weighting not in WEIGHTINGS:
+            raise SD35Error(f"weighting must be one of {', '.join(WEIGHTINGS)} (it was {weighting!r}).")
+        weighted = weighting != "none"
+        l_chunks, g_chunks, clip_dropped, t5_rows = [], [], [], []
         for prompt in prompts:
-            words = [w for w, _weight in prompt_words(prompt)]
-            l_row, l_lost = _clip_row(self.clip_l.encode_words(words), self.clip_l, pad=self.clip_l.eos_id)
-            g_row, g_lost = _clip_row(self.clip_g.encode_words(words), self.clip_g, pad=CLIP_G_PAD_ID)
-            l_rows.append(l_row)
-            g_rows.append(g_row)
-            clip_dropped.append(max(l_lost, g_lost))
+            words = prompt_words(prompt, brackets=weighted)
+            text = [w for w, _weight in words]
+            weights = [weight if weighted else 1.0 for _w, weight in words]
+            l_ids, g_ids = self.clip_l.encode_words(text), self.clip_g.encode_words(text)
+            l_chunks.append(_clip_chunks(l_ids, weights))
+            g_chunks.append(_clip_chunks(g_ids, weights))
+            if long_clip:
+                clip_dropped.append(0)
+            else:
+                l_chunks[-1], g_chunks[-1] = l_chunks[-1][:1], g_chunks[-1][:1]
+                l_lost = sum(map(len, l_ids)) - len(l_chunks[-1][0])
+                g_lost = sum(map(len, g_ids)) - len(g_chunks[-1][0])
+                clip_dropped.append(max(l_lost, g_lost))
             if self.t5 is not None:
-                t5_rows.append([t for ids in self.t5.encode_words(words) for t in ids] + [self.t5.eos_id])
+                ids = self.t5.encode_words(text)
+                t5_rows.append(
+                    [(t, w) for word, w in zip(ids, weights, strict=True) for t in word]
+                    + [(self.t5.eos_id, 1.0)]
+                )
 
-        t5_tensor, t5_dropped = None, [0] * len(prompts)
+        chunks = max([1, *map(len, l_chunks), *map(len, g_chunks)])
+        l_rows = [_clip_row(c, chunks, self.clip_l, pad=self.clip_l.eos_id) for c in l_chunks]
+        g_rows = [_clip_row(c, chunks, self.clip_g, pad=CLIP_G_PAD_ID) for c in g_chunks]
+        clip_length = CLIP_LENGTH * chunks
+
+        t5_tensor = t5_weights = t5_empty = None
+        t5_dropped = [0] * len(prompts)
         if self.t5 is not None:
             length = min(max([T5_MIN_LENGTH, *map(len, t5_rows)]), t5_max_tokens)
             t5_dropped = [max(0, len(r) - length) for r in t5_rows]
-            t5_rows = [r if len(r) <= length else r[: length - 1] + [self.t5.eos_id] for r in t5_rows]
-            t5_tensor = _tensor([r + [self.t5.pad_id] * (length - len(r)) for r in t5_rows], length)
+            eos = (self.t5.eos_id, 1.0)
+            t5_rows = [r if len(r) <= length else [*r[: length - 1], eos] for r in t5_rows]
+            t5_rows = [r + [(self.t5.pad_id, 1.0)] * (length - len(r)) for r in t5_rows]
+            t5_tensor, t5_weights = _ids(t5_rows, length), _weights(t5_rows, length)
+            t5_empty = _ids([[eos, *[(self.t5.pad_id, 1.0)] * (length - 1)]], length)
         return SD3Tokens(
-            clip_l=_tensor(l_rows, CLIP_LENGTH),
-            clip_g=_tensor(g_rows, CLIP_LENGTH),
+            clip_l=_ids(l_rows, clip_length),
+            clip_g=_ids(g_rows, clip_length),
             t5=t5_tensor,
             clip_dropped=clip_dropped,
             t5_dropped=t5_dropped,
+            clip_l_weights=_weights(l_rows, clip_length),
+            clip_g_weights=_weights(g_rows, clip_length),
+            t5_weights=t5_weights,
+            clip_l_empty=_ids([_clip_row([[]], 1, self.clip_l, pad=self.clip_l.eos_id)], CLIP_LENGTH),
+            clip_g_empty=_ids([_clip_row([[]], 1, self.clip_g, pad=CLIP_G_PAD_ID)], CLIP_LENGTH),
+            t5_empty=t5_empty,
+            weighting=weighting,
         )
 
 
-def _clip_row(words: list[list[int]], tok: ClipTokenizer, pad: int) -> tuple[list[int], int]:
-    """The reference's first 77-token chunk, and how many tokens did not make it in.
+_Token = tuple[int, float]  # (id, weight)
 
-    Words go in whole while they fit in the 75 content slots. The first word that does not fit ends
-    the chunk; a word of 8 or more tokens is split to fill it instead (REFERENCE.md 4.2; ComfyUI
-    sd1_clip ``tokenize_with_weights``).
+
+def _clip_chunks(words: list[list[int]], weights: list[float]) -> list[list[_Token]]:
+    """The reference's CLIP chunks: lists of at most 75 (id, weight) tokens, BOS/EOS not included.
+
+    Words go in whole while they fit in the 75 content slots. A word that does not fit starts the next
+    chunk; a word of 8 or more tokens is split instead, filling the chunk and going on in the next
+    (REFERENCE.md 4.2; ComfyUI ``comfy/sd1_clip.py`` ``SDTokenizer.tokenize_with_weights``). There is
+    always at least one chunk (empty for an empty prompt). The reference encodes only the first one.
     """
-    content: list[int] = []
-    for ids in words:
-        if len(content) + len(ids) <= _CLIP_CONTENT:
-            content.extend(ids)
-            continue
-        if len(ids) >= _LONG_WORD:
-            content.extend(ids[: _CLIP_CONTENT - len(content)])
-        break
-    dropped = sum(map(len, words)) - len(content)
-    row = [tok.bos_id, *content, tok.eos_id]
-    return row + [pad] * (CLIP_LENGTH - len(row)), dropped
+    chunks: list[list[_Token]] = [[]]
+    for ids, weight in zip(words, weights, strict=True):
+        tokens = [(t, weight) for t in ids]
+        split = len(tokens) >= _LONG_WORD
+        while tokens:
+            room = _CLIP_CONTENT - len(chunks[-1])
+            if len(tokens) <= room:
+                chunks[-1].extend(tokens)
+                break
+            if split:
+                chunks[-1].extend(tokens[:room])
+                tokens = tokens[room:]
+            chunks.append([])
+    return chunks
+
+
+def _clip_row(chunks: list[list[_Token]], count: int, tok: ClipTokenizer, pad: int) -> list[_Token]:
+    """``count`` chunks of ``BOS + tokens + EOS + padding`` (77 each), with empty chunks added at the end."""
+    row: list[_Token] = []
+    for content in chunks + [[]] * (count - len(chunks)):
+        chunk = [(tok.bos_id, 1.0), *content, (tok.eos_id, 1.0)]
+        row += chunk + [(pad, 1.0)] * (CLIP_LENGTH - len(chunk))
+    return row
+
+
+def _ids(rows: list[list[_Token]], length: int) -> torch.Tensor:
+    return _tensor([[t for t, _w in r] for r in rows], length)
+
+
+def _weights(rows: list[list[_Token]], length: int) -> torch.Tensor:
+    if not rows:
+        return torch.ones((0, length), dtype=torch.float32)
+    return torch.tensor([[w for _t, w in r] for r in rows], dtype=torch.float32)
 
 
 def _tensor(rows: list[list[int]], length: int) -> torch.Tensor:

@@ -3,24 +3,51 @@
 The pieces follow the official reference (``shared/spec/REFERENCE.md`` sections 2 and 3):
 
 - :mod:`sd35.sampling.schedules`: the flow time shift and the reference's sigma schedule (with its
-  deliberate double shift of ``sigma_min``), plus the img2img cut;
-- :mod:`sd35.sampling.samplers`: ``euler`` and ``dpmpp_2m`` as plain functions of
-  ``(model, x, sigmas)``, where ``model(x, sigma) -> denoised`` works in x0-space, as in k-diffusion;
+  deliberate double shift of ``sigma_min``), ComfyUI's other schedulers (:func:`get_sigmas`), plus the
+  img2img cut;
+- :mod:`sd35.sampling.samplers`: ComfyUI's samplers (``euler`` and ``dpmpp_2m`` as the reference, the
+  ancestral and SDE ones in their rectified-flow form) as plain functions of ``(model, x, sigmas)``,
+  where ``model(x, sigma) -> denoised`` works in x0-space, as in k-diffusion;
+- :mod:`sd35.sampling.inpaint`: masked latent blending for inpainting;
 - :mod:`sd35.sampling.guidance`: the MMDiT-X velocity turned into a denoiser, classifier-free guidance
-  and Skip Layer Guidance.
+  adaptive projected guidance (APG) and Skip Layer Guidance.
 """
 
-from sd35.sampling.guidance import GuidedDenoiser, SkipLayerGuidance, flow_denoiser
-from sd35.sampling.samplers import SAMPLERS, get_sampler, sample_dpmpp_2m, sample_euler
-from sd35.sampling.schedules import flow_sigma, img2img_sigmas, reference_sigmas
+from sd35.sampling.guidance import APG, GuidedDenoiser, SkipLayerGuidance, flow_denoiser
+from sd35.sampling.inpaint import MaskedDenoiser
+from sd35.sampling.samplers import (
+    SAMPLER_DISPLAY_NAMES,
+    SAMPLERS,
+    STOCHASTIC_SAMPLERS,
+    get_sampler,
+    sample_dpmpp_2m,
+    sample_euler,
+)
+from sd35.sampling.schedules import (
+    A1111_SCHEDULER_NAMES,
+    SCHEDULERS,
+    discrete_flow_sigmas,
+    flow_sigma,
+    get_sigmas,
+    img2img_sigmas,
+    reference_sigmas,
+)
 
 __all__ = [
+    "A1111_SCHEDULER_NAMES",
+    "APG",
+    "MaskedDenoiser",
     "SAMPLERS",
+    "SAMPLER_DISPLAY_NAMES",
+    "STOCHASTIC_SAMPLERS",
+    "SCHEDULERS",
     "GuidedDenoiser",
     "SkipLayerGuidance",
+    "discrete_flow_sigmas",
     "flow_denoiser",
     "flow_sigma",
     "get_sampler",
+    "get_sigmas",
     "img2img_sigmas",
     "reference_sigmas",
     "sample_dpmpp_2m",

@@ -1,4 +1,4 @@
-"""From the MMDiT-X velocity to a guided denoiser: classifier-free guidance and Skip Layer Guidance.
+"""From the MMDiT-X velocity to a guided denoiser: classifier-free guidance, APG and Skip Layer Guidance.
 
 The transformer predicts the flow velocity ``v = noise - x0`` at ``t = 1000 * sigma``; the denoised
 estimate is ``x - v * sigma`` (``calculate_denoised``, ``shared/spec/REFERENCE.md`` 2.1). Guidance is
@@ -70,6 +70,67 @@ class SkipLayerGuidance:
         return self.scale > 0 and self.start * steps < step < self.end * steps
 
 
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance (Sadat, Hilliges & Weber 2024, "Eliminating Oversaturation and Artifacts
+    of High Guidance Scales in Diffusion Models", arXiv 2410.02416; ComfyUI ``comfy_extras/nodes_apg.py``).
+
+    It replaces the CFG update on the denoised (x0) predictions. Per call, with ``w`` the CFG scale:
+
+    1. ``G = D_cond - D_uncond``;
+    2. momentum (``momentum != 0``): ``M = G + momentum * M_prev`` (``M_prev = 0`` on the first call of a
+       generation), and ``G = M``. The paper's "reverse momentum" uses negative values (e.g. -0.5);
+       ComfyUI's node allows 0..1. Accepted: -1..1;
+    3. norm threshold (``norm_threshold > 0``): ``G = G * min(1, norm_threshold / ||G||)``, the L2 norm taken
+       per image over (C, H, W);
+    4. split ``G`` along ``D_cond`` per image: ``G_par = (<G, D_cond> / ||D_cond||^2) D_cond`` and
+       ``G_orth = G - G_par`` (computed in float64, as the paper's code does);
+    5. ``D = D_cond + (w - 1) * (G_orth + eta * G_par)``.
+
+    With ``eta = 1``, no threshold and no momentum this is exactly CFG, ``D_uncond + w (D_cond - D_uncond)``.
+    The defaults (eta 0, everything else off) are the paper's main setting, dropping the parallel part
+    that causes oversaturation. (ComfyUI's node defaults to eta 1, threshold 5, and in ComfyUI's wiring
+    the result is ``D_cond + w * update``, one more unit of guidance than the paper's ``w - 1``; we follow
+    the paper, so that eta 1 reproduces CFG.)
+    """
+
+    eta: float = 0.0
+    norm_threshold: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "norm_threshold", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SD35Error(f"APG {name} must be a finite number, got {value!r}.")
+            object.__setattr__(self, name, float(value))
+        if self.norm_threshold < 0:
+            raise SD35Error(f"APG norm_threshold must be >= 0 (0 turns it off), got {self.norm_threshold!r}.")
+        if not -1 <= self.momentum <= 1:
+            raise SD35Error(
+                f"APG momentum must be in [-1, 1] (0 turns it off; the paper uses negative values such as -0.5), "
+                f"got {self.momentum!r}."
+            )
+
+
+def _image_dims(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
+
+
+def apg_project(v: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v_parallel, v_orthogonal)``: ``v`` split along ``direction``, per image (all dims but the first).
+
+    ``v_par = (<v, u>) u`` with ``u = direction / ||direction||`` (a zero direction gives ``v_par = 0``), and
+    ``v_orth = v - v_par``. Computed in float64 (float32 on MPS, which has no float64), returned in v's dtype.
+    """
+    wide = torch.float32 if v.device.type == "mps" else torch.float64
+    v64, d64 = v.to(wide), direction.to(wide)
+    dims = _image_dims(v)
+    unit = torch.nn.functional.normalize(d64.flatten(1), dim=1).reshape(d64.shape)
+    parallel = (v64 * unit).sum(dim=dims, keepdim=True) * unit
+    return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
+
+
 def flow_denoiser(mmditx: MMDiTX) -> FlowDenoiser:
     """Wrap the transformer as ``denoise(x, sigma, y, context, skip_layers=()) -> x - v * sigma``.
 
@@ -128,6 +189,13 @@ class GuidedDenoiser:
 
     ``cond`` and ``uncond`` are ``(context, pooled)`` with batch 1 or the latents' batch B; ``slg`` is
     None for plain CFG.
+
+    ``apg`` (keyword-only) replaces the CFG combination by adaptive projected guidance (:class:`APG`); the
+    SLG term is still added after it. APG does nothing when ``cfg == 1`` (there is no uncond pass). Its
+    momentum state lives in this object: it is updated on every call (so per model evaluation, as in the
+    paper and ComfyUI, also for samplers that evaluate more than once per step), starts empty, and is
+    cleared when a call's sigma is higher than the previous call's (a new generation, ComfyUI's rule) or
+    by :meth:`reset`. Make one GuidedDenoiser per generation.
     """
 
     def __init__(
@@ -138,9 +206,13 @@ class GuidedDenoiser:
         cfg: float,
         slg: SkipLayerGuidance | None,
         sigmas: torch.Tensor,
+        *,
+        apg: APG | None = None,
     ):
         if slg is not None and not isinstance(slg, SkipLayerGuidance):
             raise TypeError(f"slg must be a SkipLayerGuidance or None, got {type(slg).__name__}")
+        if apg is not None and not isinstance(apg, APG):
+            raise TypeError(f"apg must be an APG or None, got {type(apg).__name__}")
         if not math.isfinite(cfg):
             raise SD35Error(f"the CFG scale must be a finite number, got {cfg!r}.")
         if uncond is None and cfg != 1:
@@ -165,6 +237,35 @@ class GuidedDenoiser:
         self.sigmas = sigmas
         self.steps = len(sigmas) - 1
         self.slg = slg
+        self.apg = apg
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the APG momentum (done automatically when sigma goes up between calls)."""
+        self._apg_running: torch.Tensor | None = None
+        self._apg_last_sigma: float | None = None
+
+    def apg_combine(self, d_cond: torch.Tensor, d_uncond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The APG result for one call (see :class:`APG`), updating the momentum state."""
+        apg = self.apg
+        assert apg is not None
+        guidance = d_cond - d_uncond
+        if apg.momentum != 0:
+            value = float(sigma.reshape(-1)[0])
+            running = self._apg_running
+            if (
+                running is None
+                or running.shape != guidance.shape
+                or (self._apg_last_sigma is not None and value > self._apg_last_sigma)
+            ):
+                running = torch.zeros_like(guidance)
+            guidance = guidance + apg.momentum * running.to(guidance.device)
+            self._apg_running, self._apg_last_sigma = guidance, value
+        if apg.norm_threshold > 0:
+            norm = torch.linalg.vector_norm(guidance, dim=_image_dims(guidance), keepdim=True)
+            guidance = guidance * torch.clamp(apg.norm_threshold / norm, max=1.0)
+        parallel, orthogonal = apg_project(guidance, d_cond)
+        return d_cond + (self.cfg - 1) * (orthogonal + apg.eta * parallel)
 
     def step_index(self, sigma: torch.Tensor) -> int:
         """The schedule step a sigma belongs to: the largest ``i`` with ``sigmas[i] >= sigma`` (see class doc)."""
@@ -198,7 +299,10 @@ class GuidedDenoiser:
             else:
                 d_cond = self.denoise(x, sigma, c_y, c_ctx)
                 d_uncond = self.denoise(x, sigma, u_y, u_ctx)
-            out = d_uncond + (d_cond - d_uncond) * self.cfg
+            if self.apg is None:
+                out = d_uncond + (d_cond - d_uncond) * self.cfg
+            else:
+                out = self.apg_combine(d_cond, d_uncond, sigma)
         if self.slg_active(sigma):
             d_skip = self.denoise(x, sigma, c_y, c_ctx, self.slg.layers)
             out = out + (d_cond - d_skip) * self.slg.scale

@@ -5,12 +5,18 @@ shifted time, ``sigma = shift * t / (1 + (shift - 1) * t)``, and the reference b
 schedule by spacing *timesteps* (``1000 * sigma``) linearly and shifting them again, so the smallest
 non-zero sigma is shifted twice (``shared/spec/REFERENCE.md`` 2.1-2.2). We reproduce that in the same
 float32 arithmetic, so the schedule matches the reference to the last bit on CPU.
+
+:func:`get_sigmas` adds ComfyUI's other schedulers under ComfyUI's names (``comfy/samplers.py``,
+``SCHEDULER_HANDLERS``), all built on the same shifted model (:func:`discrete_flow_sigmas`), so ``shift``
+acts on every one of them the way ComfyUI's ``ModelSamplingSD3`` shift does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from sd35.errors import SD35Error
@@ -76,3 +82,237 @@ def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
     if start >= steps:
         raise SD35Error(f"denoise {denoise!r} is too small to leave a single step of {steps}; raise it.")
     return sigmas[start:]
+
+
+# --------------------------------------------------------------------------------------------- schedulers
+
+SCHEDULERS: tuple[str, ...] = (
+    "simple",
+    "sgm_uniform",
+    "normal",
+    "karras",
+    "exponential",
+    "beta",
+    "linear_quadratic",
+    "kl_optimal",
+)
+"""The scheduler names :func:`get_sigmas` accepts (ComfyUI's names; ComfyUI's ``ddim_uniform`` is not here)."""
+
+A1111_SCHEDULER_NAMES: dict[str, str] = {
+    "simple": "Simple",
+    "sgm_uniform": "SGM Uniform",
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+    "linear_quadratic": "Linear Quadratic",
+    "kl_optimal": "KL Optimal",
+}
+"""Scheduler name -> the label A1111-style PNG parameters use (``Schedule type: Karras``)."""
+
+KARRAS_RHO = 7.0
+BETA_ALPHA = BETA_BETA = 0.6  # ComfyUI's beta_scheduler defaults
+LINEAR_QUADRATIC_THRESHOLD = 0.025  # ComfyUI's linear_quadratic_schedule default (threshold_noise)
+
+
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise SD35Error(f"the number of sampling steps must be a positive integer, got {steps!r}.")
+
+
+def discrete_flow_sigmas(shift: float) -> torch.Tensor:
+    """The shifted model's 1000 sigmas, ``sigma(t) = flow_sigma(t / 1000, shift)`` for ``t = 1..1000`` (float32).
+
+    This is ``ModelSamplingDiscreteFlow.sigmas`` (REFERENCE.md 2.1; ComfyUI ``comfy/model_sampling.py``):
+    entry 0 is ``sigma_min`` (0.002994 for shift 3, 0.001 for shift 1) and entry 999 is ``sigma_max`` = 1.
+    """
+    _check_shift(shift)
+    return flow_sigma(torch.arange(1, NUM_TRAIN_TIMESTEPS + 1) / float(NUM_TRAIN_TIMESTEPS), shift)
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    sigmas = sigmas.to(torch.float32)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _uniform_timesteps(steps: int, shift: float, sgm: bool) -> torch.Tensor:
+    """``normal`` / ``sgm_uniform``: timesteps spaced linearly, then mapped through the shifted sigma.
+
+    ComfyUI ``normal_scheduler``: with ``start = 1000 * sigma_max`` and ``end = 1000 * sigma_min``,
+    ``t = linspace(start, end, steps)`` (``normal``) or ``linspace(start, end, steps + 1)[:-1]``
+    (``sgm_uniform``, i.e. the end point dropped), and ``sigma_i = flow_sigma(t_i / 1000, shift)``, then 0.
+    As in the reference, ``sigma_min`` (already shifted) is shifted again on the way back.
+    """
+    table = discrete_flow_sigmas(shift)
+    start = float(table[-1] * NUM_TRAIN_TIMESTEPS)
+    end = float(table[0] * NUM_TRAIN_TIMESTEPS)
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1, dtype=torch.float32)[:-1]
+    else:
+        timesteps = torch.linspace(start, end, steps, dtype=torch.float32)
+    return _append_zero(flow_sigma(timesteps / float(NUM_TRAIN_TIMESTEPS), shift))
+
+
+def _karras(steps: int, shift: float) -> torch.Tensor:
+    """Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models", eq. 5).
+
+    ``sigma_i = (sigma_max^(1/rho) + i/(n-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for
+    ``i = 0..n-1``, ``rho = 7``, then 0 (k-diffusion ``get_sigmas_karras``, used by ComfyUI with the
+    model's shifted ``sigma_min`` / ``sigma_max``).
+    """
+    table = discrete_flow_sigmas(shift)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float32)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** KARRAS_RHO)
+
+
+def _exponential(steps: int, shift: float) -> torch.Tensor:
+    """Uniform in log sigma: ``sigma_i = exp(linspace(log sigma_max, log sigma_min, n)_i)``, then 0.
+
+    k-diffusion ``get_sigmas_exponential`` (ComfyUI's ``exponential``), with the shifted ``sigma_min/max``.
+    """
+    table = discrete_flow_sigmas(shift)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    return _append_zero(
+        torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float32).exp()
+    )
+
+
+def _kl_optimal(steps: int, shift: float) -> torch.Tensor:
+    """``sigma_i = tan(i/(n-1) * atan(sigma_min) + (1 - i/(n-1)) * atan(sigma_max))`` for ``i = 0..n-1``, then 0.
+
+    ComfyUI ``kl_optimal_scheduler`` (after AUTOMATIC1111 stable-diffusion-webui PR #15608), with the
+    shifted ``sigma_min/max``. For one step ComfyUI divides 0 by 0; here it gives ``[sigma_max, 0]``.
+    """
+    table = discrete_flow_sigmas(shift)
+    sigma_min, sigma_max = float(table[0]), float(table[-1])
+    if steps == 1:
+        return _append_zero(table[-1:])
+    frac = torch.arange(steps, dtype=torch.float32) / (steps - 1)
+    return _append_zero(torch.tan(frac * math.atan(sigma_min) + (1 - frac) * math.atan(sigma_max)))
+
+
+def _betainc_series(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Regularized incomplete beta ``I_x(a, b)`` for ``0 <= x <= 1/2``, float64.
+
+    From the hypergeometric series of the incomplete beta function (DLMF 8.17(ii)),
+    ``B_x(a, b) = x^a * sum_n (1 - b)_n / (n! (a + n)) * x^n``, divided by ``B(a, b)``. With ``x <= 1/2``
+    the terms shrink at least like ``2^-n``, so 120 terms reach float64 precision.
+    """
+    n = np.arange(120, dtype=np.float64)
+    rising = np.cumprod(np.concatenate([[1.0], (n[1:] - b) / n[1:]]))  # (1 - b)_n / n!
+    coef = rising / (a + n)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    series = np.power.outer(x, n) @ coef
+    return x**a * series / math.exp(log_beta)
+
+
+def _betainc(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``I_x(a, b)`` on [0, 1], using ``I_x(a, b) = 1 - I_{1-x}(b, a)`` above 1/2."""
+    low = x <= 0.5
+    out = np.empty_like(x)
+    out[low] = _betainc_series(x[low], a, b)
+    out[~low] = 1.0 - _betainc_series(1.0 - x[~low], b, a)
+    return out
+
+
+def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Quantile function of the Beta(a, b) distribution (what ``scipy.stats.beta.ppf`` computes), float64.
+
+    Bisection on the monotone ``I_x(a, b)`` for 64 halvings, enough for float64; scipy is a test-only
+    dependency here, so the inverse is computed by hand.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        below = _betainc(mid, a, b) < q
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return np.where(q >= 1.0, 1.0, np.where(q <= 0.0, 0.0, 0.5 * (lo + hi)))
+
+
+def _beta(steps: int, shift: float) -> torch.Tensor:
+    """Beta-distributed timesteps (Lee et al. 2024, "Beta Sampling is All You Need", arXiv 2407.12173).
+
+    ComfyUI ``beta_scheduler`` with ``alpha = beta = 0.6``: ``q_i = 1 - i/n`` for ``i = 0..n-1``,
+    ``t_i = rint(BetaPPF(q_i; 0.6, 0.6) * 999)``, ``sigma_i = sigmas[t_i]`` from the 1000-entry shifted
+    table (:func:`discrete_flow_sigmas`), then 0. Consecutive equal ``t_i`` are kept once, as ComfyUI
+    does: from 139 steps on the schedule therefore has FEWER than ``steps`` steps (e.g. 475 for 500).
+    """
+    q = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)
+    t = np.rint(beta_ppf(q, BETA_ALPHA, BETA_BETA) * (NUM_TRAIN_TIMESTEPS - 1)).astype(np.int64)
+    keep = np.concatenate([[True], t[1:] != t[:-1]])
+    return _append_zero(discrete_flow_sigmas(shift)[torch.from_numpy(t[keep])])
+
+
+def _linear_quadratic(steps: int, shift: float) -> torch.Tensor:
+    """Mochi's linear-quadratic schedule (genmoai/models ``mochi_preview/infer.py``, via ComfyUI).
+
+    In "1 - sigma" space with ``tau = 0.025``, ``L = steps // 2`` linear steps and ``Q = steps - L``:
+    ``u_i = i * tau / L`` for ``i < L``; for ``L <= i < steps``, ``u_i = a i^2 + b i + c`` with
+    ``d = L - tau * steps``, ``a = d / (L Q^2)``, ``b = tau / L - 2 d / Q^2``, ``c = a L^2``; then
+    ``u_steps = 1``, and ``sigma_i = (1 - u_i) * sigma_max``. One step gives ``[1, 0]``. It is defined
+    in sigma space and ``sigma_max`` is 1 for every shift, so the shift does not change it (as in ComfyUI).
+    """
+    sigma_max = float(discrete_flow_sigmas(shift)[-1])
+    if steps == 1:
+        u = [0.0, 1.0]
+    else:
+        tau, lin = LINEAR_QUADRATIC_THRESHOLD, steps // 2
+        quad = steps - lin
+        d = lin - tau * steps
+        qa = d / (lin * quad**2)
+        qb = tau / lin - 2 * d / quad**2
+        qc = qa * lin**2
+        u = (
+            [i * tau / lin for i in range(lin)]
+            + [qa * i * i + qb * i + qc for i in range(lin, steps)]
+            + [1.0]
+        )
+    return torch.tensor([1.0 - v for v in u], dtype=torch.float32) * sigma_max
+
+
+def get_sigmas(scheduler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
+    """The sigma schedule ``scheduler`` (one of :data:`SCHEDULERS`) for ``steps`` steps of the shifted model.
+
+    Returns float32, length ``steps + 1`` (``beta``: possibly fewer, see below), strictly decreasing, the
+    last entry 0. All schedules come from the same shifted discrete flow model (ComfyUI
+    ``ModelSamplingDiscreteFlow`` with ``ModelSamplingSD3``'s shift): ``sigma(t) = flow_sigma(t/1000, shift)``,
+    ``sigma_min = sigma(1)``, ``sigma_max = sigma(1000) = 1``. Per scheduler (``n = steps``):
+
+    - ``simple``: the reference's schedule, :func:`reference_sigmas` (REFERENCE.md 2.2): timesteps
+      ``linspace(1000 sigma_max, 1000 sigma_min, n)`` mapped through ``sigma``. NOTE: this is what ComfyUI
+      calls ``normal``; ComfyUI's own ``simple`` instead picks table entries
+      ``sigmas[999 - floor(i * 1000 / n)]``. Our ``simple`` is the reference's, so that the default
+      schedule stays the reference's;
+    - ``normal``: ComfyUI ``normal_scheduler``, the same formula as ``simple`` (identical values here);
+    - ``sgm_uniform``: ``linspace(1000 sigma_max, 1000 sigma_min, n + 1)[:-1]`` mapped through ``sigma``;
+    - ``karras``: ``(s_max^(1/7) + i/(n-1) (s_min^(1/7) - s_max^(1/7)))^7`` (Karras et al. 2022, eq. 5);
+    - ``exponential``: ``exp(linspace(log s_max, log s_min, n))`` (k-diffusion);
+    - ``kl_optimal``: ``tan(i/(n-1) atan(s_min) + (1 - i/(n-1)) atan(s_max))`` (A1111 PR #15608);
+    - ``beta``: table entries at ``rint(BetaPPF(1 - i/n; 0.6, 0.6) * 999)`` (Lee et al. 2024), duplicates
+      dropped as in ComfyUI, so from 139 steps on it has fewer than ``n`` steps;
+    - ``linear_quadratic``: Mochi's schedule, defined in sigma space (independent of the shift).
+
+    All are followed by a final 0. Each private builder's docstring gives the formula in full.
+    """
+    if scheduler not in _BUILDERS:
+        raise SD35Error(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
+    _check_steps(steps)
+    _check_shift(shift)
+    return _BUILDERS[scheduler](steps, shift).contiguous()
+
+
+_BUILDERS = {
+    "simple": reference_sigmas,
+    "sgm_uniform": lambda steps, shift: _uniform_timesteps(steps, shift, sgm=True),
+    "normal": lambda steps, shift: _uniform_timesteps(steps, shift, sgm=False),
+    "karras": _karras,
+    "exponential": _exponential,
+    "beta": _beta,
+    "linear_quadratic": _linear_quadratic,
+    "kl_optimal": _kl_optimal,
+}
+assert tuple(_BUILDERS) == SCHEDULERS and set(A1111_SCHEDULER_NAMES) == set(SCHEDULERS)

@@ -1,0 +1,143 @@
+"""img2img, inpainting, outpainting, hires fix and live preview on the tiny pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd35.errors import SD35Error
+from sd35.imaging import image_to_tensor, outpaint_canvas, tensor_to_image
+from sd35.pipeline import HiresFix
+from sd35.preview import latent_preview
+from sd35.sampling.guidance import SkipLayerGuidance
+
+PROMPT = "a green square at the bottom right"
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rng = np.random.default_rng(0)
+    base = np.zeros((64, 64, 3), np.uint8)
+    base[:, :32] = (200, 40, 40)
+    base[:, 32:] = (30, 60, 220)
+    return Image.fromarray(np.clip(base + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+def _px(image):
+    return np.asarray(image).astype(np.int16)
+
+
+def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
+    out = tiny_pipe.generate(PROMPT, init_image=photo, strength=0.0, steps=4, seed=1)[0]
+    vae = tiny_pipe.vae
+    expected = tensor_to_image(vae.decode(vae.encode(image_to_tensor(photo, 64, 64))))
+    assert np.array_equal(_px(out), _px(expected))
+    assert "Denoising strength: 0.0" in out.info["parameters"]
+
+
+def test_img2img_strength_1_equals_txt2img(tiny_pipe, photo):
+    a = tiny_pipe.generate(PROMPT, init_image=photo, strength=1.0, steps=3, seed=4)[0]
+    b = tiny_pipe.generate(PROMPT, width=64, height=64, steps=3, seed=4)[0]
+    assert np.array_equal(_px(a), _px(b))
+
+
+def test_img2img_runs_the_tail_of_the_schedule(tiny_pipe, photo):
+    calls = []
+    tiny_pipe.generate(
+        PROMPT, init_image=photo, strength=0.5, steps=10, seed=2, callback=lambda *a: calls.append(a[:2])
+    )
+    assert [c[0] for c in calls] == list(range(5)) and calls[0][1] == 5  # sigmas[int(10 * 0.5):]
+
+
+def test_slg_acts_in_img2img_and_inpainting(tiny_pipe, photo):
+    skips = []
+    hook = tiny_pipe.mmditx.register_forward_pre_hook(
+        lambda m, args, kwargs: skips.append(bool(kwargs.get("skip_layers"))), with_kwargs=True
+    )
+    try:
+        slg = SkipLayerGuidance(layers=(1,), start=0.0, end=1.0)
+        tiny_pipe.generate(PROMPT, init_image=photo, strength=0.6, steps=5, seed=3, slg=slg)
+        n_img2img = sum(skips)
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        tiny_pipe.generate(PROMPT, init_image=photo, mask=mask, steps=5, seed=3, slg=slg)
+    finally:
+        hook.remove()
+    assert n_img2img >= 1 and sum(skips) > n_img2img
+
+
+def test_inpainting_keeps_unmasked_pixels(tiny_pipe, photo):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 24, 64))  # repaint the left 24 columns
+    finals = []
+    out = tiny_pipe.generate(
+        PROMPT,
+        init_image=photo,
+        mask=mask,
+        mask_blur=2,
+        steps=4,
+        seed=5,
+        callback=lambda step, total, x, d: finals.append(x.clone()),
+    )[0]
+    got, src = _px(out), _px(photo)
+    assert np.array_equal(got[:, 32:], src[:, 32:])  # far from the feathered edge: the original pixels
+    assert np.abs(got[:, :16] - src[:, :16]).mean() > 5  # the masked part was repainted
+    # in latent space the cells outside the mask end exactly at the original latent
+    vae = tiny_pipe.vae
+    from sd35.models.vae import latent_to_model
+
+    z = latent_to_model(vae.encode(image_to_tensor(photo, 64, 64)))
+    assert torch.allclose(finals[-1][..., 5:], z[..., 5:], atol=1e-5)
+
+
+def test_mask_needs_an_init_image_and_strength_is_checked(tiny_pipe, photo):
+    with pytest.raises(SD35Error, match="init image"):
+        tiny_pipe.generate(PROMPT, mask=Image.new("L", (64, 64), 255), steps=1)
+    with pytest.raises(SD35Error, match="strength"):
+        tiny_pipe.generate(PROMPT, init_image=photo, strength=1.5, steps=1)
+
+
+def test_outpainting_extends_the_canvas(tiny_pipe, photo):
+    canvas, mask = outpaint_canvas(photo, 16, 0, 16, 0, overlap=4)
+    assert canvas.size == (96, 64) and mask.size == (96, 64)
+    m = np.asarray(mask)
+    assert m[:, :20].min() == 255 and m[:, 20:76].max() == 0 and m[:, 76:].min() == 255
+    out = tiny_pipe.generate(PROMPT, init_image=canvas, mask=mask, mask_blur=0, steps=3, seed=6)[0]
+    assert out.size == (96, 64)
+    assert np.array_equal(_px(out)[:, 20:76], _px(canvas)[:, 20:76])
+
+
+def test_hires_fix_latent_and_lanczos(tiny_pipe):
+    calls = []
+    out = tiny_pipe.generate(
+        PROMPT,
+        width=32,
+        height=64,
+        steps=4,
+        seed=7,
+        hires=HiresFix(scale=1.5, steps=3, strength=0.5),
+        callback=lambda step, total, x, d: calls.append((step, total, tuple(x.shape))),
+    )[0]
+    assert out.size == (48, 96)
+    assert calls[3][2][-2:] == (8, 4) and calls[-1][2][-2:] == (12, 6)
+    assert sum(1 for c in calls if c[2][-2:] == (12, 6)) == 3  # the second pass runs hires.steps steps
+    assert "Hires upscale: 1.5" in out.info["parameters"]
+    lanczos = tiny_pipe.generate(
+        PROMPT, width=32, height=32, steps=2, seed=7, hires=HiresFix(scale=2.0, upscaler="lanczos")
+    )[0]
+    assert lanczos.size == (64, 64) and "Hires upscaler: Lanczos" in lanczos.info["parameters"]
+
+
+def test_hires_fix_validation(tiny_pipe):
+    with pytest.raises(SD35Error, match="upscaler"):
+        HiresFix(upscaler="esrgan")
+    with pytest.raises(SD35Error, match="at most 512"):
+        tiny_pipe.generate(PROMPT, width=384, height=384, steps=1, hires=HiresFix(scale=2.0))
+
+
+def test_latent_preview_is_an_image_of_the_right_size():
+    preview = latent_preview(torch.randn(1, 16, 6, 4))
+    assert preview.size == (32, 48) and preview.mode == "RGB"
+    assert np.asarray(preview).std() > 0
