@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sd35.errors import CheckpointError, SD35Error
@@ -314,6 +315,7 @@ class MMDiTX(nn.Module):
         self.context_embedder = nn.Linear(cfg.context_dim, dim)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(dim, cfg.patch_size**2 * cfg.out_channels)
+        self.gradient_checkpointing = False  # recompute each joint block in the backward pass (training)
 
     @classmethod
     def from_state_dict(
@@ -348,10 +350,18 @@ class MMDiTX(nn.Module):
                 f"(at most {cfg.max_image_size}x{cfg.max_image_size} pixels)."
             )
 
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """The centred crop of the stored positional grid for an h x w token grid (floor division, mmditx.py 814-833)."""
+    def cropped_pos_embed(self, h: int, w: int, offset: tuple[int, int] | None = None) -> torch.Tensor:
+        """A crop of the stored positional grid for an h x w token grid.
+
+        By default the centred crop (floor division, mmditx.py 814-833). Training may pass ``offset``
+        = (top, left) to take random crops, an augmentation that keeps the model robust across sizes.
+        """
         grid = self.config.pos_embed_max_size
-        top, left = (grid - h) // 2, (grid - w) // 2
+        top, left = offset if offset is not None else ((grid - h) // 2, (grid - w) // 2)
+        if not (0 <= top <= grid - h and 0 <= left <= grid - w):
+            raise SD35Error(
+                f"pos-embed crop at {(top, left)} of size {h}x{w} does not fit the {grid}x{grid} grid."
+            )
         pe = self.pos_embed.reshape(1, grid, grid, -1)[:, top : top + h, left : left + w, :]
         return pe.reshape(1, h * w, -1)
 
@@ -373,7 +383,9 @@ class MMDiTX(nn.Module):
         y: torch.Tensor,
         context: torch.Tensor,
         skip_layers: Iterable[int] = (),
+        pos_offset: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        """``pos_offset`` (top, left) picks a non-centred crop of the position grid (training augmentation)."""
         out_dtype = x.dtype
         height, width = x.shape[-2:]
         self.check_latent_size(height, width)
@@ -381,12 +393,15 @@ class MMDiTX(nn.Module):
         h, w = height // p, width // p
         skip = set(skip_layers)
 
-        tokens = self.x_embedder(x.to(self.dtype)) + self.cropped_pos_embed(h, w)
+        tokens = self.x_embedder(x.to(self.dtype)) + self.cropped_pos_embed(h, w, pos_offset)
         c = self.conditioning(t, y)
         ctx = self.context_embedder(context.to(self.dtype))
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
-            ctx, tokens = block(ctx, tokens, c)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                ctx, tokens = torch.utils.checkpoint.checkpoint(block, ctx, tokens, c, use_reentrant=False)
+            else:
+                ctx, tokens = block(ctx, tokens, c)
         out = self.final_layer(tokens, c)
         return self.unpatchify(out, h, w).to(out_dtype)

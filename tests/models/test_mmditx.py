@@ -146,3 +146,26 @@ def test_bf16_close_to_fp32():
         b = MMDiTX.from_state_dict(sd, dtype=torch.bfloat16)(x, t, y, ctx)
     assert b.dtype == torch.float32  # returned in the input's dtype
     assert _rel_err(b, a) < 0.05
+
+
+def test_pos_offset_crop_and_gradient_checkpointing():
+    cfg = tiny_configs().mmditx
+    model = MMDiTX.from_state_dict(random_state_dict(MMDiTX(cfg)))
+    grid = model.pos_embed.reshape(cfg.pos_embed_max_size, cfg.pos_embed_max_size, -1)
+    assert torch.equal(model.cropped_pos_embed(2, 3, (0, 5)).reshape(2, 3, -1), grid[0:2, 5:8])
+    with pytest.raises(SD35Error, match="does not fit"):
+        model.cropped_pos_embed(4, 4, (cfg.pos_embed_max_size - 3, 0))
+    x, t, y, ctx = _inputs(cfg, 8, 8)
+    centred = (cfg.pos_embed_max_size - 4) // 2
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y, ctx), model(x, t, y, ctx, pos_offset=(centred, centred)))
+        assert not torch.equal(model(x, t, y, ctx), model(x, t, y, ctx, pos_offset=(0, 0)))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(x, t, y, ctx).square().mean().backward()
+        grads.append(model.joint_blocks[0].x_block.attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
