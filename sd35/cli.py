@@ -96,6 +96,21 @@ def _edit_inputs(args: argparse.Namespace):
     return init, mask
 
 
+def _lora_arg(value: str) -> tuple[Path, float]:
+    """``FILE[:STRENGTH]``; a colon followed by something that is not a number belongs to the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            strength = float(tail)
+        except ValueError:
+            path, strength = value, 1.0
+    else:
+        path, strength = value, 1.0
+    if not Path(path).is_file():
+        raise SD35Error(f"{path}: no such LoRA file.")
+    return Path(path), strength
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     from sd35.conditioning.prompt import read_prompt_file
 
@@ -153,7 +168,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if init is None or (args.width and args.height):
         check_arguments(width, height, args.steps, args.cfg, args.num_images, args.sampler)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    loras = [_lora_arg(v) for v in args.lora]
     pipe = load_pipeline(args.model, args.text_encoders, args.tokenizers, device=args.device, dtype=dtype)
+    for path, strength in loras:
+        pipe.load_lora(path, strength)
     progress = _Progress(args.preview, args.preview_every)
     try:
         for prompt in prompts:
@@ -318,16 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "-o", "--output", type=Path, default=Path("sd35.png"), help="PNG path; never overwritten (numbered)"
     )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA/LyCORIS/DoRA file (any common format); repeatable; strength default 1.0",
+    )
     g.set_defaults(func=_cmd_generate)
+
+    sub.add_parser(
+        "train",
+        help="fine-tune (LoRA, DoRA or full) on a folder of captioned images; see `sd35 train --help`",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            if argv[:1] == ["train"]:  # the trainer has its own parser (every config key is a flag)
+                from sd35.train.cli import main_train
+
+                return main_train(argv[1:])
+            args = build_parser().parse_args(argv)
             return args.func(args)
         except SD35Error as e:
             print(f"sd35: error: {e}", file=sys.stderr)
