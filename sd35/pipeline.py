@@ -178,6 +178,7 @@ class SD3Pipeline:
     ):
         self.mmditx, self.vae, self.text, self.tokenizer = mmditx, vae, text, tokenizer
         self.model_name = model_name
+        self.loras: dict[str, float] = {}  # name -> strength, for the PNG parameters
         self.family = mmditx_family(mmditx.config)
         self.default_shift = 1.0 if self.family == "SD3 Medium" else DEFAULTS.shift  # reference CONFIGS
 
@@ -458,8 +459,34 @@ class SD3Pipeline:
             info.update(
                 {"APG eta": apg.eta, "APG norm threshold": apg.norm_threshold, "APG momentum": apg.momentum}
             )
+        if self.loras:
+            info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in self.loras.items())
         info["Version"] = f"sd35 {__version__}"
         return a1111_parameters(prompt, negative_prompt, info)
+
+    def _lora_models(self) -> dict[str, torch.nn.Module | None]:
+        t = self.text
+        return {"mmditx": self.mmditx, "clip_l": t.clip_l, "clip_g": t.clip_g, "t5": t.t5}
+
+    def load_lora(self, path, strength: float = 1.0, mode: str = "auto", name: str | None = None):
+        """Apply a LoRA/LyCORIS/DoRA file to the MMDiT-X and text encoders (see :func:`sd35.lora.load_lora`).
+
+        Loaded LoRAs and their strengths are recorded in the images' ``parameters`` (``LoRA: name:strength``).
+        """
+        from sd35.lora import load_lora
+
+        report = load_lora(self._lora_models(), path, strength=strength, mode=mode, name=name)
+        self.loras[report.name] = report.strength
+        return report
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Take LoRA ``name`` (all if None) off again; the weights come back bit for bit."""
+        from sd35.lora import unload_lora
+
+        removed = unload_lora(self._lora_models(), name)
+        for n in removed:
+            self.loras.pop(n, None)
+        return removed
 
 
 def _paths(value: str | Path | Sequence[str | Path] | None) -> list[Path]:

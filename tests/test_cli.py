@@ -336,3 +336,27 @@ def test_prompt_file_and_preview(capsys, tiny, tmp_path):
 def test_editing_bad_input_exit_2(capsys, tiny, tmp_path, extra, says):
     code, _, err = _edit(capsys, tiny, tmp_path, *extra)
     assert code == 2 and says in err and err.startswith("sd35: error:")
+
+
+def test_generate_with_a_lora_file(capsys, tiny, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(4, 128, generator=g),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(384, 4, generator=g),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0),
+        },
+        str(lora),
+    )
+    plain = _edit(capsys, tiny, tmp_path, "--width", "32", "--height", "32")
+    code, out, _ = _edit(capsys, tiny, tmp_path, "--width", "32", "--height", "32", "--lora", f"{lora}:0.7")
+    assert plain[0] == 0 and code == 0
+    image = Image.open(out.strip())
+    assert 'LoRA: "style:0.7"' in image.text["parameters"]
+    assert not np.array_equal(np.asarray(image), np.asarray(Image.open(plain[1].strip())))
+    code, _, err = _edit(capsys, tiny, tmp_path, "--lora", str(tmp_path / "missing.safetensors"))
+    assert code == 2 and "no such LoRA file" in err

@@ -1,0 +1,62 @@
+"""LoRA, LyCORIS (LoHa, LoKr, full diff) and DoRA for SD3 / SD3.5: loading every common layout, training, saving.
+
+Inference::
+
+    report = load_lora({"mmditx": m, "clip_l": l, "clip_g": g, "t5": t5}, "style.safetensors", strength=0.8)
+    unload_lora(models, report.name)  # the weights come back bit for bit
+
+Training::
+
+    params = add_lora(mmditx, rank=16, alpha=16)           # trainable runtime adapters, output unchanged at start
+    ...                                                      # optimise params
+    save_lora("out.safetensors", export_lora(mmditx), export_metadata(mmditx))
+
+See :mod:`sd35.lora.layers` for the adapter formulas (DoRA included) and the two ways of applying
+them, :mod:`sd35.lora.formats` for the key layouts, :mod:`sd35.lora.export` for the saved layouts.
+"""
+
+from sd35.lora.export import export_lora, export_metadata
+from sd35.lora.formats import ParsedLoRA, parse_lora, read_lora, save_lora
+from sd35.lora.layers import (
+    DEFAULT_TARGETS,
+    Adapter,
+    Diff,
+    LoHa,
+    LoKr,
+    LoRA,
+    Patch,
+    RowStack,
+    SwapHalves,
+    add_lora,
+    dora_weight,
+    merge_lora,
+    set_strength,
+)
+from sd35.lora.loader import LoadReport, load_lora, loaded_loras, set_lora_strength, unload_lora
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "Adapter",
+    "Diff",
+    "LoHa",
+    "LoKr",
+    "LoRA",
+    "LoadReport",
+    "ParsedLoRA",
+    "Patch",
+    "RowStack",
+    "SwapHalves",
+    "add_lora",
+    "dora_weight",
+    "export_lora",
+    "export_metadata",
+    "load_lora",
+    "loaded_loras",
+    "merge_lora",
+    "parse_lora",
+    "read_lora",
+    "save_lora",
+    "set_lora_strength",
+    "set_strength",
+    "unload_lora",
+]
