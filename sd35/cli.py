@@ -149,6 +149,32 @@ class _Progress:
             self.bar = None
 
 
+def _resolve_model(args: argparse.Namespace) -> None:
+    """Fill the model and the defaults: the real model's, or the built-in demo's when no --model is given."""
+    from sd35.pipeline import DEFAULTS
+
+    if args.demo or args.model is None:
+        from sd35.demo import DEMO_DEFAULTS, demo_files
+
+        if args.model is not None:
+            raise SD35Error("--demo and --model exclude each other.")
+        args.model, args.tokenizers = demo_files()
+        if not args.demo:
+            print(
+                "sd35: no --model given, so this uses the built-in demo model (a small model trained on synthetic "
+                "shapes, 64x64). For real images pass --model sd3.5_medium.safetensors --text-encoders ... .",
+                file=sys.stderr,
+            )
+        defaults = DEMO_DEFAULTS
+        args.width, args.height = args.width or defaults.width, args.height or defaults.height
+        args.shift = defaults.shift if args.shift is None else args.shift
+    else:
+        defaults = DEFAULTS
+    args.steps = defaults.steps if args.steps is None else args.steps
+    args.cfg = defaults.cfg if args.cfg is None else args.cfg
+    args.sampler = args.sampler or defaults.sampler
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -156,6 +182,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from sd35.pipeline import DEFAULTS, check_arguments, load_pipeline
 
     prompts = _prompts(args)
+    _resolve_model(args)
     slg, apg, hires = _slg_from_args(args), _apg_from_args(args), _hires_from_args(args)
     init, mask = _edit_inputs(args)
     check_output_path(args.output)  # before spending minutes on loading and sampling
@@ -236,9 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--model",
-        required=True,
+        default=None,
         type=Path,
-        help="sd3.5_medium.safetensors (or all-in-one) or a diffusers folder",
+        help="sd3.5_medium.safetensors (or all-in-one) or a diffusers folder; without it, the built-in demo model",
+    )
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the built-in demo model (a small model trained on synthetic shapes)",
     )
     g.add_argument(
         "--text-encoders",
@@ -261,12 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--height", type=int, default=None, help="multiple of 16 (default 1024, or the init image's)"
     )
-    g.add_argument("--steps", type=int, default=DEFAULTS.steps, help="default %(default)s")
+    g.add_argument("--steps", type=int, default=None, help=f"default {DEFAULTS.steps}")
     g.add_argument(
-        "--cfg", type=float, default=DEFAULTS.cfg, help="classifier-free guidance scale (default %(default)s)"
+        "--cfg", type=float, default=None, help=f"classifier-free guidance scale (default {DEFAULTS.cfg})"
     )
     g.add_argument("--seed", type=int, default=None, help="random if omitted; image i uses seed+i")
-    g.add_argument("--sampler", default=DEFAULTS.sampler, choices=list(SAMPLERS), help="default %(default)s")
+    g.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default {DEFAULTS.sampler}")
     g.add_argument(
         "--scheduler", default=DEFAULTS.scheduler, choices=list(SCHEDULERS), help="default %(default)s"
     )
