@@ -150,10 +150,13 @@ def test_bad_generation_arguments(ours, kw, says):
         ours.generate(PROMPT, **args)
 
 
-def test_long_t5_prompt_warns(ours):
+def test_long_prompt_warns_for_t5_and_clip(ours):
     long_prompt = " ".join(["red circle blue square"] * 40)
-    with pytest.warns(SD35Warning, match="T5 dropped"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         context, _ = ours.encode_prompt(long_prompt, t5_max_tokens=80)
+    messages = [str(w.message) for w in caught if issubclass(w.category, SD35Warning)]
+    assert any("T5 dropped" in m for m in messages) and any("CLIP reads only the first 75" in m for m in messages)
     assert context.shape[1] == 77 + 80
 
 
