@@ -156,7 +156,9 @@ def test_long_prompt_warns_for_t5_and_clip(ours):
         warnings.simplefilter("always")
         context, _ = ours.encode_prompt(long_prompt, t5_max_tokens=80)
     messages = [str(w.message) for w in caught if issubclass(w.category, SD35Warning)]
-    assert any("T5 dropped" in m for m in messages) and any("CLIP reads only the first 75" in m for m in messages)
+    assert any("T5 dropped" in m for m in messages) and any(
+        "CLIP reads only the first 75" in m for m in messages
+    )
     assert context.shape[1] == 77 + 80
 
 

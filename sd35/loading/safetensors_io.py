@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sd35.errors import CheckpointError
+from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.tensors import LazyTensor
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -197,12 +197,42 @@ def shards_of(folder: Path, stem: str) -> list[Path] | None:
 
 
 def save_file_atomic(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file whole or not at all (temp file, then rename)."""
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write a safetensors file whole or not at all, through a temp file unique to this call.
+
+    ``overwrite=True`` renames the temp file over ``path``. ``overwrite=False`` hard-links it into place, which
+    fails rather than replaces if the name exists or appears meanwhile (an SD35Error naming the file).
+    """
+    import tempfile
+
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    if not overwrite and path.exists():
+        raise SD35Error(f"{path} already exists; sd35 never overwrites a file. Move it or pick another name.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise SD35Error(
+                f"{path} already exists (it appeared while being written); not replaced."
+            ) from None
+        except OSError:  # file systems without hard links
+            if path.exists():
+                raise SD35Error(f"{path} already exists; not replaced.") from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from sd35.errors import SD35Error
+from sd35.loading.safetensors_io import save_file_atomic
 from sd35.lora.layers import (
     Adapter,
     Diff,
@@ -593,7 +594,6 @@ def save_lora(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
     """Write ``tensors`` (+ string ``metadata``) as safetensors, whole or not at all; never overwrite a file."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists():
@@ -603,18 +603,4 @@ def save_lora(
     if not path.parent.is_dir():
         raise SD35Error(f"{path.parent}: no such folder.")
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        try:
-            os.link(tmp, path)  # atomic, and fails if the name appeared meanwhile
-        except FileExistsError:
-            raise SD35Error(f"{path}: the file already exists; choose another name.") from None
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise SD35Error(f"{path}: the file already exists; choose another name.") from None
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_file_atomic(tensors, path, meta, overwrite=False)

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sd35.errors import CheckpointError, SD35Error, SD35Warning
 from sd35.imaging import image_to_tensor
-from sd35.loading.safetensors_io import read_header
+from sd35.loading.safetensors_io import read_header, save_file_atomic
 from sd35.models.vae import latent_to_model
 from sd35.train.data import Crop, Sample, apply_crop, open_image, place_samples, warn_skipped
 
@@ -98,15 +98,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 def _temp(path: Path) -> Path:
     # unique per process: ranks of a distributed run may write the same entry at once
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
-
-
-def _save_atomic(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file whole or not at all (temp file, then rename)."""
-    tmp = _temp(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -348,7 +339,7 @@ def _encode_latents(pipe, todo: list[tuple[Sample, Crop, Path]], batch_size: int
                 batch = torch.cat(pixels).to(pipe.device)
                 latents = latent_to_model(pipe.vae.encode(batch).float())
                 for latent, file in zip(latents, files, strict=True):
-                    _save_atomic({"latent": latent.cpu()}, file, {"bucket": f"{bw}x{bh}"})
+                    save_file_atomic({"latent": latent.cpu()}, file, {"bucket": f"{bw}x{bh}"})
             if bar is not None:
                 bar.update(len(chunk))
 
@@ -377,7 +368,7 @@ def _encode_texts(
                 else:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             for caption, c, p in zip(chunk, context, pooled, strict=True):
-                _save_atomic({"context": _compact(c), "pooled": _compact(p)}, text_file(caption))
+                save_file_atomic({"context": _compact(c), "pooled": _compact(p)}, text_file(caption))
             if bar is not None:
                 bar.update(len(chunk))
     if long_t5:

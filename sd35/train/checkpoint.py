@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sd35.errors import SD35Error
+from sd35.loading.safetensors_io import save_file_atomic
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -126,29 +127,8 @@ def _np_state_from_dict(d: dict[str, Any]) -> tuple:
 def write_new_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write a safetensors file whole (temp file, then a hard link), failing rather than replacing a file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists():
-        raise SD35Error(f"{path} already exists; sd35 never overwrites a file. Move it or pick another name.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise SD35Error(f"{path} appeared while it was being written; not replaced.") from None
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise SD35Error(f"{path} already exists; not replaced.") from None
-            os.replace(tmp, path)
-            return path
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write a safetensors file whole, failing rather than replacing a file."""
+    return save_file_atomic(tensors, path, metadata, overwrite=False)
 
 
 def save_checkpoint(
