@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from sd35.errors import SD35Error
@@ -385,23 +386,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run_reporting_errors(command: Callable[[], int]) -> int:
+    """Run a command the way every sd35 entry point does: warnings as ``sd35: warning: ...`` lines, a user
+    mistake (SD35Error) as one ``sd35: error: ...`` line and exit code 2, Ctrl-C as exit code 130."""
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            if argv[:1] == ["train"]:  # the trainer has its own parser (every config key is a flag)
-                from sd35.train.cli import main_train
-
-                return main_train(argv[1:])
-            args = build_parser().parse_args(argv)
-            return args.func(args)
+            return command()
         except SD35Error as e:
             print(f"sd35: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("sd35: interrupted", file=sys.stderr)
             return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer has its own parser (every config key is a flag)
+        from sd35.train.cli import main_train
+
+        return main_train(argv[1:])
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    return run_reporting_errors(command)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,8 @@ A user mistake prints one line ``sd35: error: ...`` and returns 2.
 from __future__ import annotations
 
 import sys
-import warnings
 
-from sd35.errors import SD35Error
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"sd35: warning: {message}", file=sys.stderr)
+from sd35.cli import run_reporting_errors
 
 
 def main_train(argv: list[str] | None = None) -> int:
@@ -32,22 +27,17 @@ def main_train(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         build_parser().print_help()
         return 0
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        try:
-            cfg = parse_config(argv)
-            from sd35.train.trainer import train
 
-            result = train(cfg)
-            for path in result.outputs:
-                print(path)
-            return 0
-        except SD35Error as e:
-            print(f"sd35: error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("sd35: interrupted", file=sys.stderr)
-            return 130
+    def command() -> int:
+        cfg = parse_config(argv)
+        from sd35.train.trainer import train
+
+        result = train(cfg)
+        for path in result.outputs:
+            print(path)
+        return 0
+
+    return run_reporting_errors(command)
 
 
 if __name__ == "__main__":
