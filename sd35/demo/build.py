@@ -1,6 +1,6 @@
 """Build the embedded demo model from scratch, reproducibly (the recipe behind ``sd35/demo/weights``).
 
-    python -m sd35.demo.build WORK_DIR [--vae VAE.safetensors] [--steps 3000] [--install]
+    python -m sd35.demo.build WORK_DIR [--vae VAE.safetensors] [--steps 3000] [--init FILE] [--install]
 
 1. the VAE: ``python -m sd35.demo.train_vae`` (or ``--vae`` to reuse one);
 2. text encoders: small CLIP-L / CLIP-G / T5 of the real architectures, random and frozen (seeded), with
@@ -11,6 +11,21 @@
    scenes from :mod:`sd35.demo.shapes`, with caption dropout so classifier-free guidance works;
 4. everything assembled in fp16 into one all-in-one file in the official layout, plus the tokenizer folders.
    ``--install`` copies them into the package (``sd35/demo/weights``).
+
+The shipped weights came from these runs, in order (each continues the previous one's output; 2 CPU cores,
+about 1.5 hours in all)::
+
+    python -m sd35.demo.train_vae vae1.safetensors                                   # 900 steps
+    python -m sd35.demo.train_vae vae2.safetensors --init vae1.safetensors --steps 1500 --lr 1e-3 --seed 1
+    python -m sd35.demo.train_vae vae3.safetensors --init vae2.safetensors --steps 3000 --lr 1e-3 --seed 3
+    python -m sd35.demo.build W1 --vae vae2.safetensors                              # 2500 steps, lr 1e-3
+    python -m sd35.demo.build W2 --vae vae2.safetensors --init W1/sd35_demo.safetensors --steps 3000 --learning-rate 5e-4
+    python -m sd35.demo.build W3 --vae vae2.safetensors --init W2/sd35_demo.safetensors --steps 3000 --learning-rate 3e-4
+    python -m sd35.demo.build W4 --vae vae3.safetensors --init W3/sd35_demo.safetensors --steps 4000 --learning-rate 5e-4
+    python -m sd35.demo.build W5 --vae vae3.safetensors --init W4/sd35_demo.safetensors --steps 4000 --learning-rate 3e-4 --install
+
+(The flow model is fine-tuned onto the sharper ``vae3`` latents in the last two runs. ``vae3`` was continued
+from ``vae2`` as stored, in fp16, inside W3's ``sd35_demo.safetensors``.)
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SIZE = 64
+SQUARE_FILL = 0.85  # see detect()
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def detect(image: Image.Image) -> Detection:
     rows = mask[y0 : y1 + 1, x0 : x1 + 1].sum(1).astype(np.float32)
     third = max(1, len(rows) // 3)
     widening = rows[-third:].mean() / max(rows[:third].mean(), 1.0)
-    if fill > 0.9:
+    if fill > SQUARE_FILL:
         shape = "square"
     elif widening > 1.8 or fill < 0.62:
         shape = "triangle"

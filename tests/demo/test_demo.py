@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sd35.cli import main
 from sd35.demo import MODEL_FILE, load_demo_pipeline
-from sd35.demo.shapes import COLOURS, POSITIONS, SHAPES, Scene, all_scenes, dataset, detect
+from sd35.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZE, Scene, all_scenes, dataset, detect
+from sd35.imaging import image_to_tensor, tensor_to_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from adherence import SETTINGS, prompts, score  # noqa: E402
@@ -49,11 +51,25 @@ def demo():
 
 
 def test_demo_follows_prompts(demo):
-    """A 48-prompt sample of the adherence benchmark, CFG on, guarding the shipped model's measured level
-    (colour 90%, shape 69%, position 100% on this sample). The issue's targets (colour and position >= 90%,
-    shape >= 80%) are met for position only so far; README says so."""
+    """A 48-prompt sample of the adherence benchmark, CFG on, held to the targets: colour and position
+    >= 90%, shape >= 80% (measured on this sample: colour 97.9%, shape 87.5%, position 100%)."""
     result = score(demo, prompts(48), **SETTINGS["CFG on"])
-    assert result["colour"] >= 0.85 and result["position"] >= 0.95 and result["shape"] >= 0.6, result
+    assert result["colour"] >= 0.9 and result["position"] >= 0.9 and result["shape"] >= 0.8, result
+
+
+def test_detector_reads_the_demo_vaes_reconstructions(demo):
+    """The shape threshold is calibrated on VAE round trips of rendered scenes (never on generated images):
+    on held-out scenes the detector must read them about as well as clean renders."""
+    images = dataset(96, seed=2024)
+    pixels = torch.stack([image_to_tensor(image, SIZE, SIZE)[0] for image, _ in images])
+    with torch.no_grad():
+        decoded = demo.vae.decode(demo.vae.encode(pixels.to(demo.vae.dtype)))
+    right = {"colour": 0, "shape": 0, "position": 0}
+    for (_, scene), recon in zip(images, decoded, strict=True):
+        found = detect(tensor_to_image(recon[None].float()))
+        for a in right:
+            right[a] += getattr(found, a) == getattr(scene, a)
+    assert right["colour"] >= 94 and right["position"] == 96 and right["shape"] >= 90, right
 
 
 def test_generate_without_model_uses_the_demo(capsys, tmp_path):
