@@ -176,6 +176,22 @@ def _resolve_model(args: argparse.Namespace) -> None:
     args.sampler = args.sampler or defaults.sampler
 
 
+def _check_accelerations(args: argparse.Namespace) -> None:
+    """Refuse GPU-only options before minutes of loading, not after."""
+    import torch
+
+    from sd35.pipeline import default_device
+
+    device = torch.device(args.device) if args.device else default_device()
+    wanted = [flag for flag, on in (("--fp8", args.fp8), ("--cuda-graphs", args.cuda_graphs)) if on]
+    if wanted and device.type != "cuda":
+        raise SD35Error(
+            f"{' and '.join(wanted)} need a CUDA GPU, but this run uses {device}; leave them out."
+        )
+    if (args.compile or args.cuda_graphs) and args.memory == "low":
+        raise SD35Error("--compile and --cuda-graphs do not work with --memory low; use --memory balanced.")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -197,9 +213,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         check_arguments(width, height, args.steps, args.cfg, args.num_images, args.sampler)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     loras = [_lora_arg(v) for v in args.lora]
-    pipe = load_pipeline(args.model, args.text_encoders, args.tokenizers, device=args.device, dtype=dtype)
+    _check_accelerations(args)
+    pipe = load_pipeline(
+        args.model,
+        args.text_encoders,
+        args.tokenizers,
+        device=args.device,
+        dtype=dtype,
+        memory=args.memory,
+        vae_tiling=args.vae_tiling,
+    )
     for path, strength in loras:
         pipe.load_lora(path, strength)
+    pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
     progress = _Progress(args.preview, args.preview_every)
     try:
         for prompt in prompts:
@@ -233,6 +259,108 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sd35.bench import make_options, run
+
+    extra_ours = tuple(
+        name
+        for flag, name in ((args.compile, "compile"), (args.fp8, "fp8"), (args.cuda_graphs, "cuda_graphs"))
+        if flag
+    )
+    options = make_options(
+        device=args.device,
+        dtype=args.dtype,
+        full=args.full,
+        sizes=args.sizes,
+        warmup=args.warmup,
+        iters=args.iters,
+        ours=args.ours,
+        diffusers=args.diffusers,
+        extra_ours=extra_ours,
+        extra_diffusers=("compile",) if args.diffusers_compile else (),
+        steps_benchmark=not args.skip_steps,
+        whole_image=args.whole_image,
+        image_size=args.image_size,
+        steps=args.steps,
+        memory=args.memory,
+        json_path=args.json,
+        seed=args.seed,
+    )
+    return run(options)
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="time our MMDiT-X step and whole image against diffusers on the same random weights",
+        description="Side-by-side benchmark on random weights: one CFG step (MMDiT-X forward, batch 2, 77+256 text "
+        "tokens) of ours and of diffusers' SD3Transformer2DModel, after checking both give the same output; "
+        "optionally a whole image (text encoding + sampling + VAE decode) with each pipeline. On CUDA: full "
+        "SD3.5 Medium sizes in bf16 at 512, 1024 and 1440 px; on the CPU: a scaled-down config that runs in "
+        "seconds. Prints a table; --json writes every number.",
+    )
+    b.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument(
+        "--full",
+        dest="full",
+        action="store_true",
+        default=None,
+        help="real SD3.5 Medium sizes (default on CUDA)",
+    )
+    size.add_argument(
+        "--scaled",
+        dest="full",
+        action="store_false",
+        help="a small config of the same architecture (default on CPU)",
+    )
+    b.add_argument(
+        "--sizes", default=None, help="image sides in pixels, e.g. 512,1024,1440 (CPU default 128,256)"
+    )
+    b.add_argument(
+        "--iters", type=int, default=None, help="timed calls per measurement (default 20 CUDA, 3 CPU)"
+    )
+    b.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 CUDA, 1 CPU)")
+    b.add_argument(
+        "--ours",
+        default=None,
+        help="our variants, comma-separated: eager, compile, fp8, cuda_graphs, or combinations like fp8+compile "
+        "(default eager)",
+    )
+    b.add_argument(
+        "--compile", action="store_true", help="add our compiled variant (sd35.accel.compile_blocks)"
+    )
+    b.add_argument("--fp8", action="store_true", help="add our fp8 variant (sd35.accel.fp8)")
+    b.add_argument(
+        "--cuda-graphs", action="store_true", help="add our CUDA-graphs variant (sd35.accel.cuda_graphs)"
+    )
+    b.add_argument(
+        "--diffusers", default=None, help="diffusers variants: eager, compile, or none (default eager)"
+    )
+    b.add_argument(
+        "--diffusers-compile", action="store_true", help="also time torch.compile of diffusers' model"
+    )
+    b.add_argument("--skip-steps", action="store_true", help="leave out the step benchmark")
+    b.add_argument(
+        "--whole-image",
+        action="store_true",
+        help="also time prompt-to-image with each pipeline (all parts random)",
+    )
+    b.add_argument("--image-size", type=int, default=None, help="whole-image side (default 1024; tiny: 128)")
+    b.add_argument("--steps", type=int, default=28, help="whole-image sampling steps (default 28)")
+    b.add_argument(
+        "--memory",
+        default=None,
+        help="whole image: our memory modes to run, e.g. high,balanced,low (if supported)",
+    )
+    b.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="write every number to this JSON file"
+    )
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    b.set_defaults(func=_cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     g.add_argument(
+        "--memory",
+        choices=("high", "balanced", "low"),
+        default="high",
+        help="high: everything on the GPU; balanced: text encoders only on the GPU while encoding; "
+        "low: also stream the transformer's blocks from CPU memory and tile the VAE",
+    )
+    g.add_argument(
+        "--vae-tiling",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode/encode in tiles with whole-image statistics (same result, less memory); "
+        "auto: above 1024x1024 on CUDA and in --memory low",
+    )
+    g.add_argument(
+        "--fp8", action="store_true", help="fp8 (e4m3, scaled) transformer linears; Ada/Hopper GPUs"
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPU)")
+    g.add_argument("--cuda-graphs", action="store_true", help="replay the transformer as CUDA graphs (GPU)")
+    g.add_argument(
         "-o", "--output", type=Path, default=Path("sd35.png"), help="PNG path; never overwritten (numbered)"
     )
     g.add_argument(
@@ -377,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA/LyCORIS/DoRA file (any common format); repeatable; strength default 1.0",
     )
     g.set_defaults(func=_cmd_generate)
+
+    _add_bench_parser(sub)
 
     sub.add_parser(
         "train",

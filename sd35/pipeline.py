@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +47,21 @@ from sd35.loading.components import (
     load_component,
     scan,
 )
+from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
 from sd35.models.clip import CLIPTextConfig
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAE as VAEModel
 from sd35.models.vae import latent_to_model, model_to_latent
+from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
+from sd35.prompt_cache import PromptCache
 from sd35.sampling.guidance import APG, GuidedDenoiser, SkipLayerGuidance
 from sd35.sampling.inpaint import MaskedDenoiser
 from sd35.sampling.samplers import SAMPLER_DISPLAY_NAMES, get_sampler
 from sd35.sampling.schedules import A1111_SCHEDULER_NAMES, get_sigmas, img2img_sigmas
+
+if TYPE_CHECKING:
+    from sd35.accel import GraphedDenoiser
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,18 @@ class HiresFix:
 
 
 SIZE_MULTIPLE = 16  # 8x VAE downsampling times the patch size 2
+VAE_TILING = ("auto", "on", "off")
+# "auto" tiles the VAE above this many pixels on CUDA (or always in the "low" memory mode): at 1024^2 the
+# untiled decode's activations (~2 GB in bf16) are the pipeline's memory peak, and they grow with the area
+AUTO_TILE_PIXELS = 1024 * 1024
+PROMPT_CACHE_SIZE = 32
+
+
+def check_vae_tiling(value: str) -> str:
+    """``value`` if it is one of :data:`VAE_TILING`, else an :class:`SD35Error` naming them."""
+    if value not in VAE_TILING:
+        raise SD35Error(f"unknown vae_tiling {value!r}; choose one of {', '.join(VAE_TILING)}.")
+    return value
 
 
 def default_device() -> torch.device:
@@ -166,7 +185,15 @@ def check_arguments(
 
 
 class SD3Pipeline:
-    """The loaded models plus the procedure that turns a prompt into images."""
+    """The loaded models plus the procedure that turns a prompt into images.
+
+    ``memory`` ("high", "balanced", "low"; see :mod:`sd35.memory`) places the models: the compute device
+    is ``device``, by default the one the MMDiT-X is on. ``vae_tiling`` ("auto", "on", "off") decodes and
+    encodes large images in tiles (:class:`sd35.models.vae_tiling.Tiling`, settable as ``self.tiling``: 1024 px
+    tiles, or 512 px in the "low" memory mode); "auto" tiles above 1024x1024 on CUDA, and always in the
+    "low" memory mode. An image no larger than one tile is never tiled. Prompt embeddings are cached
+    (``prompt_cache_size`` entries, LRU), so a repeated prompt does not run the text encoders again.
+    """
 
     def __init__(
         self,
@@ -175,16 +202,72 @@ class SD3Pipeline:
         text: TextConditioner,
         tokenizer: SD3Tokenizer,
         model_name: str = "sd3.5_medium",
+        *,
+        memory: str = "high",
+        vae_tiling: str = "auto",
+        device: str | torch.device | None = None,
+        prompt_cache_size: int = PROMPT_CACHE_SIZE,
     ):
+        self.memory = check_memory_mode(memory)
+        self.vae_tiling = check_vae_tiling(vae_tiling)
+        self.tiling = LOW_MEMORY_TILING if memory == "low" else Tiling()
         self.mmditx, self.vae, self.text, self.tokenizer = mmditx, vae, text, tokenizer
         self.model_name = model_name
         self.loras: dict[str, float] = {}  # name -> strength, for the PNG parameters
+        self._text_loras: set[str] = set()  # loaded LoRAs that change a text encoder
         self.family = mmditx_family(mmditx.config)
         self.default_shift = 1.0 if self.family == "SD3 Medium" else DEFAULTS.shift  # reference CONFIGS
+        self._device = torch.device(device) if device is not None else mmditx.pos_embed.device
+        self.plan: MemoryPlan | None = None
+        if memory != "high" or device is not None:
+            self.plan = apply_memory_mode(
+                memory, self._device, mmditx, vae, [text.clip_l, text.clip_g, text.t5]
+            )
+        # high mode keeps embeddings where they are made (no copy per image); the others keep device memory free
+        self.prompt_cache = PromptCache(prompt_cache_size, device=None if memory == "high" else "cpu")
+        self.runner: torch.nn.Module | GraphedDenoiser = mmditx  # what sampling calls; see accelerate()
+        self.accelerations: list[str] = []
 
     @property
     def device(self) -> torch.device:
-        return self.mmditx.pos_embed.device
+        """The compute device."""
+        return self._device
+
+    def vae_tiling_for(self, width: int, height: int) -> Tiling | None:
+        """The tiling the VAE uses for a ``width`` x ``height`` image under ``vae_tiling``, or None (untiled)."""
+        if self.vae_tiling == "off":
+            return None
+        if self.vae_tiling == "on" or self.memory == "low":
+            return self.tiling
+        big = self.device.type == "cuda" and width * height > AUTO_TILE_PIXELS
+        return self.tiling if big else None
+
+    def accelerate(self, *, fp8: bool = False, compile: bool = False, cuda_graphs: bool = False) -> list[str]:
+        """Switch on the GPU fast paths of :mod:`sd35.accel`, in the only order that composes.
+
+        ``fp8``: e4m3 weights with per-tensor scales in the joint blocks' big linears, run by
+        ``torch._scaled_mm`` (needs compute capability 8.9+). ``compile``: ``torch.compile`` per joint block
+        (three graph variants, so compiling takes seconds, not minutes). ``cuda_graphs``: one captured graph
+        per (size, batch, skip layers), replayed so small images are not launch-bound. Streaming blocks
+        (``memory="low"``) installs hooks on every block, which neither compiling nor graphs can capture.
+        """
+        from sd35.accel import GraphedDenoiser, compile_blocks, quantize_model_fp8
+
+        if (compile or cuda_graphs) and self.memory == "low":
+            raise SD35Error(
+                "--compile and --cuda-graphs do not work with --memory low (its block streaming runs hooks "
+                "around every block); use --memory balanced or high."
+            )
+        if fp8 and "fp8" not in self.accelerations:
+            quantize_model_fp8(self.mmditx)
+            self.accelerations.append("fp8")
+        if compile and "compile" not in self.accelerations:
+            compile_blocks(self.mmditx, dynamic=False)
+            self.accelerations.append("compile")
+        if cuda_graphs and "cuda_graphs" not in self.accelerations:
+            self.runner = GraphedDenoiser(self.mmditx)
+            self.accelerations.append("cuda_graphs")
+        return list(self.accelerations)
 
     def encode_prompt(
         self,
@@ -197,8 +280,10 @@ class SD3Pipeline:
 
         ``weighting`` applies ``(word:1.2)`` emphasis ("comfy" or "a1111"; "none" = the reference, which
         parses and ignores it); ``long_clip`` encodes CLIP prompts past 75 tokens in chunks.
+        Results are cached by (prompts, t5_max_tokens, weighting, long_clip); see :mod:`sd35.prompt_cache`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # always tokenized (it is cheap), so that truncation warnings come again on a cache hit
         tokens = self.tokenizer(
             prompts, t5_max_tokens=t5_max_tokens, weighting=weighting, long_clip=long_clip
         )
@@ -217,7 +302,21 @@ class SD3Pipeline:
                     SD35Warning,
                     stacklevel=2,
                 )
-        return self.text(tokens)
+        key = (tuple(prompts), t5_max_tokens, weighting, long_clip)
+        cached = self.prompt_cache.get(key, self.device)
+        if cached is not None:
+            return cached
+        if self.plan is not None:
+            with self.plan.text_on_device():
+                result = self.text(tokens)
+        else:
+            result = self.text(tokens)
+        self.prompt_cache.put(key, result)
+        return result
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings (call this after changing a text encoder's weights by hand)."""
+        self.prompt_cache.clear()
 
     def _sample(
         self,
@@ -235,7 +334,7 @@ class SD3Pipeline:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
         denoiser = GuidedDenoiser(
-            self.mmditx, cond, uncond, settings.cfg, settings.slg, sigmas, apg=settings.apg
+            self.runner, cond, uncond, settings.cfg, settings.slg, sigmas, apg=settings.apg
         )
         # txt2img starts from pure noise; img2img from the flow forward process (REFERENCE.md 2.7)
         x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
@@ -247,10 +346,11 @@ class SD3Pipeline:
     def _encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """Model-space latent of an image (the VAE mean: deterministic, unlike the reference's sample)."""
         pixels = image_to_tensor(image, width, height).to(self.device)
-        return latent_to_model(self.vae.encode(pixels).float())
+        return latent_to_model(self.vae.encode(pixels, tiling=self.vae_tiling_for(width, height)).float())
 
     def _decode(self, latent: torch.Tensor) -> Image.Image:
-        return tensor_to_image(self.vae.decode(model_to_latent(latent.float())))
+        tiling = self.vae_tiling_for(latent.shape[-1] * 8, latent.shape[-2] * 8)
+        return tensor_to_image(self.vae.decode(model_to_latent(latent.float()), tiling=tiling))
 
     @torch.no_grad()
     def generate(
@@ -475,17 +575,27 @@ class SD3Pipeline:
         """
         from sd35.lora import load_lora
 
+        if self.plan is not None:
+            self.plan.synchronize()  # no asynchronous copy may still read the weights about to change
         report = load_lora(self._lora_models(), path, strength=strength, mode=mode, name=name)
         self.loras[report.name] = report.strength
+        if any(component != "mmditx" for component in report.layers):
+            self._text_loras.add(report.name)
+            self.prompt_cache.clear()  # the text encoders now give other embeddings
         return report
 
     def unload_lora(self, name: str | None = None) -> list[str]:
         """Take LoRA ``name`` (all if None) off again; the weights come back bit for bit."""
         from sd35.lora import unload_lora
 
+        if self.plan is not None:
+            self.plan.synchronize()
         removed = unload_lora(self._lora_models(), name)
         for n in removed:
             self.loras.pop(n, None)
+        if self._text_loras.intersection(removed):
+            self._text_loras.difference_update(removed)
+            self.prompt_cache.clear()
         return removed
 
 
@@ -529,12 +639,19 @@ def load_pipeline(
     tokenizers: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    memory: str = "high",
+    vae_tiling: str = "auto",
 ) -> SD3Pipeline:
     """Load a pipeline from a single file or diffusers folder, plus text-encoder files or a folder of them.
 
     Text encoders given in ``text_encoders`` take precedence over any embedded in ``model``. Tokenizer
     files come from ``tokenizers``, else from ``tokenizer*/`` sub-folders of ``model`` or ``text_encoders``.
+    ``memory`` ("high", "balanced", "low") and ``vae_tiling`` ("auto", "on", "off"): see :class:`SD3Pipeline`
+    and :mod:`sd35.memory`. Weights that a mode keeps off the device are loaded into CPU memory directly,
+    never onto the device first.
     """
+    check_memory_mode(memory)
+    check_vae_tiling(vae_tiling)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     model = Path(model)
@@ -563,13 +680,16 @@ def load_pipeline(
             stacklevel=2,
         )
 
-    mmditx = load_component(parts[MMDITX], dtype, device)
+    text_device = device if memory == "high" else torch.device("cpu")
+    mmditx = load_component(parts[MMDITX], dtype, torch.device("cpu") if memory == "low" else device)
     vae = load_component(parts[VAE], dtype, device)
     text = TextConditioner(
-        load_component(parts[CLIP_L], dtype, device),
-        load_component(parts[CLIP_G], dtype, device),
-        load_component(parts[T5XXL], dtype, device) if T5XXL in parts else None,
+        load_component(parts[CLIP_L], dtype, text_device),
+        load_component(parts[CLIP_G], dtype, text_device),
+        load_component(parts[T5XXL], dtype, text_device) if T5XXL in parts else None,
         context_dim=mmditx.config.context_dim,
     )
     name = model.stem if model.is_file() else model.name
-    return SD3Pipeline(mmditx, vae, text, tokenizer, model_name=name)
+    return SD3Pipeline(
+        mmditx, vae, text, tokenizer, model_name=name, memory=memory, vae_tiling=vae_tiling, device=device
+    )

@@ -175,12 +175,32 @@ def test_generate_never_overwrites(capsys, tiny, tmp_path):
         (["--steps", "0"], "steps must be a positive integer"),
         (["--slg-start", "0.5", "--slg-end", "0.1"], "start"),
         (["--slg-layers", "seven"], "--slg-layers"),
+        (["--device", "cpu", "--fp8"], "--fp8 need a CUDA GPU"),
+        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs need a CUDA GPU"),
+        (["--memory", "low", "--compile"], "--memory low"),
     ],
 )
 def test_generate_bad_arguments_exit_2(capsys, tiny, tmp_path, extra, says):
     code, _, err = _gen(capsys, tiny, tmp_path / "x.png", *extra)
     assert code == 2 and err.startswith("sd35: error: ") and says in err
     assert not list(tmp_path.iterdir())
+
+
+def test_memory_modes_and_vae_tiling_give_the_same_image(capsys, tiny, tmp_path):
+    images = []
+    for i, extra in enumerate(
+        (
+            [],
+            ["--memory", "balanced", "--vae-tiling", "on"],
+            ["--memory", "low"],
+        )
+    ):
+        out = tmp_path / f"m{i}.png"
+        code, _, err = _gen(capsys, tiny, out, "--device", "cpu", *extra)
+        assert code == 0, err
+        images.append(np.asarray(Image.open(out), dtype=np.int16))
+    for other in images[1:]:
+        assert np.abs(other - images[0]).max() <= 1
 
 
 def test_generate_missing_parts_exit_2(capsys, tiny, tmp_path):

@@ -219,3 +219,129 @@ def test_ancestral_batch_image_i_equals_seed_plus_i(tiny_pipe):
     )
     single = tiny_pipe.generate(PROMPT, width=32, height=32, steps=3, seed=21, sampler="euler_ancestral")
     assert np.array_equal(np.asarray(batch[1]), np.asarray(single[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt-embedding cache
+
+
+class _EncoderCalls:
+    """Counts forward calls of the text encoders."""
+
+    def __init__(self, pipe):
+        self.n = 0
+        encoders = [pipe.text.clip_l, pipe.text.clip_g, pipe.text.t5]
+        self.handles = [m.register_forward_hook(self._count) for m in encoders if m is not None]
+
+    def _count(self, *args):
+        self.n += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture
+def fresh(root):
+    return load_pipeline(root, device="cpu")
+
+
+def test_repeated_prompt_does_not_run_the_encoders(fresh):
+    with _EncoderCalls(fresh) as calls:
+        ctx, pooled = fresh.encode_prompt([PROMPT, ""])
+        first = calls.n
+        assert first >= 3
+        again_ctx, again_pooled = fresh.encode_prompt([PROMPT, ""])
+        assert calls.n == first  # answered from the cache
+        assert torch.equal(again_ctx, ctx) and torch.equal(again_pooled, pooled)
+        again_ctx.add_(1.0)  # a caller's in-place edit does not reach the cache
+        assert torch.equal(fresh.encode_prompt([PROMPT, ""])[0], ctx)
+        for kw in ({"t5_max_tokens": 77}, {"weighting": "comfy"}, {"long_clip": True}):
+            n = calls.n
+            fresh.encode_prompt([PROMPT, ""], **kw)  # another key: encoded
+            assert calls.n > n
+        n = calls.n
+        fresh.encode_prompt(PROMPT)  # a batch of one is another call than a batch of two
+        assert calls.n > n
+        n = calls.n
+        fresh.generate(PROMPT, width=32, height=32, steps=1, seed=1)
+        fresh.generate(PROMPT, width=32, height=32, steps=1, seed=2)
+        assert calls.n == n  # generate asks for [prompt, ""], cached above
+    assert fresh.prompt_cache.hits >= 4
+
+
+def test_prompt_cache_is_a_bounded_lru(fresh):
+    fresh.prompt_cache.size = 2
+    for p in ("a", "b", "a", "c"):  # "a" used again, so "b" is the least recently used
+        fresh.encode_prompt(p)
+    keys = [k[0] for k in fresh.prompt_cache._entries]
+    assert keys == [("a",), ("c",)]
+
+
+def test_cache_hit_repeats_truncation_warnings(fresh):
+    long_prompt = " ".join(["red cube"] * 60)
+    for _ in range(2):
+        with pytest.warns(SD35Warning, match="CLIP reads only the first 75 tokens"):
+            fresh.encode_prompt(long_prompt)
+
+
+def test_text_encoder_lora_clears_the_cache(fresh, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "lora"))
+    from lora_helpers import mixed_lora
+
+    from sd35.lora import save_lora
+
+    models = {
+        "mmditx": fresh.mmditx,
+        "clip_l": fresh.text.clip_l,
+        "clip_g": fresh.text.clip_g,
+        "t5": fresh.text.t5,
+    }
+    sd = mixed_lora(models)
+    both = save_lora(tmp_path / "both.safetensors", sd)
+    dit_only = save_lora(
+        tmp_path / "dit.safetensors", {k: v for k, v in sd.items() if not k.startswith("lora_te")}
+    )
+    with _EncoderCalls(fresh) as calls:
+        base = fresh.encode_prompt(PROMPT)
+        n = calls.n
+        fresh.load_lora(dit_only)  # the MMDiT-X only: embeddings unchanged, the cache stays
+        assert torch.equal(fresh.encode_prompt(PROMPT)[0], base[0]) and calls.n == n
+        fresh.load_lora(both, strength=0.5)
+        changed = fresh.encode_prompt(PROMPT)
+        assert calls.n > n and not torch.allclose(changed[0], base[0])
+        n = calls.n
+        fresh.unload_lora("dit")
+        assert calls.n == n and torch.equal(fresh.encode_prompt(PROMPT)[0], changed[0])  # still cached
+        fresh.unload_lora("both")
+        restored = fresh.encode_prompt(PROMPT)
+        assert calls.n > n and torch.equal(restored[0], base[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE tiling option
+
+
+def test_vae_tiling_option(root, fresh):
+    from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
+
+    assert fresh.vae_tiling == "auto" and fresh.vae_tiling_for(4096, 4096) is None  # auto tiles on CUDA only
+    off = load_pipeline(root, device="cpu", vae_tiling="off")
+    on = load_pipeline(root, device="cpu", vae_tiling="on")
+    low = load_pipeline(root, device="cpu", memory="low")
+    assert off.vae_tiling_for(4096, 4096) is None
+    assert on.vae_tiling_for(64, 64) == Tiling()
+    assert low.vae_tiling_for(64, 64) == LOW_MEMORY_TILING  # "auto" always tiles in the low memory mode
+    ref = off.generate(PROMPT, width=64, height=48, steps=2, seed=4)[0]
+    on.tiling = Tiling(2)  # 16 px tiles: the 64x48 image is decoded in 4x3 tiles
+    tiled = on.generate(PROMPT, width=64, height=48, steps=2, seed=4)[0]
+    diff = np.abs(np.asarray(tiled, np.int16) - np.asarray(ref, np.int16))
+    assert diff.max() <= 1  # exact tiling: the same image up to float rounding
+    with pytest.raises(SD35Error, match="auto, on, off"):
+        load_pipeline(root, device="cpu", vae_tiling="yes")

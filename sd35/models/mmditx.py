@@ -6,6 +6,12 @@ Stability-AI/sd3.5 ``mmditx.py`` as summarised in ``shared/spec/REFERENCE.md`` s
 
 Every size is read from the weights (:meth:`MMDiTXConfig.from_state_dict`): SD3 Medium, SD3.5
 Medium and SD3.5 Large files all load with the same code.
+
+Inference computes every adaLN modulation in one matmul per forward (:mod:`sd35.accel.modulation`;
+the same numbers as the block-by-block reading of the reference, up to float summation order; switch it
+off with ``model.fused_modulation = False``). Attention keeps q, k, v token-major, as views of the fused
+qkv output: the layout with the fewest copies (see :func:`attention`). The opt-in accelerations
+(compile, CUDA graphs, fp8) are in :mod:`sd35.accel`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from sd35.accel.modulation import FusedLinears
 from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
@@ -128,7 +135,15 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked multi-head attention on (B, L, H, Dh) tensors, returning (B, L, H*Dh)."""
+    """Unmasked multi-head attention on token-major (B, L, H, Dh) tensors, returning (B, L, H*Dh).
+
+    The (B, H, L, Dh) views handed to ``scaled_dot_product_attention`` are transposes, not copies: its
+    kernels (CPU flash, CUDA flash and cuDNN) take any strides with a unit last stride and write the
+    output in q's memory layout, so the output comes back token-major and the final reshape is a view.
+    Laying q, k, v out head-major instead (one permute of the qkv output) was measured to cost copies,
+    not save them: the RMS norm then makes each strided q and k contiguous, and the head-major output
+    needs a copy to become tokens again (5 extra copies per joint attention, same speed on the CPU).
+    """
     b, n, h, d = q.shape
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).reshape(b, n, h * d)
@@ -193,6 +208,7 @@ class SelfAttention(nn.Module):
             self.proj = nn.Linear(dim, dim)
 
     def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the tokens ``x`` (B, L, D), each (B, L, H, Dh) (views of the one qkv output), q and k normalised."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).unbind(2)
         return self.ln_q(q), self.ln_k(k), v
@@ -230,7 +246,7 @@ class DismantledBlock(nn.Module):
         super().__init__()
         self.pre_only = pre_only
         self.has_attn2 = attn2
-        n_mod = 2 if pre_only else (9 if attn2 else 6)
+        self.n_mod = n_mod = 2 if pre_only else (9 if attn2 else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim))
         self.attn = SelfAttention(dim, heads, qk_norm, pre_only)
         if attn2:
@@ -262,11 +278,18 @@ class JointBlock(nn.Module):
         )
 
     def forward(
-        self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor
+        self,
+        context: torch.Tensor,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        mods: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``mods``: the (context, image) adaLN outputs already computed from ``c`` (the fused path), or None."""
         cb, xb = self.context_block, self.x_block
-        c_mods = cb.adaLN_modulation(c).chunk(2 if cb.pre_only else 6, dim=1)
-        x_mods = xb.adaLN_modulation(c).chunk(9 if xb.has_attn2 else 6, dim=1)
+        if mods is None:
+            mods = cb.adaLN_modulation(c), xb.adaLN_modulation(c)
+        c_mods = mods[0].chunk(cb.n_mod, dim=1)
+        x_mods = mods[1].chunk(xb.n_mod, dim=1)
 
         cq, ck, cv = cb.attn.pre_attention(modulate(layer_norm(context), c_mods[0], c_mods[1]))
         x_norm = layer_norm(x)
@@ -291,8 +314,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:
+        """``mod``: the adaLN output already computed from ``c`` (the fused path), or None."""
+        shift, scale = (self.adaLN_modulation(c) if mod is None else mod).chunk(2, dim=1)
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
@@ -302,6 +326,11 @@ class MMDiTX(nn.Module):
     x: latents (B, C, H, W) with even H, W; t: sigma * 1000, shape (B,); y: pooled text (B, pooled_dim);
     context: text tokens (B, L, context_dim). Returns (B, C, H, W) in x's dtype.
     ``skip_layers`` bypasses whole joint blocks (Skip Layer Guidance, mmditx.py 874-877).
+
+    ``fused_modulation`` (default True) computes every adaLN modulation in one matmul where that is
+    exact and safe (see :class:`sd35.accel.modulation.FusedLinears`: inference or frozen adaLN weights,
+    plain linears without hooks or runtime LoRAs, all on one device); it costs a second copy of the adaLN
+    weights (about 0.77 B parameters for SD3.5 Medium). Set it False to keep the block-by-block reading.
     """
 
     def __init__(self, config: MMDiTXConfig):
@@ -316,6 +345,9 @@ class MMDiTX(nn.Module):
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(dim, cfg.patch_size**2 * cfg.out_channels)
         self.gradient_checkpointing = False  # recompute each joint block in the backward pass (training)
+        self.fused_modulation = True  # all adaLN linears as one matmul, where exact (see the class doc)
+        # the cache behind it: a plain attribute, never in the state dict
+        self._adaln = FusedLinears(self.modulation_paths(), self.modulation_paths(".0"))
 
     @classmethod
     def from_state_dict(
@@ -335,6 +367,35 @@ class MMDiTX(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.context_embedder.weight.dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving or casting the model drops the fused-adaLN cache (it would otherwise stay behind on the old device)."""
+        self._adaln.clear()
+        return super()._apply(fn, recurse)
+
+    def modulation_paths(self, layer: str = ".1") -> list[str]:
+        """Module names of every adaLN linear (``layer=".0"``: their SiLUs), in the order of :meth:`modulations`:
+        per block (context, image), then the final layer's."""
+        streams = [
+            f"joint_blocks.{i}.{s}.adaLN_modulation"
+            for i in range(self.config.depth)
+            for s in ("context_block", "x_block")
+        ]
+        return [p + layer for p in (*streams, "final_layer.adaLN_modulation")]
+
+    def modulation_layers(self) -> list[nn.Module]:
+        """The modules at :meth:`modulation_paths`."""
+        return [self.get_submodule(p) for p in self.modulation_paths()]
+
+    def modulations(self, c: torch.Tensor) -> list[torch.Tensor] | None:
+        """All adaLN outputs from one ``silu(c) @ W_all.T + b_all``, or None where the fused path does not apply.
+
+        One entry per :meth:`modulation_paths` layer, each (B, n_mod * hidden): the same numbers as the
+        per-block ``adaLN_modulation(c)`` calls (same dot products, one bigger matmul).
+        """
+        if not self.fused_modulation:
+            return None
+        return self._adaln(self, c, F.silu)
 
     def check_latent_size(self, height: int, width: int) -> None:
         cfg = self.config
@@ -396,12 +457,14 @@ class MMDiTX(nn.Module):
         tokens = self.x_embedder(x.to(self.dtype)) + self.cropped_pos_embed(h, w, pos_offset)
         c = self.conditioning(t, y)
         ctx = self.context_embedder(context.to(self.dtype))
+        mods = self.modulations(c)
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
+            m = None if mods is None else (mods[2 * i], mods[2 * i + 1])
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                ctx, tokens = torch.utils.checkpoint.checkpoint(block, ctx, tokens, c, use_reentrant=False)
+                ctx, tokens = torch.utils.checkpoint.checkpoint(block, ctx, tokens, c, m, use_reentrant=False)
             else:
-                ctx, tokens = block(ctx, tokens, c)
-        out = self.final_layer(tokens, c)
+                ctx, tokens = block(ctx, tokens, c, m)
+        out = self.final_layer(tokens, c, None if mods is None else mods[-1])
         return self.unpatchify(out, h, w).to(out_dtype)

@@ -8,6 +8,9 @@ the encoder) builds just that half.
 
 ``encode`` and ``decode`` work on RAW latents. The diffusion model sees latents through
 :func:`latent_to_model` / :func:`model_to_latent`.
+
+``encode`` and ``decode`` take a :class:`~sd35.models.vae_tiling.Tiling` to process large images in
+tiles, with a bounded activation memory (see :mod:`sd35.models.vae_tiling`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.vae_tiling import Tiling, decode_tiled, encode_tiled
 
 PREFIX = "first_stage_model."
 
@@ -389,12 +393,17 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, image: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self,
+        image: torch.Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tiling: Tiling | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], (B, C, H, W) -> RAW latents (B, z, H/f, W/f), in the module's dtype.
 
         Returns the posterior mean, or with ``sample=True`` ``mean + exp(0.5*clamp(logvar, -30, 20)) * noise``
         (REF sd3_impls.py SDVAE.encode); the noise is drawn in float32 with ``generator`` on its device.
+        With ``tiling`` the encoder runs in tiles (see :mod:`sd35.models.vae_tiling`).
         """
         if self.encoder is None:
             raise CheckpointError(
@@ -412,7 +421,8 @@ class VAE(nn.Module):
             raise SD35Error(
                 f"Image size {w}x{h} is not a multiple of {f} (the VAE's downscale); resize or crop it."
             )
-        moments = self.encoder(image.to(device=self.device, dtype=self.dtype))
+        image = image.to(device=self.device, dtype=self.dtype)
+        moments = self.encoder(image) if tiling is None else encode_tiled(self.encoder, image, tiling, f)
         mean, logvar = moments.chunk(2, dim=1)
         if not sample:
             return mean
@@ -422,8 +432,11 @@ class VAE(nn.Module):
         return mean + std * noise.to(device=mean.device, dtype=mean.dtype)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """RAW latents (B, z, h, w) -> images (B, out, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+    def decode(self, z: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+        """RAW latents (B, z, h, w) -> images (B, out, h*f, w*f), nominally in [-1, 1] (not clamped).
+
+        With ``tiling`` the decoder runs in tiles (see :mod:`sd35.models.vae_tiling`).
+        """
         if self.decoder is None:
             raise CheckpointError(
                 "This VAE holds only the encoder, so it cannot decode latents. Use a VAE file with the decoder."
@@ -432,4 +445,7 @@ class VAE(nn.Module):
             raise SD35Error(
                 f"VAE decode expects latents shaped (B, {self.config.z_channels}, h, w); got {list(z.shape)}."
             )
-        return self.decoder(z.to(device=self.device, dtype=self.dtype))
+        z = z.to(device=self.device, dtype=self.dtype)
+        if tiling is None:
+            return self.decoder(z)
+        return decode_tiled(self.decoder, z, tiling, self.config.downscale)
