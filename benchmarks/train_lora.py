@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sd35.lora import add_lora
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, sd35_medium_config
 from sd35.testing.random_weights import random_state_dict
 from sd35.train.loss import flow_loss
 
@@ -39,19 +39,7 @@ OUR_TARGETS = ("attn.qkv", "attn.proj")
 
 def config(full: bool) -> MMDiTXConfig:
     if full:
-        return MMDiTXConfig(
-            hidden_size=1536,
-            depth=24,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            pos_embed_max_size=384,
-            pooled_dim=2048,
-            context_dim=4096,
-            mlp_hidden=6144,
-            qk_norm=True,
-            attn2_layers=tuple(range(13)),
-        )
+        return sd35_medium_config()
     return MMDiTXConfig(
         hidden_size=256,
         depth=6,

@@ -48,7 +48,7 @@ from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, sd35_medium_config
 from sd35.models.t5 import T5Config, T5Encoder
 from sd35.models.vae import VAE, VAEConfig
 
@@ -101,20 +101,8 @@ class Unavailable(Exception):
 
 
 def full_config() -> MMDiTXConfig:
-    """SD3.5 Medium's MMDiT-X: 24 blocks of 1536, attn2 in blocks 0-12, qk-norm, a 384x384 position grid."""
-    return MMDiTXConfig(
-        hidden_size=1536,
-        depth=24,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=384,
-        pooled_dim=2048,
-        context_dim=4096,
-        mlp_hidden=6144,
-        qk_norm=True,
-        attn2_layers=tuple(range(13)),
-    )
+    """SD3.5 Medium's MMDiT-X at its real size."""
+    return sd35_medium_config()
 
 
 def scaled_config() -> MMDiTXConfig:

@@ -31,7 +31,7 @@ from sd35.memory import (
     stream_plan,
 )
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.mmditx import MMDiTX, sd35_medium_config
 from sd35.models.t5 import T5Config, T5Encoder
 from sd35.models.vae import VAE, VAEConfig
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
@@ -41,13 +41,13 @@ from sd35.testing import tiny_weights
 sys.path.insert(0, str(Path(__file__).parent / "lora"))
 from lora_helpers import assert_same, mixed_lora, snapshot  # noqa: E402
 
+from sd35.testing import torch_threads
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _inside(t: torch.Tensor, buf: torch.Tensor) -> bool:
@@ -369,19 +369,7 @@ def test_load_pipeline_validates_modes(tiny):
 
 def test_documented_parameter_counts():
     """The counts the sd35.memory table is derived from, recomputed from SD3.5 Medium's shapes."""
-    cfg = MMDiTXConfig(
-        hidden_size=1536,
-        depth=24,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=384,
-        pooled_dim=2048,
-        context_dim=4096,
-        mlp_hidden=6144,
-        qk_norm=True,
-        attn2_layers=tuple(range(13)),
-    )
+    cfg = sd35_medium_config()
     with torch.device("meta"):
         models = {
             "mmditx": MMDiTX(cfg),

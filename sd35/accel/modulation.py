@@ -265,4 +265,3 @@ def refresh(model: nn.Module) -> bool:
 
 
 __all__ = ["FusedLinears", "has_hooks", "hook_dicts", "refresh"]
-

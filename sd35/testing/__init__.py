@@ -17,6 +17,8 @@ random (see :mod:`sd35.testing.random_weights`), so no mapping error can hide.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,3 +340,15 @@ def write_tiny_set(folder: str | Path, seed: int = 0) -> dict[str, Path]:
         "text_encoders": write_text_encoders(folder / "text_encoders", w)[0].parent,
         "diffusers": write_diffusers(folder / "diffusers", w),
     }
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch on ``n`` intra-op threads inside the block. Tests of tiny models use 1: they gain nothing from
+    threads, and spinning threads crawl on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

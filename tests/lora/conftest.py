@@ -1,17 +1,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from lora_helpers import make_models
+
+from sd35.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """The tiny models gain nothing from threads, and busy-waiting threads slow them badly on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from test_mmditx import CONFIGS, _inputs, _pair, _rel_err
 from sd35.lora import load_lora, unload_lora
 from sd35.lora.layers import LoRA, Patch, attach, detach
 from sd35.models.mmditx import MMDiTX, attention
-from sd35.testing import tiny_configs
+from sd35.testing import tiny_configs, torch_threads
 from sd35.testing.random_weights import random_state_dict
 
 EXACT = 1e-6  # the fused matmul computes the same dot products; only summation order may differ
@@ -25,10 +25,8 @@ EXACT = 1e-6  # the fused matmul computes the same dot products; only summation 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _model(name: str = "sd35m-like", dtype: torch.dtype | None = None, seed: int = 0) -> MMDiTX:

@@ -32,16 +32,14 @@ import torch.nn.functional as F
 from sd35.errors import SD35Error
 from sd35.models.vae import VAE
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling, _ramp_weights, group_norm, run_blended
-from sd35.testing import tiny_configs
+from sd35.testing import tiny_configs, torch_threads
 from sd35.testing.random_weights import random_state_dict
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

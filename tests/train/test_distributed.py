@@ -17,6 +17,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+from sd35.testing import torch_threads
 from sd35.train.cli import main_train
 
 pytestmark = pytest.mark.skipif(
@@ -26,11 +27,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

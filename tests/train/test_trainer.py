@@ -16,6 +16,7 @@ from PIL import Image
 from sd35.errors import SD35Error
 from sd35.models.mmditx import MMDiTX
 from sd35.pipeline import load_pipeline
+from sd35.testing import torch_threads
 from sd35.train.checkpoint import list_checkpoints
 from sd35.train.cli import main_train
 from sd35.train.config import TrainConfig, parse_config
@@ -25,11 +26,8 @@ from sd35.train.trainer import train
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
