@@ -61,6 +61,7 @@ IMAGE_SEED = 1234
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL_SIZES = (512, 1024, 1440)
+PAIRED_ROUNDS = 9  # CPU only: alternating blocks of ours / diffusers eager (see time_paired)
 SCALED_SIZES = (128, 256)
 OUR_VARIANTS = ("eager", "compile", "fp8", "cuda_graphs")
 DIFFUSERS_VARIANTS = ("eager", "compile")
@@ -522,6 +523,40 @@ def time_calls(
     return stats, out
 
 
+def time_paired(
+    calls: dict[str, Callable[[], torch.Tensor]], rounds: int, block: int
+) -> dict[str, dict[str, float]]:
+    """Time several callables in alternating blocks: ``rounds`` times, each runs ``block`` calls in a row (after
+    one untimed call), in a rotating order; per callable, the median over rounds of each block's median, in ms.
+
+    On a shared CPU the speed drifts by 10% or more within seconds, so timing one model after the other
+    compares two different machines; alternating makes the drift hit every callable alike, while each block
+    still measures back-to-back calls (the steady state of a sampling loop).
+    """
+    names = list(calls)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = calls[name]
+            fn()
+            times = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000.0)
+            per_round[name].append(statistics.median(times))
+    return {
+        n: {
+            "median_ms": statistics.median(v),
+            "min_ms": min(v),
+            "max_ms": max(v),
+            "rounds": rounds,
+            "block": block,
+        }
+        for n, v in per_round.items()
+    }
+
+
 # --- fast paths ---------------------------------------------------------------------------------------
 
 
@@ -655,6 +690,7 @@ class Report:
             "accelerations": {},
             "equivalence": [],
             "steps": [],
+            "paired": [],
             "whole_image": None,
             "anchors": ANCHORS,
         }
@@ -694,6 +730,20 @@ def _equivalence(
         return ref_ours, {}, None
     _log("building diffusers' SD3Transformer2DModel from the same weights")
     theirs = diffusers_transformer(ours)
+    if opts.device.type == "cpu":  # no peak memory to isolate on the CPU: time both side by side
+        for s in opts.sizes:
+            _log(f"timing ours and diffusers eager alternately at {s}px")
+            paired = time_paired(
+                {
+                    "ours": lambda s=s, model=ours: model(*inputs[s].args),
+                    "diffusers": lambda s=s: call_diffusers(theirs, inputs[s]),
+                },
+                rounds=PAIRED_ROUNDS,
+                block=max(1, opts.iters // 3),
+            )
+            report.add(
+                "paired", {"size": s, **{f"{k}_{m}": v for k, r in paired.items() for m, v in r.items()}}
+            )
     del ours
     free_memory(opts.device)
     ref_theirs = {}
@@ -1093,6 +1143,12 @@ def step_table(data: dict) -> str:
     )
     failed = [r for r in data["equivalence"] if not r["ok"]]
     notes = _notes(steps, lambda r: f"{r['engine']} {r['variant']}")
+    for r in data.get("paired", []):
+        notes.append(
+            f"alternating blocks at {r['size']}px (ours / diffusers eager, median of {r['ours_rounds']} blocks of "
+            f"{r['ours_block']}): {r['ours_median_ms']:.1f} / {r['diffusers_median_ms']:.1f} ms, "
+            f"speed-up {r['diffusers_median_ms'] / r['ours_median_ms']:.2f}x"
+        )
     notes += [f"EQUIVALENCE FAILED at {r['size']}px: relative L2 {r['rel_l2_diff']:.2e}" for r in failed]
     return "\n".join([title, _columns(rows, left=2), *notes])
 

@@ -27,7 +27,7 @@ GB = 1e9 bytes; the CUDA context (~0.5 GB) and allocator slack come on top:
 =========  ==========================  =======================  ===========  ===========
 mode       resident between images     encoding a new prompt    sampling     VAE decode
 =========  ==========================  =======================  ===========  ===========
-high       16.3 (+1.5 fused adaLN)     16.4 (+1.5)              16.6 (+1.5)  18.3 (+1.5)
+high       16.3 (+1.5 fused adaLN)     16.4 (+1.5)              16.6 (+1.5)  18.3
 balanced   5.1 (MMDiT-X 4.94, VAE)     7.9 (+CLIPs 1.64, T5     5.4          7.1 (untiled
                                        rest 0.26 + 2 layers)                 up to 1024^2)
 low        0.66 (MMDiT-X rest 0.49,    2.0 (+ rests 0.47,       1.4 (+2      1.2 (tiled)
@@ -35,7 +35,8 @@ low        0.66 (MMDiT-X rest 0.49,    2.0 (+ rests 0.47,       1.4 (+2      1.2
 =========  ==========================  =======================  ===========  ===========
 
 "+1.5 fused adaLN": where present, :mod:`sd35.accel.modulation` keeps a stacked copy of the 0.77 B adaLN weights on the
-device; balanced and low switch that off. Offloaded weights sit in page-locked host memory, so that
+device while sampling (the pipeline frees it before the VAE decode, unless CUDA graphs hold it); balanced
+and low switch it off. Offloaded weights sit in page-locked host memory, so that
 copies run asynchronously: ~11.2 GB of CPU RAM in balanced, ~15.6 GB in low (a few % more for arenas).
 Speed, derived: low moves the 4.45 GB of joint blocks over PCIe on every MMDiT-X forward (~0.18 s at
 25 GB/s) while their compute at 1024^2 takes ~0.07 s on an H100, so sampling is transfer-bound there,

@@ -349,6 +349,8 @@ class SD3Pipeline:
         return latent_to_model(self.vae.encode(pixels, tiling=self.vae_tiling_for(width, height)).float())
 
     def _decode(self, latent: torch.Tensor) -> Image.Image:
+        if self.device.type == "cuda" and "cuda_graphs" not in self.accelerations:
+            self.mmditx.release_caches()  # its fused-adaLN copy would add to the decode's peak; graphs keep it
         tiling = self.vae_tiling_for(latent.shape[-1] * 8, latent.shape[-2] * 8)
         return tensor_to_image(self.vae.decode(model_to_latent(latent.float()), tiling=tiling))
 

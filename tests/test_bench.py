@@ -48,6 +48,10 @@ def test_cpu_step_smoke_writes_json_and_matches_diffusers(capsys, tmp_path):
         assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert rows[("ours", "eager")]["rel_l2_diff_vs_diffusers"] < 1e-5
     assert rows[("ours", "cuda_graphs")]["status"] == "unavailable: needs CUDA"
+    (paired,) = data["paired"]  # on the CPU both models are also timed in alternating blocks
+    assert paired["size"] == 64 and paired["ours_rounds"] == paired["diffusers_rounds"] > 1
+    assert 0 < paired["ours_min_ms"] <= paired["ours_median_ms"] <= paired["ours_max_ms"]
+    assert paired["diffusers_median_ms"] > 0 and "alternating blocks at 64px" in stdout
 
     assert "ours ms (p10-p90)" in stdout and "speed-up" in stdout
     assert "cuda_graphs" in stdout and "needs CUDA" in stdout

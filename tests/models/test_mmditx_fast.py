@@ -233,6 +233,17 @@ def test_moves_and_casts_drop_the_cache():
         assert _rel_err(out, _plain(model, x.double(), t, y.double(), ctx.double())) <= EXACT
 
 
+def test_release_caches_frees_the_copy_and_the_next_forward_rebuilds_it():
+    model = _model()
+    x, t, y, ctx = _inputs(model.config, 8, 8)
+    with torch.no_grad():
+        first = model(x, t, y, ctx)
+        model.release_caches()
+        assert model._adaln.weight is None and model._adaln.bias is None
+        again = model(x, t, y, ctx)
+    assert model._adaln.builds == 2 and torch.equal(first, again)
+
+
 def test_state_dict_and_copies_hold_no_cache():
     model = _model()
     keys = list(model.state_dict())
