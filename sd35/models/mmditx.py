@@ -147,8 +147,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``x + gate * update`` per sample, as one fused multiply-add."""
+def gated_residual(
+    x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
+    """``x + gate * update`` per sample, as one fused multiply-add.
+
+    ``in_place`` (for an ``x`` the caller made itself) writes into ``x`` when autograd is not recording:
+    inference then allocates no new residual stream, which measured faster on the CPU.
+    """
+    if in_place and not (torch.is_grad_enabled() and (x.requires_grad or update.requires_grad)):
+        return x.addcmul_(gate.unsqueeze(1), update)
     return torch.addcmul(x, gate.unsqueeze(1), update)
 
 
@@ -246,7 +254,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return self.fc2(F.gelu(hidden, approximate="tanh"))
+        return self.fc2(
+            torch.ops.aten.gelu_(hidden, approximate="tanh")
+        )  # inference: no second buffer (faster)
 
 
 class DismantledBlock(nn.Module):
@@ -282,10 +295,11 @@ class DismantledBlock(nn.Module):
     ) -> torch.Tensor:
         """Residual updates after attention (post_attention / post_attention_x, mmditx.py 509-576)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2], mods[3], mods[4], mods[5]
-        x = gated_residual(x, gate_msa, self.attn.proj(attn_out))
+        x = gated_residual(x, gate_msa, self.attn.proj(attn_out))  # a new tensor: the block's input is kept
         if attn2_out is not None:  # after attn1's residual, before norm2
-            x = gated_residual(x, mods[8], self.attn2.proj(attn2_out))
-        return gated_residual(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
+            x = gated_residual(x, mods[8], self.attn2.proj(attn2_out), in_place=True)
+        update = self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return gated_residual(x, gate_mlp, update, in_place=True)
 
 
 class JointBlock(nn.Module):
