@@ -244,6 +244,25 @@ def test_release_caches_frees_the_copy_and_the_next_forward_rebuilds_it():
     assert model._adaln.builds == 2 and torch.equal(first, again)
 
 
+def test_in_place_inference_equals_the_autograd_path_and_keeps_inputs():
+    """Without autograd, GELU and the later residual updates write into buffers the block made itself."""
+    model = _model()
+    x, t, y, ctx = _inputs(model.config, 8, 8)
+    block = model.joint_blocks[0]
+    c = model.conditioning(t, y)
+    tokens = model.x_embedder(x) + model.cropped_pos_embed(4, 4)
+    context = model.context_embedder(ctx)
+    kept = tokens.detach().clone(), context.detach().clone()
+    with torch.no_grad():
+        fast = model(x, t, y, ctx)
+        fast_block = block(context.detach(), tokens.detach(), c.detach())
+    assert torch.equal(tokens, kept[0]) and torch.equal(context, kept[1])  # inputs untouched
+    recorded = model(x.requires_grad_(), t, y, ctx)  # autograd recording: every update out of place
+    slow_block = block(context, tokens, c)
+    assert recorded.requires_grad and torch.equal(fast, recorded.detach())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(fast_block, slow_block, strict=True))
+
+
 def test_state_dict_and_copies_hold_no_cache():
     model = _model()
     keys = list(model.state_dict())
