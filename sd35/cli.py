@@ -176,27 +176,11 @@ def _resolve_model(args: argparse.Namespace) -> None:
     args.sampler = args.sampler or defaults.sampler
 
 
-def _check_accelerations(args: argparse.Namespace) -> None:
-    """Refuse GPU-only options before minutes of loading, not after."""
-    import torch
-
-    from sd35.pipeline import default_device
-
-    device = torch.device(args.device) if args.device else default_device()
-    wanted = [flag for flag, on in (("--fp8", args.fp8), ("--cuda-graphs", args.cuda_graphs)) if on]
-    if wanted and device.type != "cuda":
-        raise SD35Error(
-            f"{' and '.join(wanted)} need a CUDA GPU, but this run uses {device}; leave them out."
-        )
-    if (args.compile or args.cuda_graphs) and args.memory == "low":
-        raise SD35Error("--compile and --cuda-graphs do not work with --memory low; use --memory balanced.")
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sd35.image_io import check_output_path, save_png
-    from sd35.pipeline import DEFAULTS, check_arguments, load_pipeline
+    from sd35.pipeline import DEFAULTS, check_accelerations, check_arguments, default_device, load_pipeline
 
     prompts = _prompts(args)
     _resolve_model(args)
@@ -213,7 +197,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         check_arguments(width, height, args.steps, args.cfg, args.num_images, args.sampler)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     loras = [_lora_arg(v) for v in args.lora]
-    _check_accelerations(args)
+    device = torch.device(args.device) if args.device else default_device()
+    check_accelerations(device, args.memory, fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
     pipe = load_pipeline(
         args.model,
         args.text_encoders,
@@ -364,7 +349,8 @@ def _add_bench_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sd35.pipeline import DEFAULTS
+    from sd35.memory import MEMORY_MODES
+    from sd35.pipeline import DEFAULTS, VAE_TILING
     from sd35.sampling.guidance import SkipLayerGuidance
     from sd35.sampling.samplers import SAMPLERS
     from sd35.sampling.schedules import SCHEDULERS
@@ -496,14 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     g.add_argument(
         "--memory",
-        choices=("high", "balanced", "low"),
+        choices=MEMORY_MODES,
         default="high",
         help="high: everything on the GPU; balanced: text encoders only on the GPU while encoding; "
         "low: also stream the transformer's blocks from CPU memory and tile the VAE",
     )
     g.add_argument(
         "--vae-tiling",
-        choices=("auto", "on", "off"),
+        choices=VAE_TILING,
         default="auto",
         help="decode/encode in tiles with whole-image statistics (same result, less memory); "
         "auto: above 1024x1024 on CUDA and in --memory low",

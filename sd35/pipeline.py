@@ -130,6 +130,22 @@ AUTO_TILE_PIXELS = 1024 * 1024
 PROMPT_CACHE_SIZE = 32
 
 
+def check_accelerations(
+    device: torch.device, memory: str, *, fp8: bool = False, compile: bool = False, cuda_graphs: bool = False
+) -> None:
+    """Refuse fast paths that cannot run with this device or memory mode (the CLI calls it before loading)."""
+    wanted = [flag for flag, on in (("--fp8", fp8), ("--cuda-graphs", cuda_graphs)) if on]
+    if wanted and device.type != "cuda":
+        raise SD35Error(
+            f"{' and '.join(wanted)} need a CUDA GPU, but this run uses {device}; leave them out."
+        )
+    if (compile or cuda_graphs) and memory == "low":
+        raise SD35Error(
+            "--compile and --cuda-graphs do not work with --memory low (its block streaming runs hooks "
+            "around every block); use --memory balanced or high."
+        )
+
+
 def check_vae_tiling(value: str) -> str:
     """``value`` if it is one of :data:`VAE_TILING`, else an :class:`SD35Error` naming them."""
     if value not in VAE_TILING:
@@ -253,11 +269,7 @@ class SD3Pipeline:
         """
         from sd35.accel import GraphedDenoiser, compile_blocks, quantize_model_fp8
 
-        if (compile or cuda_graphs) and self.memory == "low":
-            raise SD35Error(
-                "--compile and --cuda-graphs do not work with --memory low (its block streaming runs hooks "
-                "around every block); use --memory balanced or high."
-            )
+        check_accelerations(self.device, self.memory, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs)
         if fp8 and "fp8" not in self.accelerations:
             quantize_model_fp8(self.mmditx)
             self.accelerations.append("fp8")
