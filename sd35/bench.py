@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import gc
 import importlib
-import inspect
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sd35.accel import GraphedDenoiser, compile_blocks, fp8_supported, quantize_model_fp8
 from sd35.errors import SD35Error, SD35Warning
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig, sd35_medium_config
@@ -65,19 +65,6 @@ PAIRED_ROUNDS = 9  # CPU only: alternating blocks of ours / diffusers eager (see
 SCALED_SIZES = (128, 256)
 OUR_VARIANTS = ("eager", "compile", "fp8", "cuda_graphs")
 DIFFUSERS_VARIANTS = ("eager", "compile")
-
-# Where each fast path lives. They are looked up by name when a run asks for them, so the benchmark works
-# without them (the variant is reported "unavailable") and picks up whatever the installation has.
-# Contracts: "compile" and "fp8" change the model in place (or return a new module); "cuda_graphs" wraps
-# the model in a callable with the model's signature that captures a graph per input shape on first use.
-ACCELERATIONS: dict[str, tuple[str, str]] = {
-    "compile": ("sd35.accel", "compile_blocks"),
-    "fp8": ("sd35.accel.fp8", "quantize_model_fp8"),
-    "cuda_graphs": ("sd35.accel.cuda_graphs", "GraphedDenoiser"),
-}
-# Keyword arguments given to a fast path when its signature takes them. One static graph per size
-# (dynamic=False) is what a sampler at one resolution runs, and what CUDA graphs can capture.
-ACCELERATION_KWARGS: dict[str, dict] = {"compile": {"dynamic": False}}
 
 # Diffusers 0.42.1 on one H100 80GB HBM3, bf16, random weights (shared/spec/PERFORMANCE.md section 10):
 # the numbers this engine has to beat. Kept in every JSON so a result file explains itself.
@@ -560,40 +547,16 @@ def time_paired(
 # --- fast paths ---------------------------------------------------------------------------------------
 
 
-def find_acceleration(name: str) -> Callable:
-    """The function behind a fast path, or :class:`Unavailable` saying why not."""
-    module_name, attr = ACCELERATIONS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise Unavailable(f"{module_name} cannot be imported ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise Unavailable(f"{module_name} has no {attr}()")
-    return fn
-
-
 def acceleration_status(device: torch.device, names: set[str]) -> dict[str, str]:
-    """For the JSON: which fast paths were asked for and whether this installation has them."""
+    """For the JSON: which fast paths were asked for and whether they can run on ``device``."""
     status = {}
     for name in sorted(names):
-        module_name, attr = ACCELERATIONS[name]
-        try:
-            find_acceleration(name)
-            status[name] = f"available ({module_name}.{attr})"
-        except Unavailable as e:
-            status[name] = f"unavailable: {e}"
+        status[name] = "available"
         if name == "cuda_graphs" and device.type != "cuda":
             status[name] = "unavailable: needs CUDA"
+        if name == "fp8" and not fp8_supported(device):
+            status[name] = "unavailable: needs a GPU of compute capability 8.9+"
     return status
-
-
-def _apply(name: str, fn: Callable, model: nn.Module) -> nn.Module:
-    """Call a fast path with the keyword arguments it accepts; keep its result only if it is a module."""
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in ACCELERATION_KWARGS.get(name, {}).items() if k in params}
-    changed = fn(model, **kwargs)
-    return changed if isinstance(changed, nn.Module) else model
 
 
 def our_runner(
@@ -601,25 +564,23 @@ def our_runner(
 ) -> Callable[[StepInputs], Callable[[], torch.Tensor]]:
     """Apply a variant ("eager", "fp8", "fp8+compile", "compile+cuda_graphs", ...) to ``model``.
 
-    Returns a factory: inputs -> a no-argument call. The CUDA-graph wrapper is made afresh per input
-    size, so the graph memory of one size is freed before the next is measured.
+    The parts are applied in the only order that composes (quantize, compile, then graph), as
+    :meth:`sd35.pipeline.SD3Pipeline.accelerate` does. Returns a factory: inputs -> a no-argument call. The
+    CUDA-graph wrapper is made afresh per input size, so the graph memory of one size is freed before the
+    next is measured.
     """
-    wrapper = None
-    for part in variant.split("+"):
-        if part == "eager":
-            continue
-        fn = find_acceleration(part)
-        if part == "cuda_graphs":
-            if device.type != "cuda":
-                raise Unavailable("needs CUDA")
-            wrapper = fn
-            continue
-        model = _apply(part, fn, model)
-    if wrapper is None:
+    parts = set(variant.split("+")) - {"eager"}
+    if "cuda_graphs" in parts and device.type != "cuda":
+        raise Unavailable("needs CUDA")
+    if "fp8" in parts:
+        quantize_model_fp8(model)  # SD35Error where fp8 cannot run: reported as unavailable
+    if "compile" in parts:
+        compile_blocks(model, dynamic=False)  # one static graph per size, as a sampler at one resolution runs
+    if "cuda_graphs" not in parts:
         return lambda inp: lambda: model(*inp.args)
 
     def graphed(inp: StepInputs) -> Callable[[], torch.Tensor]:
-        call = wrapper(model)
+        call = GraphedDenoiser(model)
         return lambda: call(*inp.args)
 
     return graphed
@@ -922,16 +883,9 @@ def _timed(opts: BenchOptions, fn: Callable[[], object]) -> tuple[object, float,
     return result, seconds, peak
 
 
-def _memory_modes(opts: BenchOptions, report: Report) -> tuple[str | None, ...]:
-    """Our memory modes to run: the requested ones if ``load_pipeline`` takes ``memory=``, else one plain run."""
-    from sd35.pipeline import load_pipeline
-
-    if not opts.memory:
-        return (None,)
-    if "memory" not in inspect.signature(load_pipeline).parameters:
-        report.data["whole_image"]["memory_modes"] = "unavailable: load_pipeline has no memory argument"
-        return (None,)
-    return opts.memory
+def _memory_modes(opts: BenchOptions) -> tuple[str | None, ...]:
+    """Our memory modes to run: the requested ones, else one run with the pipeline's default."""
+    return opts.memory or (None,)
 
 
 def _whole_ours(opts: BenchOptions, folder: Path, mode: str | None) -> tuple[dict, object]:
@@ -1046,7 +1000,7 @@ def run_whole_image(opts: BenchOptions, report: Report) -> None:
         folder = write_random_pipeline(Path(tmp) / "sd35-random", opts)
         report.data["whole_image"]["write_s"] = time.perf_counter() - t0
         report.save()
-        modes = _memory_modes(opts, report)
+        modes = _memory_modes(opts)
         with torch.inference_mode():
             # our first mode, then diffusers, then our other modes: a slow offloading mode cut short by a
             # time limit then costs only its own row

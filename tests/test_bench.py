@@ -4,14 +4,13 @@ diffusers, and that bad requests are one clear line with exit code 2."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 
 from sd35 import bench
 from sd35.cli import main
+from sd35.errors import SD35Error
 
 
 def _run(capsys, *args):
@@ -76,12 +75,9 @@ def test_cpu_whole_image_smoke(capsys, tmp_path):
     w = json.loads(out.read_text())["whole_image"]
     assert w["config"] == "tiny" and w["steps"] == 2 and w["width"] == 128
     runs = {(r["engine"], r["variant"]): r for r in w["runs"]}
-    if w["memory_modes"] == ["high", "low"]:  # load_pipeline(memory=...) exists: one row per mode
-        ours = runs[("ours", "memory=high")]
-        assert runs[("ours", "memory=low")]["status"] == "ok"
-    else:
-        assert w["memory_modes"].startswith("unavailable")
-        ours = runs[("ours", "default")]
+    assert w["memory_modes"] == ["high", "low"]  # one row per mode
+    ours = runs[("ours", "memory=high")]
+    assert runs[("ours", "memory=low")]["status"] == "ok"
     same, default = runs[("diffusers", "same work")], runs[("diffusers", "default")]
     for r in (ours, same, default):
         assert r["status"] == "ok" and r["seconds"] > 0
@@ -169,7 +165,7 @@ def test_time_calls_reports_order_statistics_and_the_last_output():
     assert stats["first_call_s"] is not None
 
 
-def test_fast_paths_are_found_by_name_and_missing_ones_reported(monkeypatch):
+def test_fast_paths_compose_and_unavailable_ones_are_reported(monkeypatch):
     model = bench.build_random(
         bench.MMDiTX, bench.scaled_config(), torch.device("cpu"), torch.float32, seed=0
     )
@@ -179,16 +175,16 @@ def test_fast_paths_are_found_by_name_and_missing_ones_reported(monkeypatch):
         seen["dynamic"] = dynamic
         return 24
 
-    monkeypatch.setitem(sys.modules, "fake_accel", types.SimpleNamespace(fake_compile=fake_compile))
-    monkeypatch.setitem(bench.ACCELERATIONS, "compile", ("fake_accel", "fake_compile"))
-    monkeypatch.setitem(bench.ACCELERATIONS, "fp8", ("sd35.accel.no_such_module", "quantize"))
+    monkeypatch.setattr(bench, "compile_blocks", fake_compile)
     inp = bench.step_inputs(model.config, 32, torch.device("cpu"), torch.float32, seed=0)
     with torch.inference_mode():
         call = bench.our_runner("compile", model, torch.device("cpu"))(inp)
         assert torch.equal(call(), model(*inp.args))
     assert seen["dynamic"] is False  # one static graph per size
-    with pytest.raises(bench.Unavailable, match="cannot be imported"):
+    with pytest.raises(SD35Error, match="compute capability 8.9"):
         bench.our_runner("fp8", model, torch.device("cpu"))
+    with pytest.raises(bench.Unavailable, match="needs CUDA"):
+        bench.our_runner("compile+cuda_graphs", model, torch.device("cpu"))
     status = bench.acceleration_status(torch.device("cpu"), {"fp8", "cuda_graphs"})
     assert status["fp8"].startswith("unavailable") and status["cuda_graphs"] == "unavailable: needs CUDA"
 
