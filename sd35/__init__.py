@@ -1,6 +1,6 @@
 """sd35: a from-scratch PyTorch engine for Stable Diffusion 3.5 Medium."""
 
-__version__ = "0.1.0"  # first: sd35.pipeline reads it while this package initialises
+from sd35._version import __version__
 
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error
 from sd35.loading.components import Component, assemble, load_component, load_models, scan
@@ -11,6 +11,7 @@ from sd35.models.vae import VAE, VAEConfig
 from sd35.pipeline import SD3Pipeline, load_pipeline
 
 __all__ = [
+    "__version__",
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "CheckpointError",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd35 import __version__
+from sd35._version import __version__
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error, SD35Warning

@@ -29,7 +29,7 @@ import re
 import torch
 from torch import nn
 
-from sd35 import __version__
+from sd35._version import __version__
 from sd35.errors import SD35Error
 from sd35.lora.formats import COMPONENTS, DIFFUSERS_PREFIX, KOHYA_PREFIX, ModelIndex, diffusers_names
 from sd35.lora.layers import LoRA, iter_patches, swap_halves

@@ -708,7 +708,7 @@ class Trainer:
 
     def _metadata(self) -> dict[str, str]:
         """What every final file records about the run (besides sd35.lora's own LoRA metadata)."""
-        from sd35 import __version__
+        from sd35._version import __version__
 
         cfg = self.cfg
         return {
