@@ -1,7 +1,6 @@
 """sd35: a from-scratch PyTorch engine for Stable Diffusion 3.5 Medium."""
 
 from sd35._version import __version__
-
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error
 from sd35.loading.components import Component, assemble, load_component, load_models, scan
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
