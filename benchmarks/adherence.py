@@ -32,19 +32,8 @@ def score(
     pipe, scenes, cfg: float, slg: SkipLayerGuidance | None, seed: int = 1000, steps: int | None = None
 ):
     hits = dict.fromkeys(ATTRIBUTES, 0)
-    d = DEMO_DEFAULTS
     for i, scene in enumerate(scenes):
-        image = pipe.generate(
-            scene.caption,
-            width=d.width,
-            height=d.height,
-            steps=steps or d.steps,
-            cfg=cfg,
-            sampler=d.sampler,
-            shift=d.shift,
-            seed=seed + i,
-            slg=slg,
-        )[0]
+        image = pipe.generate(scene.caption, steps=steps, cfg=cfg, seed=seed + i, slg=slg)[0]
         found = detect(image)
         for a in ATTRIBUTES:
             hits[a] += getattr(found, a) == getattr(scene, a)
@@ -54,9 +43,7 @@ def score(
 SETTINGS = {
     "CFG off": dict(cfg=1.0, slg=None),
     "CFG on": dict(cfg=DEMO_DEFAULTS.cfg, slg=None),
-    "CFG + SLG": dict(
-        cfg=DEMO_DEFAULTS.cfg, slg=SkipLayerGuidance(layers=(2,), scale=2.0, start=0.01, end=0.3)
-    ),
+    "CFG + SLG": dict(cfg=DEMO_DEFAULTS.cfg, slg=SkipLayerGuidance()),  # the demo's own SLG settings
 }
 
 
@@ -68,7 +55,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.model:
-        from sd35.pipeline import load_pipeline
+        from sd35 import load_pipeline
 
         pipe = load_pipeline(args.model, tokenizers=args.tokenizers, device="cpu")
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sd35.pipeline import load_pipeline
+from sd35 import load_pipeline
 from sd35.sampling.schedules import get_sigmas
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

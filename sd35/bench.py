@@ -890,7 +890,7 @@ def _memory_modes(opts: BenchOptions) -> tuple[str | None, ...]:
 
 def _whole_ours(opts: BenchOptions, folder: Path, mode: str | None) -> tuple[dict, object]:
     """Load our pipeline (in ``mode``), warm it up with a 2-step image, then time one whole image."""
-    from sd35.pipeline import load_pipeline
+    from sd35 import load_pipeline
 
     row: dict = {"engine": "ours", "variant": "default" if mode is None else f"memory={mode}", "memory": mode}
     image = None

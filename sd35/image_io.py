@@ -1,93 +1,133 @@
-"""Writing images: whole or not at all, never over an existing file, with A1111-style parameters.
+"""Images in and out: the one reader for every image a user hands us, and PNGs written whole.
 
-Forge, A1111 and most image browsers read the generation settings from a PNG ``parameters`` text
-chunk of the form::
+Reading (:func:`read_image`, :func:`read_mask`) applies the EXIF orientation (a phone photo is stored
+sideways with a tag that says so; every viewer honours it, so must we) and flattens transparency onto
+white, as A1111's img2img does (``images.flatten`` with its default background). The trainer, img2img,
+inpainting and the server all read through here, so an image means the same thing everywhere.
 
-    a photo of a cat
-    Negative prompt: blurry
-    Steps: 50, Sampler: DPM++ 2M, Schedule type: Simple, CFG scale: 5.0, Seed: 1, Size: 1024x1024, Model: sd3.5_medium
+Writing (:func:`save_png`) goes through :func:`sd35.files.write_atomic`: whole or not at all, never
+over an existing file, with the generation's A1111 ``parameters`` text chunk.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
-from sd35.errors import SD35Error
+from sd35.errors import InvalidRequest, NotFound
+from sd35.files import check_writable_folder, write_atomic
 
-
-def _quote(value: str) -> str:
-    """A1111 quotes values that contain a comma, colon or quote."""
-    if any(c in value for c in ',:"'):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return value
+ImageSource = str | os.PathLike | bytes | Image.Image
 
 
-def a1111_parameters(prompt: str, negative_prompt: str, settings: dict[str, object]) -> str:
-    """The ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value`` pairs."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in settings.items() if v is not None))
-    return "\n".join(lines)
+def _unreadable(name: str, e: Exception, param: str | None = None) -> InvalidRequest:
+    reason = f"{type(e).__name__}: {e}".rstrip(": ")
+    return InvalidRequest(f"{name}: cannot be read as an image ({reason}).", param=param)
 
 
-def next_free_path(path: Path) -> Path:
-    """``path`` if free, else ``stem-1.png``, ``stem-2.png`` ... (the first name not taken)."""
-    if not path.exists():
-        return path
-    i = 1
-    while (candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")).exists():
-        i += 1
-    return candidate
+def _open(source: ImageSource, what: str, param: str | None) -> Image.Image:
+    """The decoded image, EXIF orientation applied; a clear error for a missing or unreadable input."""
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source)
+    if isinstance(source, bytes):
+        name, stream = what, io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise NotFound(f"{path}: no such {what} file.", param=param)
+        name, stream = str(path), path
+    try:
+        with Image.open(stream) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except Exception as e:  # PIL raises many kinds for broken files
+        raise _unreadable(name, e, param) from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as :func:`read_image` will see the image (EXIF rotation applied), from the header alone."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90 or 270 degrees
+                width, height = height, width
+    except Exception as e:  # PIL raises many kinds for broken files
+        raise _unreadable(str(path), e) from None
+    if width < 1 or height < 1:
+        raise InvalidRequest(f"{path}: the image is empty ({width}x{height}).")
+    return width, height
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def read_image(source: ImageSource, what: str = "image", *, param: str | None = None) -> Image.Image:
+    """An RGB image from a path, encoded bytes or a PIL image: EXIF rotation applied, transparency on white."""
+    im = _open(source, what, param)
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_mask(source: ImageSource, what: str = "mask", *, param: str | None = None) -> Image.Image:
+    """A greyscale inpainting mask, white = repaint; EXIF rotation applied.
+
+    An image with transparency counts by its alpha channel, transparent = repaint (the convention of
+    OpenAI's image edits and of painting programs' erasers); other images by their grey level.
+    """
+    im = _open(source, what, param)
+    if _has_alpha(im):
+        alpha = im.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return Image.eval(alpha, lambda a: 255 - a)
+    return im.convert("L")
 
 
 def check_output_path(path: Path) -> Path:
-    """Raise a clear error for an output path that cannot be written; return its folder."""
-    if path.suffix.lower() != ".png":
-        raise SD35Error(f"{path}: output must be a .png file (the generation parameters are stored in it).")
-    folder = path.parent
-    if not folder.is_dir():
-        raise SD35Error(f"{folder}: output folder does not exist; create it first.")
-    return folder
-
-
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Save ``image`` as a PNG at ``path`` or the next free numbered name; returns the path written.
-
-    The file is written to a temporary name in the same folder and then hard-linked into place,
-    which fails rather than replaces if another process took the name meanwhile.
-    """
+    """Raise a clear error, before any work, for a PNG output path that cannot be written; returns its folder."""
     path = Path(path)
-    folder = check_output_path(path)
+    if path.suffix.lower() != ".png":
+        raise InvalidRequest(
+            f"{path}: output must be a .png file (the generation parameters are stored in it).",
+            param="output",
+        )
+    check_writable_folder(path.parent)
+    return path.parent
+
+
+def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=".sd35-", suffix=".png.partial", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        while True:
-            target = next_free_path(path)
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                continue
-    finally:
-        os.unlink(tmp)
+    return info
+
+
+def _png_writer(image: Image.Image, parameters: str | None):
+    def write(tmp: Path) -> None:
+        image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
+
+    return write
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
+    """Save ``image`` as a PNG at ``path`` or the next free numbered name (``x-1.png``...); returns the path."""
+    path = Path(path)
+    check_output_path(path)
+    return write_atomic(path, _png_writer(image, parameters), "number")
 
 
 def replace_png(image: Image.Image, path: Path) -> None:
     """Write ``path`` whole, replacing our own earlier version (for the live preview file only)."""
-    fd, tmp = tempfile.mkstemp(prefix=".sd35-", suffix=".png.partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, _png_writer(image, None), "replace")
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The PNG encoding of ``image`` with its ``parameters`` chunk (for responses that carry images inline)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(parameters))
+    return buf.getvalue()

@@ -1,4 +1,4 @@
-"""Pixels in and out: loading init images and masks, outpainting canvases, compositing.
+"""Pixels and tensors: images to and from the VAE's range, masks, outpainting canvases, compositing.
 
 Images enter the VAE as (1, 3, H, W) tensors in [-1, 1], resized with Lanczos like the reference's
 img2img (sd3_infer.py 387-401). Masks are white where the image is to be repainted.
@@ -6,44 +6,11 @@ img2img (sd3_infer.py 387-401). Masks are white where the image is to be repaint
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
 from sd35.errors import SD35Error
-
-
-def load_image(image: str | os.PathLike | Image.Image, what: str = "image") -> Image.Image:
-    """An RGB PIL image from a path or an image; a clear error for a missing or unreadable file."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise SD35Error(f"{path}: no such {what} file.")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise SD35Error(f"{path}: cannot be read as an image ({e}).") from None
-
-
-def load_mask(mask: str | os.PathLike | Image.Image) -> Image.Image:
-    """A greyscale mask (white = repaint). An RGBA image's alpha channel counts as the mask where it has one."""
-    if not isinstance(mask, Image.Image):
-        path = Path(mask)
-        if not path.is_file():
-            raise SD35Error(f"{path}: no such mask file.")
-        try:
-            with Image.open(path) as im:
-                mask = im.copy()
-        except (UnidentifiedImageError, OSError) as e:
-            raise SD35Error(f"{path}: cannot be read as a mask image ({e}).") from None
-    if mask.mode == "RGBA" and mask.getextrema()[3][0] < 255:
-        return Image.eval(mask.getchannel("A"), lambda a: 255 - a)  # transparent = repaint
-    return mask.convert("L")
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -15,6 +15,6 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny):
-    from sd35.pipeline import load_pipeline
+    from sd35 import load_pipeline
 
     return load_pipeline(tiny["diffusers"], device="cpu")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sd35.cli import main
-from sd35.inspect import mmditx_family
+from sd35.cli.inspect import mmditx_family
 from sd35.models.mmditx import MMDiTXConfig
 
 
@@ -175,9 +175,16 @@ def test_generate_never_overwrites(capsys, tiny, tmp_path):
         (["--steps", "0"], "steps must be a positive integer"),
         (["--slg-start", "0.5", "--slg-end", "0.1"], "start"),
         (["--slg-layers", "seven"], "--slg-layers"),
-        (["--device", "cpu", "--fp8"], "--fp8 need a CUDA GPU"),
-        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs need a CUDA GPU"),
-        (["--memory", "low", "--compile"], "--memory low"),
+        (["--device", "cpu", "--fp8"], "--fp8: fp8 needs a CUDA GPU"),
+        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs: cuda_graphs needs a CUDA GPU"),
+        (["--device", "cpu", "--compile"], "--compile: compile needs a CUDA GPU"),
+        (["--width", "0"], "--width: width must be a positive multiple of 16"),
+        (["--seed", "99999999999999999999999"], "--seed: seed must be a whole number from 0 to"),
+        (["--device", "gpu0"], "--device: 'gpu0' is not a device name"),
+        (["--device", "cuda"], "--device: device 'cuda': this machine's torch"),
+        (["--device", "mps"], "--device: device 'mps': no Apple GPU"),
+        (["-o", "/proc/x.png"], "cannot write files in this folder"),
+        (["--sampler", "euler_a"], "argument --sampler: invalid choice"),
     ],
 )
 def test_generate_bad_arguments_exit_2(capsys, tiny, tmp_path, extra, says):
@@ -345,8 +352,9 @@ def test_prompt_file_and_preview(capsys, tiny, tmp_path):
 @pytest.mark.parametrize(
     "extra,says",
     [
-        (["--mask", "m.png"], "need --init-image"),
-        (["--hires-steps", "3"], "need --hires-scale"),
+        (["--mask", "m.png"], "--mask needs --init-image"),
+        (["--strength", "0.3", "--mask-blur", "2"], "--strength, --mask-blur need --init-image"),
+        (["--lora", "style.safetensors:abc"], "strength after the last ':' must be a number, got 'abc'"),
         (["--hires-scale", "9"], "at most 4"),
         (["--init-image", "nope.png"], "no such init image"),
         (["--apg-momentum", "2"], "momentum"),

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from sd35 import load_pipeline
 from sd35.errors import SD35Error
 from sd35.memory import (
     MEMORY_MODES,
@@ -35,7 +36,6 @@ from sd35.models.mmditx import MMDiTX, sd35_medium_config
 from sd35.models.t5 import T5Config, T5Encoder
 from sd35.models.vae import VAE, VAEConfig
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
-from sd35.pipeline import load_pipeline
 from sd35.testing import tiny_weights
 
 sys.path.insert(0, str(Path(__file__).parent / "lora"))

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sd35 import TextOptions, load_pipeline
+from sd35.a1111 import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd35.errors import MissingComponentError, SD35Error, SD35Warning
-from sd35.pipeline import load_pipeline
 from sd35.sampling.guidance import SkipLayerGuidance
-from sd35.sampling.samplers import SAMPLER_DISPLAY_NAMES, SAMPLERS
-from sd35.sampling.schedules import A1111_SCHEDULER_NAMES, SCHEDULERS
+from sd35.sampling.samplers import SAMPLERS
+from sd35.sampling.schedules import SCHEDULERS
 from sd35.testing import tiny_weights, write_diffusers, write_official, write_text_encoders
 
 PROMPT = "a red circle on a blue background, photo"
@@ -62,11 +63,17 @@ def test_prompt_embeddings_match_diffusers(ours, theirs):
 def _ours(pipe, **kw):
     final = {}
 
-    def grab(step, total, x, denoised):
-        final["x"] = x.clone()
+    def grab(progress):
+        final["x"] = progress.x.clone()
 
     images = pipe.generate(
-        PROMPT, width=64, height=48, sampler="euler", t5_max_tokens=77, callback=grab, **kw
+        PROMPT,
+        width=64,
+        height=48,
+        sampler="euler",
+        text=TextOptions(t5_max_tokens=77),
+        on_progress=grab,
+        **kw,
     )
     return images[0], final["x"]
 
@@ -154,7 +161,7 @@ def test_long_prompt_warns_for_t5_and_clip(ours):
     long_prompt = " ".join(["red circle blue square"] * 40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        context, _ = ours.encode_prompt(long_prompt, t5_max_tokens=80)
+        context, _ = ours.encode_prompt(long_prompt, TextOptions(t5_max_tokens=80))
     messages = [str(w.message) for w in caught if issubclass(w.category, SD35Warning)]
     assert any("T5 dropped" in m for m in messages) and any(
         "CLIP reads only the first 75" in m for m in messages
@@ -164,7 +171,7 @@ def test_long_prompt_warns_for_t5_and_clip(ours):
 
 def test_split_files_need_tokenizers_and_text_encoders(tmp_path, weights, root):
     model = write_official(tmp_path / "sd3.5_medium.safetensors", weights)
-    with pytest.raises(MissingComponentError, match="--text-encoders"):
+    with pytest.raises(MissingComponentError, match="text-encoder files"):
         load_pipeline(model, device="cpu")
     te = write_text_encoders(tmp_path / "te", weights)
     with pytest.raises(MissingComponentError, match="tokenizer_3"):
@@ -193,7 +200,7 @@ def test_every_sampler_runs_in_the_pipeline_and_repeats(tiny_pipe, sampler):
     a = tiny_pipe.generate(PROMPT, width=32, height=32, steps=4, seed=12, sampler=sampler)[0]
     b = tiny_pipe.generate(PROMPT, width=32, height=32, steps=4, seed=12, sampler=sampler)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert f"Sampler: {SAMPLER_DISPLAY_NAMES[sampler]}" in a.info["parameters"]
+    assert f"Sampler: {SAMPLER_NAMES[sampler]}" in a.info["parameters"]
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
@@ -207,10 +214,10 @@ def test_every_scheduler_runs_in_the_pipeline(tiny_pipe, scheduler):
         seed=1,
         sampler="euler",
         scheduler=scheduler,
-        callback=lambda *a: calls.append(a[0]),
+        on_progress=lambda p: calls.append(p.step),
     )[0]
     assert calls == list(range(5))
-    assert f"Schedule type: {A1111_SCHEDULER_NAMES[scheduler]}" in image.info["parameters"]
+    assert f"Schedule type: {SCHEDULER_NAMES[scheduler]}" in image.info["parameters"]
 
 
 def test_ancestral_batch_image_i_equals_seed_plus_i(tiny_pipe):
@@ -261,7 +268,7 @@ def test_repeated_prompt_does_not_run_the_encoders(fresh):
         assert torch.equal(fresh.encode_prompt([PROMPT, ""])[0], ctx)
         for kw in ({"t5_max_tokens": 77}, {"weighting": "comfy"}, {"long_clip": True}):
             n = calls.n
-            fresh.encode_prompt([PROMPT, ""], **kw)  # another key: encoded
+            fresh.encode_prompt([PROMPT, ""], TextOptions(**kw))  # another key: encoded
             assert calls.n > n
         n = calls.n
         fresh.encode_prompt(PROMPT)  # a batch of one is another call than a batch of two

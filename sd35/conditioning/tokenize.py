@@ -40,6 +40,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
@@ -200,7 +201,10 @@ class T5Tokenizer:
         return [self._tokenizer.encode(w, add_special_tokens=False).ids for w in words]
 
 
-WEIGHTINGS = ("none", "comfy", "a1111")
+Weighting = Literal["none", "comfy", "a1111"]
+"""How ``(word:1.2)`` emphasis is applied: ignored (the reference), ComfyUI's way or A1111's."""
+
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 @dataclass

@@ -180,8 +180,18 @@ def build(
     if out.exists():
         out.unlink()
     write_all_in_one(out, final, dtype=torch.float16)
+    with_defaults(out)
     print(f"losses: first {sum(result.losses[:50]) / 50:.4f}, last {sum(result.losses[-50:]) / 50:.4f}")
     return out
+
+
+def with_defaults(path: Path) -> None:
+    """Store :data:`sd35.demo.DEMO_DEFAULTS` in the file's metadata, so every loader runs it as trained."""
+    from sd35.demo import DEMO_DEFAULTS
+    from sd35.presets import METADATA_KEY, to_metadata
+
+    tensors = {k: t.load() for k, t in open_safetensors(path).items()}
+    save_file_atomic(tensors, path, metadata={METADATA_KEY: to_metadata(DEMO_DEFAULTS)})
 
 
 def install(work: Path) -> None:

@@ -333,7 +333,8 @@ def assemble(
     if missing:
         lines = "; ".join(f"{KIND_NAMES[k]}: {USUAL_FILES[k]}" for k in missing)
         raise MissingComponentError(
-            f"missing {', '.join(KIND_NAMES[k] for k in missing)}. Usual files: {lines}.{hint}"
+            f"missing {', '.join(KIND_NAMES[k] for k in missing)}. Usual files: {lines}.{hint}",
+            param="model" if MMDITX in missing or VAE in missing else "text_encoders",
         )
     return by_kind
 

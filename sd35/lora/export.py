@@ -137,7 +137,7 @@ def export_metadata(model_or_models, name: str = "train", format: str = "kohya")
     dora = any(a.dora_scale is not None for _, _, a in items)
     base = "unknown"
     if "mmditx" in models and getattr(models["mmditx"], "config", None) is not None:
-        from sd35.inspect import mmditx_family
+        from sd35.cli.inspect import mmditx_family
 
         base = mmditx_family(models["mmditx"].config)
     meta = {

@@ -210,7 +210,7 @@ class ModelIndex:
         mm = self.models.get("mmditx")
         config = getattr(mm, "config", None)
         if config is not None and hasattr(config, "hidden_size"):
-            from sd35.inspect import mmditx_family
+            from sd35.cli.inspect import mmditx_family
 
             return mmditx_family(config)
         return "this model"

@@ -16,16 +16,16 @@ The pieces follow the official reference (``shared/spec/REFERENCE.md`` sections 
 from sd35.sampling.guidance import APG, GuidedDenoiser, SkipLayerGuidance, flow_denoiser
 from sd35.sampling.inpaint import MaskedDenoiser
 from sd35.sampling.samplers import (
-    SAMPLER_DISPLAY_NAMES,
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
+    SamplerName,
     get_sampler,
     sample_dpmpp_2m,
     sample_euler,
 )
 from sd35.sampling.schedules import (
-    A1111_SCHEDULER_NAMES,
     SCHEDULERS,
+    SchedulerName,
     discrete_flow_sigmas,
     flow_sigma,
     get_sigmas,
@@ -34,13 +34,13 @@ from sd35.sampling.schedules import (
 )
 
 __all__ = [
-    "A1111_SCHEDULER_NAMES",
     "APG",
     "MaskedDenoiser",
     "SAMPLERS",
-    "SAMPLER_DISPLAY_NAMES",
     "STOCHASTIC_SAMPLERS",
     "SCHEDULERS",
+    "SamplerName",
+    "SchedulerName",
     "GuidedDenoiser",
     "SkipLayerGuidance",
     "discrete_flow_sigmas",

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from sd35.errors import SD35Error
+from sd35.errors import InvalidRequest, SD35Error
 
 if TYPE_CHECKING:
     from sd35.models.mmditx import MMDiTX
@@ -32,42 +32,88 @@ SIGMA_RTOL = 1e-5  # how close a sigma must be to a schedule entry to count as t
 
 @dataclass(frozen=True)
 class SkipLayerGuidance:
-    """Skip Layer Guidance (REFERENCE.md 3); the defaults are the reference's SD3.5 Medium values.
+    """Skip Layer Guidance (the reference's ``SkipLayerCFGDenoiser``, Stability-AI/sd3.5 ``sd3_impls.py``).
 
     On steps where it is :meth:`active`, one extra forward of the cond half with the joint blocks
     ``layers`` bypassed gives ``D_skip``, and the guided result becomes ``D + (D_cond - D_skip) * scale``.
-    Diffusers uses the same rule but a default scale of 2.8.
+
+    A field left None means "the model's value": the right blocks to skip depend on the model (SD3.5
+    Medium skips 7, 8, 9 with scale 2.5 from 1% to 20% of the steps, ``sd3_infer.py`` CONFIGS; the demo
+    model has 4 blocks), so a request says ``SkipLayerGuidance()`` to ask for SLG as the model's preset
+    has it (:attr:`sd35.presets.ModelDefaults.slg`) and :meth:`filled` completes it. Guidance runs only
+    complete settings. (Diffusers uses the same rule with a default scale of 2.8.)
     """
 
-    layers: tuple[int, ...] = (7, 8, 9)
-    scale: float = 2.5
-    start: float = 0.01
-    end: float = 0.20
+    layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "joint blocks to skip, e.g. 7,8,9"}
+    )
+    scale: float | None = field(default=None, metadata={"help": "SLG scale"})
+    start: float | None = field(
+        default=None, metadata={"help": "start of the SLG window, a fraction of the steps"}
+    )
+    end: float | None = field(
+        default=None, metadata={"help": "end of the SLG window, a fraction of the steps"}
+    )
 
     def __post_init__(self) -> None:
-        layers = tuple(self.layers)
-        object.__setattr__(self, "layers", layers)
-        if not layers:
-            raise SD35Error(
-                "Skip Layer Guidance needs at least one layer to skip (SD3.5 Medium uses 7, 8, 9)."
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            object.__setattr__(self, "layers", layers)
+            if not layers:
+                raise InvalidRequest(
+                    "Skip Layer Guidance needs at least one layer to skip (SD3.5 Medium uses 7, 8, 9).",
+                    param="slg.layers",
+                )
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise InvalidRequest(
+                    f"Skip Layer Guidance layers must be block indices >= 0, got {layers!r}.",
+                    param="slg.layers",
+                )
+        if self.scale is not None and not (
+            isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale >= 0
+        ):
+            raise InvalidRequest(
+                f"Skip Layer Guidance scale must be a number >= 0, got {self.scale!r}.", param="slg.scale"
             )
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-            raise SD35Error(f"Skip Layer Guidance layers must be block indices >= 0, got {layers!r}.")
-        if not (math.isfinite(self.scale) and self.scale >= 0):
-            raise SD35Error(f"Skip Layer Guidance scale must be a number >= 0, got {self.scale!r}.")
-        if not 0 <= self.start < self.end <= 1:
-            raise SD35Error(
-                f"Skip Layer Guidance needs 0 <= start < end <= 1 (fractions of the steps), "
-                f"got start={self.start!r}, end={self.end!r}."
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise InvalidRequest(
+                    f"Skip Layer Guidance {name} must be a fraction of the steps in [0, 1], got {value!r}.",
+                    param=f"slg.{name}",
+                )
+        if self.start is not None and self.end is not None and not self.start < self.end:
+            raise InvalidRequest(
+                f"Skip Layer Guidance needs start < end (fractions of the steps), "
+                f"got start={self.start!r}, end={self.end!r}.",
+                param="slg.start",
             )
+
+    @property
+    def complete(self) -> bool:
+        """Whether every field is set (what guidance needs)."""
+        return None not in (self.layers, self.scale, self.start, self.end)
+
+    def filled(self, defaults: SkipLayerGuidance) -> SkipLayerGuidance:
+        """These settings with every None taken from ``defaults`` (a model's complete preset)."""
+        return SkipLayerGuidance(
+            *(getattr(defaults, f) if getattr(self, f) is None else getattr(self, f) for f in _SLG_FIELDS)
+        )
 
     def active(self, step: int, steps: int) -> bool:
         """Whether 0-based ``step`` of ``steps`` gets the skip pass: ``start*steps < step < end*steps``.
 
-        Both inequalities are strict, as in the reference and diffusers; for 50 steps with the defaults
-        that is steps 1..9 (REFERENCE.md 3).
+        Both inequalities are strict, as in the reference (``sd3_impls.py`` ``SkipLayerCFGDenoiser``) and
+        diffusers; for 50 steps with SD3.5 Medium's 0.01 and 0.20 that is steps 1..9.
         """
+        if not self.complete:
+            raise ValueError(
+                "incomplete Skip Layer Guidance settings: fill them from the model's preset first"
+            )
         return self.scale > 0 and self.start * steps < step < self.end * steps
+
+
+_SLG_FIELDS = ("layers", "scale", "start", "end")
 
 
 @dataclass(frozen=True)
@@ -94,22 +140,28 @@ class APG:
     the paper, so that eta 1 reproduces CFG.)
     """
 
-    eta: float = 0.0
-    norm_threshold: float = 0.0
-    momentum: float = 0.0
+    eta: float = field(default=0.0, metadata={"help": "weight of the parallel component (1 = plain CFG)"})
+    norm_threshold: float = field(default=0.0, metadata={"help": "cap on the guidance norm (0 = off)"})
+    momentum: float = field(default=0.0, metadata={"help": "running-average momentum, -1..1 (0 = off)"})
 
     def __post_init__(self) -> None:
         for name in ("eta", "norm_threshold", "momentum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise SD35Error(f"APG {name} must be a finite number, got {value!r}.")
+                raise InvalidRequest(
+                    f"APG {name} must be a finite number, got {value!r}.", param=f"apg.{name}"
+                )
             object.__setattr__(self, name, float(value))
         if self.norm_threshold < 0:
-            raise SD35Error(f"APG norm_threshold must be >= 0 (0 turns it off), got {self.norm_threshold!r}.")
+            raise InvalidRequest(
+                f"APG norm_threshold must be >= 0 (0 turns it off), got {self.norm_threshold!r}.",
+                param="apg.norm_threshold",
+            )
         if not -1 <= self.momentum <= 1:
-            raise SD35Error(
+            raise InvalidRequest(
                 f"APG momentum must be in [-1, 1] (0 turns it off; the paper uses negative values such as -0.5), "
-                f"got {self.momentum!r}."
+                f"got {self.momentum!r}.",
+                param="apg.momentum",
             )
 
 
@@ -209,8 +261,8 @@ class GuidedDenoiser:
         *,
         apg: APG | None = None,
     ):
-        if slg is not None and not isinstance(slg, SkipLayerGuidance):
-            raise TypeError(f"slg must be a SkipLayerGuidance or None, got {type(slg).__name__}")
+        if slg is not None and not (isinstance(slg, SkipLayerGuidance) and slg.complete):
+            raise TypeError(f"slg must be a complete SkipLayerGuidance or None, got {slg!r}")
         if apg is not None and not isinstance(apg, APG):
             raise TypeError(f"apg must be an APG or None, got {type(apg).__name__}")
         if not math.isfinite(cfg):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -788,6 +789,23 @@ def sample_lcm(
 
 # --------------------------------------------------------------------------------- registry
 
+SamplerName = Literal[
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpm_2",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "lcm",
+    "ipndm",
+    "deis",
+    "uni_pc",
+]
+"""ComfyUI's sampler names (in ComfyUI's ``KSAMPLER_NAMES`` order, ``uni_pc`` last as in its list)."""
+
 SAMPLERS: dict[str, Sampler] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
@@ -803,24 +821,7 @@ SAMPLERS: dict[str, Sampler] = {
     "deis": sample_deis,
     "uni_pc": sample_uni_pc,
 }
-"""ComfyUI's sampler names (in ComfyUI's ``KSAMPLER_NAMES`` order, ``uni_pc`` last as in its list)."""
-
-SAMPLER_DISPLAY_NAMES: dict[str, str] = {
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "dpm_2": "DPM2",
-    "lms": "LMS",
-    "dpmpp_2s_ancestral": "DPM++ 2S a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-    "lcm": "LCM",
-    "ipndm": "IPNDM",
-    "deis": "DEIS",
-    "uni_pc": "UniPC",
-}
-"""The A1111/Forge names of :data:`SAMPLERS` (what image metadata and those UIs call them)."""
+assert tuple(SAMPLERS) == get_args(SamplerName)
 
 STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
     {"euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"}

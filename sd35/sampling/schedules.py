@@ -14,7 +14,7 @@ acts on every one of them the way ComfyUI's ``ModelSamplingSD3`` shift does.
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -86,29 +86,12 @@ def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- schedulers
 
-SCHEDULERS: tuple[str, ...] = (
-    "simple",
-    "sgm_uniform",
-    "normal",
-    "karras",
-    "exponential",
-    "beta",
-    "linear_quadratic",
-    "kl_optimal",
-)
+SchedulerName = Literal[
+    "simple", "sgm_uniform", "normal", "karras", "exponential", "beta", "linear_quadratic", "kl_optimal"
+]
 """The scheduler names :func:`get_sigmas` accepts (ComfyUI's names; ComfyUI's ``ddim_uniform`` is not here)."""
 
-A1111_SCHEDULER_NAMES: dict[str, str] = {
-    "simple": "Simple",
-    "sgm_uniform": "SGM Uniform",
-    "normal": "Normal",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "beta": "Beta",
-    "linear_quadratic": "Linear Quadratic",
-    "kl_optimal": "KL Optimal",
-}
-"""Scheduler name -> the label A1111-style PNG parameters use (``Schedule type: Karras``)."""
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
 KARRAS_RHO = 7.0
 BETA_ALPHA = BETA_BETA = 0.6  # ComfyUI's beta_scheduler defaults
@@ -315,4 +298,4 @@ _BUILDERS = {
     "linear_quadratic": _linear_quadratic,
     "kl_optimal": _kl_optimal,
 }
-assert tuple(_BUILDERS) == SCHEDULERS and set(A1111_SCHEDULER_NAMES) == set(SCHEDULERS)
+assert tuple(_BUILDERS) == SCHEDULERS

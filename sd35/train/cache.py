@@ -37,10 +37,12 @@ import torch
 from safetensors.torch import load_file
 
 from sd35.errors import CheckpointError, SD35Error, SD35Warning
+from sd35.image_io import read_image
 from sd35.imaging import image_to_tensor
 from sd35.loading.safetensors_io import read_header, save_file_atomic
 from sd35.models.vae import latent_to_model
-from sd35.train.data import Crop, Sample, apply_crop, open_image, place_samples, warn_skipped
+from sd35.request import TextOptions
+from sd35.train.data import Crop, Sample, apply_crop, place_samples, warn_skipped
 
 CACHE_VERSION = 1
 LATENT_DIR, TEXT_DIR = "latents", "text"
@@ -331,7 +333,7 @@ def _encode_latents(pipe, todo: list[tuple[Sample, Crop, Path]], batch_size: int
             pixels, files = [], []
             for sample, crop, file in chunk:
                 try:
-                    pixels.append(image_to_tensor(apply_crop(open_image(sample.image), crop), bw, bh))
+                    pixels.append(image_to_tensor(apply_crop(read_image(sample.image), crop), bw, bh))
                     files.append(file)
                 except SD35Error as e:
                     _write_atomic(file.with_suffix(".skip"), str(e).removeprefix(f"{sample.image}: ") + "\n")
@@ -358,7 +360,7 @@ def _encode_texts(
         for chunk in _chunks(group, batch_size):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                context, pooled = pipe.encode_prompt(chunk, t5_max_tokens)
+                context, pooled = pipe.encode_prompt(chunk, TextOptions(t5_max_tokens=t5_max_tokens))
             for w in caught:
                 text = str(w.message)
                 if "T5 dropped" in text:

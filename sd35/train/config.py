@@ -44,9 +44,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35.errors import SD35Error
+
+if TYPE_CHECKING:
+    from sd35.request import GenerateRequest
 
 try:
     import tomllib
@@ -111,7 +114,13 @@ class TrainConfig:
     cache_dir: str | None = _opt(
         None, "data", "str", "latent/text-embedding cache (default OUTPUT_DIR/cache)"
     )
-    resolution: int = _opt(1024, "data", "int", "training resolution (pixels per side of the square bucket)")
+    resolution: int | None = _opt(
+        None,
+        "data",
+        "int",
+        "training resolution, pixels per side of the square bucket (default: the model's image size, "
+        "1024 for SD3.5 Medium, 64 for the demo)",
+    )
     batch_size: int = _opt(1, "data", "int", "images per micro-batch on each process")
     caption_t5_tokens: int = _opt(
         77, "data", "int", "T5 token limit of cached captions (77: every context 154 rows, no padding)"
@@ -202,14 +211,20 @@ class TrainConfig:
     validation_every: int = _opt(
         0, "validation", "int", "validate every N optimizer steps (0 = only at the end)"
     )
-    validation_steps: int = _opt(28, "validation", "int", "sampling steps of validation images")
-    validation_cfg: float = _opt(5.0, "validation", "float", "CFG scale of validation images")
+    validation_steps: int | None = _opt(
+        None, "validation", "int", "sampling steps of validation images (default: the model's)"
+    )
+    validation_cfg: float | None = _opt(
+        None, "validation", "float", "CFG scale of validation images (default: the model's)"
+    )
     validation_width: int | None = _opt(None, "validation", "int", "default: resolution")
     validation_height: int | None = _opt(None, "validation", "int", "default: resolution")
     validation_seed: int | None = _opt(None, "validation", "int", "default: seed")
     validation_slg: bool = _opt(True, "validation", "bool", "Skip Layer Guidance on validation images")
-    validation_slg_layers: list[int] = _opt([7, 8, 9], "validation", "list[int]", "SLG blocks")
-    validation_slg_scale: float = _opt(2.5, "validation", "float", "SLG scale")
+    validation_slg_layers: list[int] | None = _opt(
+        None, "validation", "list[int]", "SLG blocks (default: the model's, 7 8 9 for SD3.5 Medium)"
+    )
+    validation_slg_scale: float | None = _opt(None, "validation", "float", "SLG scale (default: the model's)")
 
     # [output]
     output_dir: str | None = _opt(None, "output", "str", "folder of the run: checkpoints, samples, weights")
@@ -234,9 +249,14 @@ class TrainConfig:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     def buckets(self) -> list[tuple[int, int]]:
-        """The training buckets (width, height): about resolution**2 pixels each (sd35.train.data.make_buckets)."""
+        """The training buckets (width, height): about resolution**2 pixels each (sd35.train.data.make_buckets).
+
+        Needs ``resolution``; the trainer fills it from the model's defaults when the config leaves it out.
+        """
         from sd35.train.data import make_buckets
 
+        if self.resolution is None:
+            raise ValueError("resolution is not set yet: it comes from the model's defaults once loaded")
         step = min(self.bucket_step, self.resolution)
         return make_buckets(
             max_side=self.resolution,
@@ -271,13 +291,11 @@ class TrainConfig:
                     f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}."
                 )
         positive_ints = (
-            "resolution",
             "batch_size",
             "caption_t5_tokens",
             "max_steps",
             "gradient_accumulation",
             "lora_rank",
-            "validation_steps",
         )
         for key in positive_ints:
             if getattr(self, key) < 1:
@@ -294,7 +312,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise SD35Error(f"{key} must be a finite number > 0, got {value}.")
-        for key in ("weight_decay", "max_grad_norm", "mode_scale", "validation_cfg", "validation_slg_scale"):
+        for key in ("weight_decay", "max_grad_norm", "mode_scale"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
                 raise SD35Error(f"{key} must be a finite number >= 0, got {value}.")
@@ -315,19 +333,13 @@ class TrainConfig:
             raise SD35Error("lora_blocks is empty; list block indices, or leave it out for all blocks.")
         if self.lora_blocks is not None and any(b < 0 for b in self.lora_blocks):
             raise SD35Error(f"lora_blocks must be block indices >= 0, got {self.lora_blocks}.")
-        if self.resolution % 16:
-            raise SD35Error(f"resolution must be a multiple of 16, got {self.resolution}.")
+        if self.resolution is not None and (self.resolution < 16 or self.resolution % 16):
+            raise SD35Error(f"resolution must be a multiple of 16 (at least 16), got {self.resolution}.")
         if not self.bucket_max_aspect >= 1:
             raise SD35Error(f"bucket_max_aspect must be at least 1, got {self.bucket_max_aspect}.")
-        self.buckets()  # the bucket settings' own errors, before any model is loaded
-        for key in ("validation_width", "validation_height"):
-            value = getattr(self, key)
-            if value is not None and (value < 16 or value % 16):
-                raise SD35Error(f"{key} must be a multiple of 16 (at least 16), got {value}.")
-        if self.validation_slg and self.validation_prompts and not self.validation_slg_layers:
-            raise SD35Error(
-                "validation_slg_layers is empty; name the blocks to skip or set validation_slg = false."
-            )
+        if self.resolution is not None:
+            self.buckets()  # the bucket settings' own errors, before any model is loaded
+        self.validation_request("")  # the validation settings' errors, named by their keys
         if self.mode == "full" and self.model_dtype != "fp32":
             raise SD35Error(
                 f"mode = full keeps fp32 master weights; model_dtype {self.model_dtype} is for LoRA only "
@@ -337,6 +349,42 @@ class TrainConfig:
             raise SD35Error("fsdp = true is for mode = full; LoRA training uses DDP (fsdp = false).")
         if self.output_name is not None and (not self.output_name or "/" in self.output_name):
             raise SD35Error(f"output_name must be a plain file stem, got {self.output_name!r}.")
+
+    def validation_request(self, prompt: str) -> GenerateRequest:
+        """The request that renders one validation prompt (unset values are the model's, as in generate).
+
+        A bad value raises an SD35Error naming its config key (``validation_steps``, not ``steps``).
+        """
+        from sd35.request import GenerateRequest
+        from sd35.sampling.guidance import SkipLayerGuidance
+
+        keys = {
+            "width": "validation_width",
+            "height": "validation_height",
+            "steps": "validation_steps",
+            "cfg": "validation_cfg",
+            "seed": "validation_seed",
+            "slg.layers": "validation_slg_layers",
+            "slg.scale": "validation_slg_scale",
+        }
+        try:
+            slg = None
+            if self.validation_slg:
+                layers = None if self.validation_slg_layers is None else tuple(self.validation_slg_layers)
+                slg = SkipLayerGuidance(layers=layers, scale=self.validation_slg_scale)
+            return GenerateRequest(
+                prompt=prompt,
+                negative_prompt=self.validation_negative_prompt,
+                width=self.validation_width or self.resolution,
+                height=self.validation_height or self.resolution,
+                steps=self.validation_steps,
+                cfg=self.validation_cfg,
+                seed=self.seed if self.validation_seed is None else self.validation_seed,
+                slg=slg,
+            )
+        except SD35Error as e:
+            key = keys.get(e.param or "", "validation settings")
+            raise type(e)(f"{key}: {e}", param=keys.get(e.param or "")) from None
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -348,6 +396,11 @@ OPTIONAL = {
     "cache_dir",
     "lora_alpha",
     "lora_blocks",
+    "resolution",
+    "validation_steps",
+    "validation_cfg",
+    "validation_slg_layers",
+    "validation_slg_scale",
     "validation_width",
     "validation_height",
     "validation_seed",

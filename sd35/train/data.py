@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from sd35.errors import SD35Error, SD35Warning
+from sd35.image_io import image_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"
@@ -262,40 +263,6 @@ class Crop:
     bucket: tuple[int, int]
     left: int
     top: int
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) as the image will be seen (EXIF rotation applied), from the header alone."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                width, height = height, width
-    except Exception as e:  # PIL raises many kinds for broken files
-        raise SD35Error(f"{path}: cannot be read as an image ({_reason(e)}).") from None
-    if width < 1 or height < 1:
-        raise SD35Error(f"{path}: the image is empty ({width}x{height}).")
-    return width, height
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The image in RGB, EXIF rotation applied, transparency composited onto white."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, rgba).convert("RGB")
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many kinds for broken files
-        raise SD35Error(f"{path}: cannot be read as an image ({_reason(e)}).") from None
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def crop_rng(seed: int, image: str | os.PathLike) -> random.Random:

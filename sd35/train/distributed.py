@@ -1,6 +1,6 @@
 """Multi-process training through ``torchrun``.
 
-``torchrun --nproc_per_node N -m sd35.train.cli ...`` (or ``torchrun --nproc_per_node N $(which sd35) train ...``)
+``torchrun --nproc_per_node N -m sd35.cli.train ...`` (or ``torchrun --nproc_per_node N $(which sd35) train ...``)
 sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed`
 reads them, joins the process group (NCCL on CUDA, gloo on CPU) and gives each process its GPU
 ``cuda:LOCAL_RANK``. Without those variables everything runs in one process and the helpers here are no-ops.

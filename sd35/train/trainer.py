@@ -261,7 +261,7 @@ class Trainer:
             if info.distributed:
                 raise SD35Error("a pre-loaded pipeline can only train in a single process.")
             return self.pipe
-        from sd35.pipeline import load_pipeline
+        from sd35.loading.assemble import load_pipeline
 
         return load_pipeline(
             cfg.model,
@@ -271,28 +271,28 @@ class Trainer:
             dtype=DTYPES[cfg.model_dtype],
         )
 
-    def _check_validation(self, pipe) -> None:
-        """Validation settings that would fail only at the first validation, checked before training."""
-        cfg = self.cfg
-        if not cfg.validation_prompts:
-            return
-        from sd35.pipeline import DEFAULTS, check_arguments
+    def _check_model_fit(self, pipe) -> None:
+        """Settings that depend on the model, checked before anything is cached or created on disk.
 
-        config = pipe.mmditx.config
-        check_arguments(
-            cfg.validation_width or cfg.resolution,
-            cfg.validation_height or cfg.resolution,
-            cfg.validation_steps,
-            cfg.validation_cfg,
-            1,
-            DEFAULTS.sampler,
-            config.max_image_size,
-        )
-        if cfg.validation_slg and max(cfg.validation_slg_layers) >= config.depth:
+        The resolution defaults to the model's image size; a resolution beyond the model's position grid
+        would only fail at the first training step, after caching every latent. The validation images are
+        one request, checked as ``sd35 generate`` checks it.
+        """
+        cfg = self.cfg
+        if cfg.resolution is None:
+            cfg.resolution = max(pipe.defaults.width, pipe.defaults.height)
+            cfg.buckets()
+        largest = pipe.mmditx.config.max_image_size
+        if cfg.resolution > largest:
             raise SD35Error(
-                f"validation_slg_layers {cfg.validation_slg_layers} do not exist: this model has joint blocks "
-                f"0..{config.depth - 1}."
+                f"resolution {cfg.resolution} px is larger than this model's images can be (at most {largest} px per "
+                f"side, its position grid); use at most {largest} (this model's own size is {pipe.defaults.width})."
             )
+        if cfg.validation_prompts:
+            try:
+                pipe.check(cfg.validation_request(cfg.validation_prompts[0]))
+            except SD35Error as e:
+                raise type(e)(f"validation settings: {e}", param=None) from None
 
     def _build_data(self, pipe):
         from sd35.train.cache import build_cache
@@ -335,25 +335,16 @@ class Trainer:
 
     def _offload_text_encoders(self, pipe) -> None:
         """Free the GPU of the text encoders (T5-XXL alone is 9-19 GB) once the captions are cached: the validation
-        prompts are encoded now, the encoders move to the CPU, and ``pipe.encode_prompt`` answers those prompts
-        from memory (any other prompt is encoded on the CPU)."""
+        prompts are encoded now into the pipeline's prompt cache, which answers them from then on, and the encoders
+        move to the CPU (any other prompt is encoded there)."""
         cfg = self.cfg
-        table: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        prompts = [[p, cfg.validation_negative_prompt] for p in cfg.validation_prompts]
-        prompts += [[p] for p in cfg.validation_prompts]  # cfg 1 encodes the prompt alone
+        groups = [[p, cfg.validation_negative_prompt] for p in cfg.validation_prompts]
+        groups += [[p] for p in cfg.validation_prompts]  # cfg 1 encodes the prompt alone
+        pipe.prompt_cache.size = max(pipe.prompt_cache.size, len(groups))
         with torch.no_grad():
-            for group in prompts:
-                table[(tuple(group), 256)] = pipe.encode_prompt(group, 256)
+            for group in groups:
+                pipe.encode_prompt(group)
         pipe.text.to("cpu")
-        encode = pipe.encode_prompt
-
-        def cached(prompt, t5_max_tokens=256, weighting="none", long_clip=False):
-            key = (tuple([prompt] if isinstance(prompt, str) else prompt), t5_max_tokens)
-            if key in table and weighting == "none" and not long_clip:
-                return table[key]
-            return encode(prompt, t5_max_tokens, weighting, long_clip)
-
-        pipe.encode_prompt = cached
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -438,12 +429,12 @@ class Trainer:
 
     def _run(self, resume: Path | None) -> TrainResult:
         cfg, info = self.cfg, self.info
+        seed_everything(cfg.seed)
+        pipe = self._load_pipeline()
+        self._check_model_fit(pipe)  # before the output folder exists, so a refused run leaves nothing behind
         if info.main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier(info)
-        seed_everything(cfg.seed)
-        pipe = self._load_pipeline()
-        self._check_validation(pipe)
         for module in (pipe.vae, pipe.text):
             module.requires_grad_(False)
         dataset, sampler = self._build_data(pipe)
@@ -624,7 +615,6 @@ class Trainer:
     def _validate(self, pipe, step: int) -> list[Path]:
         """Render the validation prompts (EMA weights if on) to ``samples/``; returns the PNGs written."""
         from sd35.image_io import save_png
-        from sd35.sampling.guidance import SkipLayerGuidance
 
         cfg, info = self.cfg, self.info
         if not cfg.validation_prompts:
@@ -635,30 +625,16 @@ class Trainer:
             folder = self.out / SAMPLES
             if info.main:
                 folder.mkdir(exist_ok=True)
-            slg = (
-                SkipLayerGuidance(layers=tuple(cfg.validation_slg_layers), scale=cfg.validation_slg_scale)
-                if cfg.validation_slg
-                else None
-            )
             autocast = self._autocast() if info.device.type == "cuda" else nullcontext()
             was_training = self.mmditx.training
             self.mmditx.eval()
             try:
                 with self.ema.applied() if self.ema is not None else nullcontext(), autocast:
                     for i, prompt in enumerate(cfg.validation_prompts):
-                        image = pipe.generate(
-                            prompt,
-                            cfg.validation_negative_prompt,
-                            width=cfg.validation_width or cfg.resolution,
-                            height=cfg.validation_height or cfg.resolution,
-                            steps=cfg.validation_steps,
-                            cfg=cfg.validation_cfg,
-                            seed=cfg.seed if cfg.validation_seed is None else cfg.validation_seed,
-                            slg=slg,
-                        )[0]
+                        result = pipe.run(cfg.validation_request(prompt))
                         if info.main:
                             path = folder / f"step{step:08d}-{i:02d}.png"
-                            written.append(save_png(image, path, image.info.get("parameters")))
+                            written.append(save_png(result.images[0], path, result.infotexts[0]))
                     if sharded:  # inference leaves FSDP's root gathered (with the EMA values): drop that
                         reshard(self.mmditx)
             finally:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sd35.errors import SD35Error
+from sd35.errors import SD35Error, SD35Warning
 from sd35.imaging import image_to_tensor, outpaint_canvas, tensor_to_image
-from sd35.pipeline import HiresFix
+from sd35.pipeline import hires_schedule_steps
 from sd35.preview import latent_preview
+from sd35.request import Edit, HiresFix
 from sd35.sampling.guidance import SkipLayerGuidance
 
 PROMPT = "a green square at the bottom right"
@@ -30,7 +31,7 @@ def _px(image):
 
 
 def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
-    out = tiny_pipe.generate(PROMPT, init_image=photo, strength=0.0, steps=4, seed=1)[0]
+    out = tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=0.0), steps=4, seed=1)[0]
     vae = tiny_pipe.vae
     expected = tensor_to_image(vae.decode(vae.encode(image_to_tensor(photo, 64, 64))))
     assert np.array_equal(_px(out), _px(expected))
@@ -38,7 +39,7 @@ def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
 
 
 def test_img2img_strength_1_equals_txt2img(tiny_pipe, photo):
-    a = tiny_pipe.generate(PROMPT, init_image=photo, strength=1.0, steps=3, seed=4)[0]
+    a = tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=1.0), steps=3, seed=4)[0]
     b = tiny_pipe.generate(PROMPT, width=64, height=64, steps=3, seed=4)[0]
     assert np.array_equal(_px(a), _px(b))
 
@@ -46,7 +47,11 @@ def test_img2img_strength_1_equals_txt2img(tiny_pipe, photo):
 def test_img2img_runs_the_tail_of_the_schedule(tiny_pipe, photo):
     calls = []
     tiny_pipe.generate(
-        PROMPT, init_image=photo, strength=0.5, steps=10, seed=2, callback=lambda *a: calls.append(a[:2])
+        PROMPT,
+        edit=Edit(image=photo, strength=0.5),
+        steps=10,
+        seed=2,
+        on_progress=lambda p: calls.append((p.step, p.steps)),
     )
     assert [c[0] for c in calls] == list(range(5)) and calls[0][1] == 5  # sigmas[int(10 * 0.5):]
 
@@ -58,11 +63,11 @@ def test_slg_acts_in_img2img_and_inpainting(tiny_pipe, photo):
     )
     try:
         slg = SkipLayerGuidance(layers=(1,), start=0.0, end=1.0)
-        tiny_pipe.generate(PROMPT, init_image=photo, strength=0.6, steps=5, seed=3, slg=slg)
+        tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=0.6), steps=5, seed=3, slg=slg)
         n_img2img = sum(skips)
         mask = Image.new("L", (64, 64), 0)
         mask.paste(255, (0, 0, 32, 64))
-        tiny_pipe.generate(PROMPT, init_image=photo, mask=mask, steps=5, seed=3, slg=slg)
+        tiny_pipe.generate(PROMPT, edit=Edit(image=photo, mask=mask), steps=5, seed=3, slg=slg)
     finally:
         hook.remove()
     assert n_img2img >= 1 and sum(skips) > n_img2img
@@ -74,12 +79,10 @@ def test_inpainting_keeps_unmasked_pixels(tiny_pipe, photo):
     finals = []
     out = tiny_pipe.generate(
         PROMPT,
-        init_image=photo,
-        mask=mask,
-        mask_blur=2,
+        edit=Edit(image=photo, mask=mask, mask_blur=2),
         steps=4,
         seed=5,
-        callback=lambda step, total, x, d: finals.append(x.clone()),
+        on_progress=lambda p: finals.append(p.x.clone()),
     )[0]
     got, src = _px(out), _px(photo)
     assert np.array_equal(got[:, 32:], src[:, 32:])  # far from the feathered edge: the original pixels
@@ -93,10 +96,23 @@ def test_inpainting_keeps_unmasked_pixels(tiny_pipe, photo):
 
 
 def test_mask_needs_an_init_image_and_strength_is_checked(tiny_pipe, photo):
-    with pytest.raises(SD35Error, match="init image"):
-        tiny_pipe.generate(PROMPT, mask=Image.new("L", (64, 64), 255), steps=1)
-    with pytest.raises(SD35Error, match="strength"):
-        tiny_pipe.generate(PROMPT, init_image=photo, strength=1.5, steps=1)
+    with pytest.raises(SD35Error, match="init image") as e:
+        tiny_pipe.generate(PROMPT, edit=Edit(image=None, mask=Image.new("L", (64, 64), 255)), steps=1)
+    assert e.value.param == "edit.image"
+    with pytest.raises(SD35Error, match="strength") as e:
+        tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=1.5), steps=1)
+    assert e.value.param == "edit.strength"
+
+
+def test_mask_of_another_size(tiny_pipe, photo):
+    """A mask at another scale is resized with a warning; one of another shape is refused."""
+    small = Image.new("L", (32, 32), 0)
+    small.paste(255, (0, 0, 12, 32))
+    with pytest.warns(SD35Warning, match="the mask is 32x32; it is resized"):
+        tiny_pipe.generate(PROMPT, edit=Edit(image=photo, mask=small), steps=1, seed=1)
+    with pytest.raises(SD35Error, match="another shape") as e:
+        tiny_pipe.generate(PROMPT, edit=Edit(image=photo, mask=Image.new("L", (64, 32), 255)), steps=1)
+    assert e.value.param == "edit.mask"
 
 
 def test_outpainting_extends_the_canvas(tiny_pipe, photo):
@@ -104,9 +120,15 @@ def test_outpainting_extends_the_canvas(tiny_pipe, photo):
     assert canvas.size == (96, 64) and mask.size == (96, 64)
     m = np.asarray(mask)
     assert m[:, :20].min() == 255 and m[:, 20:76].max() == 0 and m[:, 76:].min() == 255
-    out = tiny_pipe.generate(PROMPT, init_image=canvas, mask=mask, mask_blur=0, steps=3, seed=6)[0]
+    out = tiny_pipe.generate(PROMPT, edit=Edit(image=canvas, mask=mask, mask_blur=0), steps=3, seed=6)[0]
     assert out.size == (96, 64)
     assert np.array_equal(_px(out)[:, 20:76], _px(canvas)[:, 20:76])
+    # the request's own outpaint makes the same canvas and mask (its overlap is 8 px)
+    borders = tiny_pipe.generate(
+        PROMPT, edit=Edit(image=photo, outpaint=(16, 0, 16, 0), mask_blur=0), steps=3, seed=6
+    )
+    assert borders[0].size == (96, 64) and 'Outpaint: "16,0,16,0"' in borders[0].info["parameters"]
+    assert np.array_equal(_px(borders[0])[:, 24:72], _px(photo)[:, 8:56])
 
 
 def test_hires_fix_latent_and_lanczos(tiny_pipe):
@@ -118,7 +140,7 @@ def test_hires_fix_latent_and_lanczos(tiny_pipe):
         steps=4,
         seed=7,
         hires=HiresFix(scale=1.5, steps=3, strength=0.5),
-        callback=lambda step, total, x, d: calls.append((step, total, tuple(x.shape))),
+        on_progress=lambda p: calls.append((p.step, p.steps, tuple(p.x.shape))),
     )[0]
     assert out.size == (48, 96)
     assert calls[3][2][-2:] == (8, 4) and calls[-1][2][-2:] == (12, 6)
@@ -141,3 +163,22 @@ def test_latent_preview_is_an_image_of_the_right_size():
     preview = latent_preview(torch.randn(1, 16, 6, 4))
     assert preview.size == (32, 48) and preview.mode == "RGB"
     assert np.asarray(preview).std() > 0
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 20, 33])
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.35, 0.5, 0.7, 0.99, 1.0])
+def test_hires_schedule_runs_exactly_the_steps_asked(steps, strength):
+    from sd35.sampling.schedules import get_sigmas, img2img_sigmas
+
+    n = hires_schedule_steps(steps, strength)
+    assert len(img2img_sigmas(get_sigmas("simple", n, 3.0), strength)) - 1 == steps
+
+
+def test_hires_second_pass_step_count_at_an_awkward_strength(tiny_pipe):
+    """20 steps at strength 0.3: the schedule round(20 / 0.3) = 67 would have run 21 (int(67 * 0.7) = 46)."""
+    stages = []
+    tiny_pipe.generate(
+        PROMPT, width=32, height=32, steps=1, seed=1, hires=HiresFix(scale=2.0, steps=20, strength=0.3),
+        on_progress=lambda p: stages.append(p.stage),
+    )  # fmt: skip
+    assert stages.count("hires") == 20 and stages.count("base") == 1

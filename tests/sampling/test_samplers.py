@@ -22,7 +22,6 @@ from test_sampling import GaussianData, _noise
 from sd35.errors import SD35Error
 from sd35.sampling import reference_sigmas
 from sd35.sampling.samplers import (
-    SAMPLER_DISPLAY_NAMES,
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
     get_sampler,
@@ -71,13 +70,8 @@ def _flow_lambda_sigmas(steps: int, high: float = 0.98, low: float = 0.01) -> to
 # ------------------------------------------------------------------------- registry and signatures
 
 
-def test_registry_names_display_names_and_stochastic_set():
+def test_registry_names_and_stochastic_set():
     assert list(SAMPLERS) == COMFY_NAMES
-    assert set(SAMPLER_DISPLAY_NAMES) == set(SAMPLERS)
-    assert SAMPLER_DISPLAY_NAMES["euler_ancestral"] == "Euler a"
-    assert SAMPLER_DISPLAY_NAMES["dpmpp_2s_ancestral"] == "DPM++ 2S a"
-    assert SAMPLER_DISPLAY_NAMES["uni_pc"] == "UniPC"
-    assert len(set(SAMPLER_DISPLAY_NAMES.values())) == len(SAMPLERS)
     assert isinstance(STOCHASTIC_SAMPLERS, frozenset)
     assert frozenset(STOCHASTIC) == STOCHASTIC_SAMPLERS
     assert STOCHASTIC == ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"]

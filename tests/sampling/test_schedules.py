@@ -9,7 +9,6 @@ import torch
 
 from sd35.errors import SD35Error
 from sd35.sampling import (
-    A1111_SCHEDULER_NAMES,
     SCHEDULERS,
     discrete_flow_sigmas,
     flow_sigma,
@@ -94,11 +93,8 @@ FORMULAS = {
 
 
 def test_names():
-    assert set(FORMULAS) == set(SCHEDULERS) == set(A1111_SCHEDULER_NAMES)
+    assert set(FORMULAS) == set(SCHEDULERS)
     assert SCHEDULERS[0] == "simple"
-    assert A1111_SCHEDULER_NAMES["sgm_uniform"] == "SGM Uniform"
-    assert A1111_SCHEDULER_NAMES["kl_optimal"] == "KL Optimal"
-    assert A1111_SCHEDULER_NAMES["linear_quadratic"] == "Linear Quadratic"
 
 
 @pytest.mark.parametrize("shift", SHIFTS)

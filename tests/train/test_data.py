@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sd35.errors import SD35Error, SD35Warning
+from sd35.image_io import read_image
 from sd35.train.cache import CachedDataset, build_cache, collate, pad_contexts
 from sd35.train.data import (
     BucketBatchSampler,
@@ -22,7 +23,6 @@ from sd35.train.data import (
     assign_bucket,
     crop_rng,
     make_buckets,
-    open_image,
     place_samples,
     plan_crop,
     scan_dataset,
@@ -192,7 +192,7 @@ def test_crops():
 def test_transparency_composited_on_white(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.save(tmp_path / "t.png")
-    assert open_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+    assert read_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def test_cache_built_once_and_matches_pipeline(counted, tmp_path):
             w, h = entry.crop.bucket
             assert item["bucket"] == (w, h) and item["caption"] == entry.sample.caption
             assert item["latent"].dtype == torch.float32 and item["latent"].shape == (16, h // 8, w // 8)
-            expected = pipe._encode_image(apply_crop(open_image(entry.sample.image), entry.crop), w, h)[0]
+            expected = pipe._encode_image(apply_crop(read_image(entry.sample.image), entry.crop), w, h)[0]
             torch.testing.assert_close(item["latent"], expected, rtol=0, atol=0)
             context, pooled = pipe.encode_prompt([entry.sample.caption], 77)
             torch.testing.assert_close(item["context"], context[0], rtol=0, atol=0)

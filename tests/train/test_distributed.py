@@ -17,8 +17,8 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+from sd35.cli.train import main_train
 from sd35.testing import torch_threads
-from sd35.train.cli import main_train
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -54,7 +54,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    done = subprocess.run([*cmd, "-m", "sd35.train.cli", *args], env=env, capture_output=True, text=True,
+    done = subprocess.run([*cmd, "-m", "sd35.cli.train", *args], env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from sd35 import load_pipeline
+from sd35.cli.train import main_train
 from sd35.errors import SD35Error
 from sd35.models.mmditx import MMDiTX
-from sd35.pipeline import load_pipeline
 from sd35.testing import torch_threads
 from sd35.train.checkpoint import list_checkpoints
-from sd35.train.cli import main_train
 from sd35.train.config import TrainConfig, parse_config
 from sd35.train.loss import FlowLoss, draw, loss_weights, pos_offset, sample_sigmas, shift_sigmas
 from sd35.train.trainer import train

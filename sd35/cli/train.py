@@ -6,7 +6,7 @@ Usage::
     sd35 train --config lora.toml --learning-rate 5e-5 --max-steps 500 --output-dir runs/b
     sd35 train --model sd3.5_medium/ --data-dir imgs/ --output-dir runs/a --mode full --fsdp
     sd35 train --config lora.toml --resume latest
-    torchrun --nproc_per_node 4 -m sd35.train.cli --config lora.toml  # multi-GPU (DDP; FSDP with --fsdp)
+    torchrun --nproc_per_node 4 -m sd35.cli.train --config lora.toml  # multi-GPU (DDP; FSDP with --fsdp)
 
 Every key of :class:`~sd35.train.config.TrainConfig` is a flag (``learning_rate`` -> ``--learning-rate``).
 A user mistake prints one line ``sd35: error: ...`` and returns 2.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from sd35.cli import run_reporting_errors
+from sd35.cli.errors import run_reporting_errors
 
 
 def main_train(argv: list[str] | None = None) -> int:

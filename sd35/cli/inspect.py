@@ -108,3 +108,20 @@ def report(paths: list[str | Path]) -> str:
     else:
         lines.append("Complete: MMDiT-X, VAE, CLIP-L, CLIP-G and T5-XXL are all present.")
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="say what weight files/folders are and what a complete pipeline still lacks",
+        description="For each file or folder: which model it holds (SD3 Medium, SD3.5 Medium, SD3.5 Large, CLIP-L, "
+        "CLIP-G, T5-XXL, VAE), its layout, dtype and parameter count; then what a complete pipeline lacks. "
+        "Reads only file headers.",
+    )
+    p.add_argument("paths", nargs="+", help=".safetensors files or diffusers/text-encoder folders")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    print(report(args.paths))
+    return 0

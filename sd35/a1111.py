@@ -1,0 +1,66 @@
+"""The A1111/Forge vocabulary: their names for our samplers and schedulers, and the ``parameters`` infotext.
+
+Forge, A1111, Civitai and most image browsers read a generation's settings from a PNG ``parameters`` text
+chunk of the form::
+
+    a photo of a cat
+    Negative prompt: blurry
+    Steps: 50, Sampler: DPM++ 2M, Schedule type: Simple, CFG scale: 5.0, Seed: 1, Size: 1024x1024, Model: sd3.5_medium
+
+and their HTTP API names samplers the same way ("Euler a", "DPM++ 2M"). The names here are the ones A1111
+writes (``modules/sd_samplers_kdiffusion.py`` ``samplers_k_diffusion``, ``modules/sd_schedulers.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sd35.sampling.samplers import SAMPLERS
+from sd35.sampling.schedules import SCHEDULERS
+
+SAMPLER_NAMES: dict[str, str] = {
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "dpm_2": "DPM2",
+    "lms": "LMS",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "lcm": "LCM",
+    "ipndm": "IPNDM",
+    "deis": "DEIS",
+    "uni_pc": "UniPC",
+}
+"""Our (ComfyUI's) sampler name -> A1111's."""
+
+SCHEDULER_NAMES: dict[str, str] = {
+    "simple": "Simple",
+    "sgm_uniform": "SGM Uniform",
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+    "linear_quadratic": "Linear Quadratic",
+    "kl_optimal": "KL Optimal",
+}
+"""Our scheduler name -> A1111's label (``Schedule type: Karras``)."""
+
+assert set(SAMPLER_NAMES) == set(SAMPLERS) and set(SCHEDULER_NAMES) == set(SCHEDULERS)
+
+
+def _quote(value: str) -> str:
+    """A1111 quotes values that contain a comma, colon or quote (``modules/generation_parameters_copypaste.py``)."""
+    if any(c in value for c in ',:"'):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return value
+
+
+def infotext(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
+    """The ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value`` pairs (None left out)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in settings.items() if v is not None))
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""What a request leaves unset means for each model: one table, chosen once when a model is loaded.
+
+The official reference keeps one settings dict per release (Stability-AI/sd3.5 ``sd3_infer.py``
+``CONFIGS``, keyed by the file's name, so a renamed file silently loses them). We choose by what the
+weights are (the MMDiT-X's shape, :func:`defaults_for`), and a weight file may carry its own defaults
+in its safetensors metadata under :data:`METADATA_KEY` (the built-in demo model does), which win.
+
+Every front end (the CLI, ``pipe.generate``, each HTTP route) resolves a request against the loaded
+model's table in one place, :meth:`sd35.request.GenerateRequest.resolved`, so "the default" never
+depends on which door a request came in by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+from typing import get_args
+
+from sd35.errors import CheckpointError
+from sd35.models.mmditx import MMDiTXConfig
+from sd35.sampling.guidance import SkipLayerGuidance
+from sd35.sampling.samplers import SamplerName
+from sd35.sampling.schedules import SchedulerName
+
+METADATA_KEY = "sd35.defaults"
+"""Safetensors metadata key of a JSON object with :class:`ModelDefaults` fields (``slg`` as an object)."""
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The settings a model runs with when a request does not say; all complete."""
+
+    name: str  # the preset's name (the reference's CONFIGS key where there is one)
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: SamplerName
+    scheduler: SchedulerName
+    shift: float
+    slg: SkipLayerGuidance  # what a bare "use SLG" means for this model
+    trained_size: int  # the largest image side the model was trained at; beyond it quality falls apart
+
+    def __post_init__(self) -> None:
+        if not self.slg.complete:
+            raise ValueError(f"the {self.name} preset's SLG settings must be complete")
+
+
+SD35_MEDIUM = ModelDefaults(
+    name="sd3.5_medium",
+    width=1024,
+    height=1024,
+    steps=50,
+    cfg=5.0,
+    sampler="dpmpp_2m",
+    scheduler="simple",
+    shift=3.0,
+    slg=SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.20),
+    trained_size=1440,  # the model card: progressive training up to 1440 px
+)
+"""``sd3_infer.py`` CONFIGS["sd3.5_medium"] (SLG opt-in with ``--skip_layer_cfg``; its cfg 4.0 is never used)."""
+
+SD3_MEDIUM = replace(SD35_MEDIUM, name="sd3_medium", shift=1.0, trained_size=1024)
+"""CONFIGS["sd3_medium"]: shift 1.0, else the reference's fallbacks."""
+
+SD35_LARGE = replace(SD35_MEDIUM, name="sd3.5_large", steps=40, cfg=4.5, trained_size=1024)
+"""CONFIGS["sd3.5_large"] (a Large Turbo file has the same shapes: pass steps 4, cfg 1, euler for it)."""
+
+FAMILY_PRESETS = {
+    "SD3.5 Medium": SD35_MEDIUM,
+    "SD3 Medium": SD3_MEDIUM,
+    "SD3.5 Large (or Large Turbo)": SD35_LARGE,
+}
+
+
+def defaults_for(config: MMDiTXConfig, metadata: dict[str, str] | None = None) -> ModelDefaults:
+    """The defaults of a loaded MMDiT-X: its file's own (``metadata[METADATA_KEY]``), else its family's.
+
+    A transformer of no known family (a custom or test-sized model) gets SD3.5 Medium's settings with the
+    size capped by its position grid, so a bare request still fits the model.
+    """
+    if metadata and METADATA_KEY in metadata:
+        return from_metadata(metadata[METADATA_KEY])
+    from sd35.cli.inspect import mmditx_family
+
+    preset = FAMILY_PRESETS.get(mmditx_family(config))
+    if preset is not None:
+        return preset
+    side = min(SD35_MEDIUM.width, config.max_image_size)
+    return replace(SD35_MEDIUM, name="custom", width=side, height=side, trained_size=config.max_image_size)
+
+
+def to_metadata(defaults: ModelDefaults) -> str:
+    """The JSON text stored under :data:`METADATA_KEY` (see :func:`from_metadata`)."""
+    return json.dumps(dataclasses.asdict(defaults), sort_keys=True)
+
+
+def from_metadata(text: str) -> ModelDefaults:
+    """A :class:`ModelDefaults` from its JSON form; a clear :class:`CheckpointError` for anything malformed."""
+    try:
+        raw = json.loads(text)
+        raw["slg"] = SkipLayerGuidance(**raw["slg"])
+        defaults = ModelDefaults(**raw)
+    except Exception as e:
+        raise CheckpointError(f"the weight file's '{METADATA_KEY}' metadata is malformed ({e}).") from None
+    if defaults.sampler not in get_args(SamplerName) or defaults.scheduler not in get_args(SchedulerName):
+        raise CheckpointError(
+            f"the weight file's '{METADATA_KEY}' metadata names an unknown sampler or scheduler "
+            f"({defaults.sampler!r}, {defaults.scheduler!r})."
+        )
+    return defaults
