@@ -34,7 +34,6 @@ from sd35.imaging import (
     mask_to_tensor,
     tensor_to_image,
 )
-from sd35.inspect import mmditx_family
 from sd35.loading.components import (
     CLIP_G,
     CLIP_L,
@@ -49,7 +48,7 @@ from sd35.loading.components import (
 )
 from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
 from sd35.models.clip import CLIPTextConfig
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAE as VAEModel
 from sd35.models.vae import latent_to_model, model_to_latent
