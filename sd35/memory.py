@@ -34,7 +34,7 @@ low        0.66 (MMDiT-X rest 0.49,    2.0 (+ rests 0.47,       1.4 (+2      1.2
            VAE 0.17)                   T5 2 layers 0.77)        blocks 0.41)
 =========  ==========================  =======================  ===========  ===========
 
-"+1.5 fused adaLN": where present, :mod:`sd35.accel.modulation` keeps a stacked copy of the 0.77 B adaLN weights on the
+"+1.5 fused adaLN": where present, :mod:`sd35.models.modulation` keeps a stacked copy of the 0.77 B adaLN weights on the
 device while sampling (the pipeline frees it before the VAE decode, unless CUDA graphs hold it); balanced
 and low switch it off. Offloaded weights sit in page-locked host memory, so that
 copies run asynchronously: ~11.2 GB of CPU RAM in balanced, ~15.6 GB in low (a few % more for arenas).

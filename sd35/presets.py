@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import get_args
 
 from sd35.errors import CheckpointError
-from sd35.models.mmditx import MMDiTXConfig
+from sd35.models.mmditx import MMDiTXConfig, mmditx_family
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.sampling.samplers import SamplerName
 from sd35.sampling.schedules import SchedulerName
@@ -82,8 +82,6 @@ def defaults_for(config: MMDiTXConfig, metadata: dict[str, str] | None = None) -
     """
     if metadata and METADATA_KEY in metadata:
         return from_metadata(metadata[METADATA_KEY])
-    from sd35.cli.inspect import mmditx_family
-
     preset = FAMILY_PRESETS.get(mmditx_family(config))
     if preset is not None:
         return preset

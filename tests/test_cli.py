@@ -11,8 +11,6 @@ import pytest
 from PIL import Image
 
 from sd35.cli import main
-from sd35.cli.inspect import mmditx_family
-from sd35.models.mmditx import MMDiTXConfig
 
 
 def _run(capsys, *args):
@@ -60,40 +58,6 @@ def test_inspect_text_encoder_folder_and_combination(capsys, tiny):
 def test_inspect_reports_dtype_and_parameters(capsys, tiny):
     _, out, _ = _run(capsys, "inspect", str(tiny["official"]))
     assert "fp32" in out and "M parameters" in out
-
-
-def test_family_names_of_the_real_configs():
-    base = dict(patch_size=2, in_channels=16, out_channels=16, pooled_dim=2048, context_dim=4096)
-    sd35m = MMDiTXConfig(
-        hidden_size=1536,
-        depth=24,
-        pos_embed_max_size=384,
-        mlp_hidden=6144,
-        qk_norm=True,
-        attn2_layers=tuple(range(13)),
-        **base,
-    )
-    sd3m = MMDiTXConfig(
-        hidden_size=1536,
-        depth=24,
-        pos_embed_max_size=192,
-        mlp_hidden=6144,
-        qk_norm=False,
-        attn2_layers=(),
-        **base,
-    )
-    sd35l = MMDiTXConfig(
-        hidden_size=2432,
-        depth=38,
-        pos_embed_max_size=192,
-        mlp_hidden=9728,
-        qk_norm=True,
-        attn2_layers=(),
-        **base,
-    )
-    assert mmditx_family(sd35m) == "SD3.5 Medium" and sd35m.max_image_size == 6144
-    assert mmditx_family(sd3m) == "SD3 Medium"
-    assert mmditx_family(sd35l).startswith("SD3.5 Large")
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):

@@ -1,8 +1,5 @@
 """Opt-in accelerations of the MMDiT-X transformer, each giving the plain path's result within tolerance.
 
-- :mod:`sd35.accel.modulation`: every adaLN modulation in one matmul. On by default in
-  :class:`sd35.models.mmditx.MMDiTX` (exact up to summation order; ``mmditx.fused_modulation = False``
-  saves its second copy of the adaLN weights, 1.5 GB in bf16 for SD3.5 Medium).
 - :func:`compile_blocks`: ``torch.compile`` of each joint block in place (three graph variants, small
   compile time, state-dict keys unchanged): ``compile_blocks(pipe.mmditx, dynamic=False)``.
 - :class:`GraphedDenoiser`: the model call captured as a CUDA graph per (shapes, dtypes, skip_layers),
@@ -15,8 +12,12 @@ bring their own CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) must not
 :class:`GraphedDenoiser` (graphs cannot be captured inside a capture); use ``mode=None`` or
 ``"max-autotune-no-cudagraphs"`` with it.
 
-This package does not import :mod:`sd35.models` at import time (the model imports
-:mod:`sd35.accel.modulation`); the helpers find blocks and layers by their module names.
+The model never imports this package: it sits above :mod:`sd35.models` and takes what it shares with the
+model from there (the fused adaLN cache of :mod:`sd35.models.modulation`, which is part of the model and on
+by default, and the layer contract of :mod:`sd35.models.contract`: fp8 layers are
+:class:`~sd35.models.contract.QuantizedLinear`). Nor does it import :mod:`sd35.lora`: it sees a LoRA-patched
+layer through :func:`sd35.models.contract.lora_state`. The helpers find blocks and layers by their module
+names.
 """
 
 from sd35.accel.compile import compile_blocks, compiled_blocks, uncompile_blocks
@@ -28,11 +29,9 @@ from sd35.accel.fp8 import (
     quantize_model_fp8,
     scaled_fp8_state_dict,
 )
-from sd35.accel.modulation import FusedLinears, refresh
 
 __all__ = [
     "Fp8Linear",
-    "FusedLinears",
     "GraphCache",
     "GraphedDenoiser",
     "ModelSnapshot",
@@ -43,7 +42,6 @@ __all__ = [
     "graph_key",
     "model_fingerprint",
     "quantize_model_fp8",
-    "refresh",
     "scaled_fp8_state_dict",
     "uncompile_blocks",
 ]

@@ -15,7 +15,7 @@ model's fingerprint (:func:`model_fingerprint`: every parameter's and buffer's a
 cache's, every module's hook ids and the runtime LoRA patches with their strengths) is checked on every
 call; any change drops all graphs, which are then captured again. Weights changed in place (a LoRA
 merge) need no recapture: the graph reads them where they are; the fused adaLN copy of them is brought
-up to date in place (:func:`sd35.accel.modulation.refresh`) before each replay. Other Python-side
+up to date in place (:func:`sd35.models.modulation.refresh`) before each replay. Other Python-side
 switches flipped after a capture (``fused_modulation``, an ``Fp8Linear`` mode) are not seen; call
 :meth:`GraphedDenoiser.reset`.
 
@@ -35,8 +35,9 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from sd35.accel.modulation import LORA_STATE_ATTR, hook_dicts, refresh
 from sd35.errors import SD35Error, SD35Warning
+from sd35.models.contract import lora_state
+from sd35.models.modulation import fused_cache, hook_dicts, refresh
 
 T = TypeVar("T")
 
@@ -76,11 +77,11 @@ class ModelSnapshot:
         if any(self.all_hook_dicts):
             for i, (m, dicts) in enumerate(self.hooks):
                 if any(dicts):
-                    state = m.__dict__.get(LORA_STATE_ATTR)
+                    state = lora_state(m)
                     runtime = getattr(state, "runtime", ())
                     patches = tuple((p.name, id(p.adapter), p.strength) for p in runtime)
                     hooks.append((i, tuple(k for d in dicts for k in d), patches))
-        cache = self.model.__dict__.get("_adaln")
+        cache = fused_cache(self.model)
         fused = tuple(
             None if a is None else a.data_ptr()
             for a in (getattr(cache, "weight", None), getattr(cache, "bias", None))

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
+from sd35.models.contract import BLOCK_LINEARS, QuantizedLinear, lora_state, matches_suffix
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
+DEFAULT_TARGETS = BLOCK_LINEARS  # the joint blocks' attention and MLP matrices: most of the FLOPs
 GRANULARITIES = ("tensor", "row")
 MODES = ("auto", "scaled_mm", "dequant")
 _MIN_SCALE = 1e-12  # an all-zero tensor gets this scale instead of 0 (no division by zero)
@@ -80,7 +81,7 @@ def quantize_activation(x: torch.Tensor, granularity: str = "tensor") -> tuple[t
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantizedLinear):
     """A linear layer with an e4m3 weight and a float32 scale; see the module doc for the keys.
 
     ``mode``: "auto" runs ``torch._scaled_mm`` where :func:`fp8_supported` says it is fast and the shapes
@@ -88,8 +89,8 @@ class Fp8Linear(nn.Module):
     ``torch._scaled_mm`` (on the CPU too, where this PyTorch build implements it: useful to check its
     arithmetic, not fast); "dequant" never does. The output has the input's dtype; the fp8 matmul itself
     writes ``compute_dtype`` (bf16: what the row-wise kernels produce).
-    It exposes ``in_features``, ``out_features`` and :meth:`dequantized_weight`, so runtime LoRAs
-    (:mod:`sd35.lora`) apply to it, DoRA included.
+    It is a :class:`~sd35.models.contract.QuantizedLinear` (``in_features``, ``out_features``,
+    :meth:`dequantized_weight`), so runtime LoRAs (:mod:`sd35.lora`) apply to it, DoRA included.
     """
 
     def __init__(
@@ -235,10 +236,6 @@ class Fp8Linear(nn.Module):
         )
 
 
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def fp8_layer_names(
     model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, skip: Iterable[str] = ()
 ) -> list[str]:
@@ -250,7 +247,7 @@ def fp8_layer_names(
         for name, m in model.named_modules()
         if type(m) is nn.Linear
         and name.startswith("joint_blocks.")
-        and _matches(name, targets)
+        and matches_suffix(name, targets)
         and not any(fnmatch.fnmatchcase(name, pat) for pat in skip)
     ]
 
@@ -275,8 +272,6 @@ def quantize_model_fp8(
     slower; a :class:`SD35Warning` says so). Layers with LoRAs applied are refused: unload them first
     and load them again afterwards (they then run as runtime LoRAs on the fp8 layers).
     """
-    from sd35.lora.layers import get_state
-
     if granularity not in GRANULARITIES:
         raise SD35Error(f"fp8 granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     names = fp8_layer_names(model, targets, skip)
@@ -287,7 +282,7 @@ def quantize_model_fp8(
     if any(d.type == "meta" for d in devices):
         raise SD35Error("quantize_model_fp8 needs a model with real weights (it is on the meta device).")
     for name in names:
-        if get_state(layers[name]) is not None:
+        if lora_state(layers[name]) is not None:
             raise SD35Error(
                 f"layer {name} has a LoRA applied; unload LoRAs before quantize_model_fp8 and load them again "
                 "afterwards (they then run as runtime LoRAs)."

@@ -21,21 +21,9 @@ from sd35.loading.components import (
     scan,
 )
 from sd35.models.clip import CLIPTextConfig
-from sd35.models.mmditx import MMDiTXConfig
+from sd35.models.mmditx import MMDiTXConfig, mmditx_family
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAEConfig
-
-
-def mmditx_family(cfg: MMDiTXConfig) -> str:
-    """Name the release a transformer config belongs to (REFERENCE.md 1.1: depth, attn2 keys, pos_embed grid)."""
-    if cfg.depth == 24 and cfg.hidden_size == 1536:
-        if cfg.attn2_layers and cfg.pos_embed_max_size == 384:
-            return "SD3.5 Medium"
-        if not cfg.attn2_layers and cfg.pos_embed_max_size == 192:
-            return "SD3 Medium"
-    if cfg.depth == 38 and cfg.hidden_size == 2432 and not cfg.attn2_layers:
-        return "SD3.5 Large (or Large Turbo)"
-    return "an MMDiT-X of another configuration"
 
 
 def _ranges(ids: Iterable[int]) -> str:

@@ -14,9 +14,21 @@ import re
 import torch
 
 from sd35.errors import CheckpointError
-from sd35.loading.tensors import LazyTensor, StateDict, concat, lazy, swap_halves
+from sd35.loading.tensors import LazyTensor, StateDict, concat, lazy, shape_of
 
 COPY, QKV, SWAP = "copy", "qkv", "swap"
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """Exchange the two halves of ``t`` along dim 0: a SWAP tensor in one layout becomes the other's.
+
+    diffusers stores the final adaLN and the last block's pre-only context adaLN as (scale, shift), the
+    official layout (the model's) as (shift, scale); the swap is its own inverse. The one definition for
+    everything that crosses between the two layouts: weights loaded and written here, and LoRA adapters
+    made for diffusers' order (:class:`sd35.lora.adapters.SwapHalves`, :mod:`sd35.lora.export`).
+    """
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
 
 
 def is_diffusers_mmditx(keys) -> bool:
@@ -117,7 +129,7 @@ def mmditx_from_diffusers(sd: StateDict, what: str = "diffusers transformer") ->
         if op == QKV:
             out[ours] = concat([sd[k] for k in theirs], dim=0)
         elif op == SWAP:
-            out[ours] = swap_halves(sd[theirs[0]])
+            out[ours] = lazy(sd[theirs[0]]).derive(shape_of(sd[theirs[0]]), swap_halves)
         else:
             out[ours] = lazy(sd[theirs[0]])
     return out
@@ -132,8 +144,7 @@ def mmditx_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if op == QKV:
             out.update(zip(theirs, (c.clone() for c in t.chunk(3, dim=0)), strict=True))
         elif op == SWAP:
-            a, b = t.chunk(2, dim=0)
-            out[theirs[0]] = torch.cat([b, a], dim=0)
+            out[theirs[0]] = swap_halves(t)
         else:
             out[theirs[0]] = t
     return out

@@ -79,13 +79,3 @@ def lazy(t: TensorLike) -> LazyTensor:
     if isinstance(t, LazyTensor):
         return t
     return LazyTensor(tuple(t.shape), t.dtype, lambda: t)
-
-
-def swap_halves(t: TensorLike) -> LazyTensor:
-    """Swap the two halves along dim 0: diffusers stores the final adaLN as (scale, shift), the reference as (shift, scale)."""
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=0)
-        return torch.cat([b, a], dim=0)
-
-    return lazy(t).derive(shape_of(t), fn)

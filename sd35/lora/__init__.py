@@ -11,28 +11,16 @@ Training::
     ...                                                      # optimise params
     save_lora("out.safetensors", export_lora(mmditx), export_metadata(mmditx))
 
-See :mod:`sd35.lora.layers` for the adapter formulas (DoRA included) and the two ways of applying
-them, :mod:`sd35.lora.formats` for the key layouts, :mod:`sd35.lora.export` for the saved layouts.
+See :mod:`sd35.lora.adapters` for the adapter formulas (DoRA included), :mod:`sd35.lora.patching` for
+the two ways of applying them (and trainable adapters), :mod:`sd35.lora.formats` for the key layouts,
+:mod:`sd35.lora.export` for the saved layouts.
 """
 
+from sd35.lora.adapters import Adapter, Diff, LoHa, LoKr, LoRA, RowStack, SwapHalves, dora_weight
 from sd35.lora.export import export_lora, export_metadata
 from sd35.lora.formats import ParsedLoRA, parse_lora, read_lora, save_lora
-from sd35.lora.layers import (
-    DEFAULT_TARGETS,
-    Adapter,
-    Diff,
-    LoHa,
-    LoKr,
-    LoRA,
-    Patch,
-    RowStack,
-    SwapHalves,
-    add_lora,
-    dora_weight,
-    merge_lora,
-    set_strength,
-)
 from sd35.lora.loader import LoadReport, load_lora, loaded_loras, set_lora_strength, unload_lora
+from sd35.lora.patching import DEFAULT_TARGETS, Patch, add_lora, merge_lora, set_strength
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -1,4 +1,4 @@
-"""Writing a LoRA (a trained one, from :func:`sd35.lora.layers.add_lora`) in the kohya or diffusers layout.
+"""Writing a LoRA (a trained one, from :func:`sd35.lora.patching.add_lora`) in the kohya or diffusers layout.
 
 - **kohya** (sd-scripts ``networks/lora_sd3.py``; ComfyUI, Forge and sd.cpp read it): one adapter per
   layer with our official names, dots as underscores, prefixes ``lora_unet_`` / ``lora_te1_`` (CLIP-L) /
@@ -31,8 +31,13 @@ from torch import nn
 
 from sd35._version import __version__
 from sd35.errors import SD35Error
+from sd35.loading.diffusers_mmditx import swap_halves
+from sd35.lora.adapters import LoRA
 from sd35.lora.formats import COMPONENTS, DIFFUSERS_PREFIX, KOHYA_PREFIX, ModelIndex, diffusers_names
-from sd35.lora.layers import LoRA, iter_patches, swap_halves
+from sd35.lora.patching import iter_patches
+from sd35.models.clip import CLIPTextEncoder
+from sd35.models.mmditx import MMDiTX, mmditx_family
+from sd35.models.t5 import T5Encoder
 
 FORMATS = ("kohya", "diffusers")
 
@@ -43,10 +48,6 @@ def _as_models(model_or_models) -> dict[str, nn.Module]:
         if unknown:
             raise SD35Error(f"unknown model component(s) {sorted(unknown)}; use {list(COMPONENTS)}.")
         return {c: m for c, m in model_or_models.items() if m is not None}
-    from sd35.models.clip import CLIPTextEncoder
-    from sd35.models.mmditx import MMDiTX
-    from sd35.models.t5 import T5Encoder
-
     m = model_or_models
     if isinstance(m, MMDiTX):
         return {"mmditx": m}
@@ -137,8 +138,6 @@ def export_metadata(model_or_models, name: str = "train", format: str = "kohya")
     dora = any(a.dora_scale is not None for _, _, a in items)
     base = "unknown"
     if "mmditx" in models and getattr(models["mmditx"], "config", None) is not None:
-        from sd35.cli.inspect import mmditx_family
-
         base = mmditx_family(models["mmditx"].config)
     meta = {
         "sd35_version": __version__,

@@ -46,18 +46,9 @@ from torch import nn
 
 from sd35.errors import SD35Error
 from sd35.loading.safetensors_io import save_file_atomic
-from sd35.lora.layers import (
-    Adapter,
-    Diff,
-    LoHa,
-    LoKr,
-    LoRA,
-    RowStack,
-    SwapHalves,
-    dora_axis,
-    is_target,
-    weight_shape,
-)
+from sd35.lora.adapters import Adapter, Diff, LoHa, LoKr, LoRA, RowStack, SwapHalves, dora_axis
+from sd35.lora.patching import is_target, weight_shape
+from sd35.models.mmditx import mmditx_family
 
 COMPONENTS = ("mmditx", "clip_l", "clip_g", "t5")
 KOHYA_PREFIX = {"mmditx": "lora_unet_", "clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5": "lora_te3_"}
@@ -210,8 +201,6 @@ class ModelIndex:
         mm = self.models.get("mmditx")
         config = getattr(mm, "config", None)
         if config is not None and hasattr(config, "hidden_size"):
-            from sd35.cli.inspect import mmditx_family
-
             return mmditx_family(config)
         return "this model"
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.lora.formats import COMPONENT_NAMES, COMPONENTS, parse_lora, read_lora
-from sd35.lora.layers import Patch, attach, detach, has_float_weight, lora_names, set_strength
+from sd35.lora.patching import Patch, attach, detach, has_float_weight, lora_names, set_strength
 
 MODES = ("auto", "merge", "runtime")
 

@@ -7,7 +7,7 @@ Stability-AI/sd3.5 ``mmditx.py`` as summarised in ``shared/spec/REFERENCE.md`` s
 Every size is read from the weights (:meth:`MMDiTXConfig.from_state_dict`): SD3 Medium, SD3.5
 Medium and SD3.5 Large files all load with the same code.
 
-Inference computes every adaLN modulation in one matmul per forward (:mod:`sd35.accel.modulation`;
+Inference computes every adaLN modulation in one matmul per forward (:mod:`sd35.models.modulation`;
 the same numbers as the block-by-block reading of the reference, up to float summation order; switch it
 off with ``model.fused_modulation = False``). Attention keeps q, k, v token-major, as views of the fused
 qkv output: the layout with the fewest copies (see :func:`attention`). The opt-in accelerations
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from sd35.accel.modulation import FusedLinears
 from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.modulation import FusedLinears
 
 PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # the reference sets hidden = 64 * depth and heads = depth (mmditx.py 742-744)
@@ -116,6 +116,22 @@ class MMDiTXConfig:
     def max_image_size(self) -> int:
         """The largest image side in pixels the positional-embedding grid covers (8x VAE downsampling)."""
         return self.pos_embed_max_size * self.patch_size * 8
+
+
+def mmditx_family(cfg: MMDiTXConfig) -> str:
+    """Name the release a transformer config belongs to (REFERENCE.md 1.1: depth, attn2 keys, pos_embed grid).
+
+    It lives with the config because it is a fact about the architecture: ``sd35 inspect``, the pipeline's
+    description, LoRA metadata and LoRA error messages all name the model the same way.
+    """
+    if cfg.depth == 24 and cfg.hidden_size == 1536:
+        if cfg.attn2_layers and cfg.pos_embed_max_size == 384:
+            return "SD3.5 Medium"
+        if not cfg.attn2_layers and cfg.pos_embed_max_size == 192:
+            return "SD3 Medium"
+    if cfg.depth == 38 and cfg.hidden_size == 2432 and not cfg.attn2_layers:
+        return "SD3.5 Large (or Large Turbo)"
+    return "an MMDiT-X of another configuration"
 
 
 def sd35_medium_config() -> MMDiTXConfig:
@@ -365,7 +381,7 @@ class MMDiTX(nn.Module):
     ``skip_layers`` bypasses whole joint blocks (Skip Layer Guidance, mmditx.py 874-877).
 
     ``fused_modulation`` (default True) computes every adaLN modulation in one matmul where that is
-    exact and safe (see :class:`sd35.accel.modulation.FusedLinears`: inference or frozen adaLN weights,
+    exact and safe (see :class:`sd35.models.modulation.FusedLinears`: inference or frozen adaLN weights,
     plain linears without hooks or runtime LoRAs, all on one device); it costs a second copy of the adaLN
     weights (about 0.77 B parameters for SD3.5 Medium). Set it False to keep the block-by-block reading.
     """

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35.errors import SD35Error
+from sd35.models.contract import BLOCK_LINEARS
 
 if TYPE_CHECKING:
     from sd35.request import GenerateRequest
@@ -69,9 +70,6 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 DTYPES = ("fp32", "bf16", "fp16")
 LOG_WITH = ("none", "tensorboard")
-# Layer-name suffixes given LoRA adapters (sd35.lora.add_lora's default: every attention and MLP matrix of
-# both streams, attn2 included).
-DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
 
 
 def _opt(default: Any, section: str, kind: str, help: str, choices: tuple[str, ...] | None = None):
@@ -195,7 +193,7 @@ class TrainConfig:
     lora_rank: int = _opt(16, "lora", "int", "LoRA rank")
     lora_alpha: float | None = _opt(None, "lora", "float", "LoRA alpha (default = rank, scale 1)")
     lora_targets: list[str] = _opt(
-        list(DEFAULT_LORA_TARGETS),
+        list(BLOCK_LINEARS),  # sd35.lora.add_lora's default: every attention and MLP matrix, attn2 included
         "lora",
         "list[str]",
         "layer-name suffixes given adapters (sd35.lora.add_lora)",

@@ -196,7 +196,7 @@ def _named_trainable(model: nn.Module, params: list[nn.Parameter]) -> dict[str, 
     (which sd35.lora keeps outside the module tree) ``<layer>.lora.<up|down|dora_scale>``."""
     names = {id(p): n for n, p in model.named_parameters()}
     try:
-        from sd35.lora.layers import iter_patches
+        from sd35.lora.patching import iter_patches
 
         for mname, _, patch, _ in iter_patches(model):
             if patch.name == LORA_NAME:
@@ -360,7 +360,7 @@ class Trainer:
                 p.requires_grad_(True)
             return params, []
         from sd35.lora import add_lora
-        from sd35.lora.layers import iter_patches
+        from sd35.lora.patching import iter_patches
 
         params = list(
             add_lora(

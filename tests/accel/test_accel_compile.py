@@ -14,7 +14,8 @@ from torch._dynamo.utils import counters
 
 from sd35.accel import compile_blocks, compiled_blocks, uncompile_blocks
 from sd35.errors import SD35Error
-from sd35.lora.layers import LoRA, Patch, attach, detach
+from sd35.lora.adapters import LoRA
+from sd35.lora.patching import Patch, attach, detach
 
 
 @pytest.fixture(autouse=True)

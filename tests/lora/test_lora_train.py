@@ -22,7 +22,7 @@ from sd35.lora import (
     save_lora,
     unload_lora,
 )
-from sd35.lora.layers import iter_patches
+from sd35.lora.patching import iter_patches
 
 ALL = (*DEFAULT_TARGETS, "adaLN_modulation.1", "final_layer.linear", "context_embedder", "x_embedder.proj")
 

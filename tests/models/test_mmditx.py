@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from sd35.errors import CheckpointError, SD35Error
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig, timestep_embedding
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family, sd35_medium_config, timestep_embedding
 from sd35.testing import tiny_configs
 from sd35.testing.random_weights import random_state_dict
 
@@ -169,3 +171,14 @@ def test_pos_offset_crop_and_gradient_checkpointing():
         model(x, t, y, ctx).square().mean().backward()
         grads.append(model.joint_blocks[0].x_block.attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_family_names_of_the_real_configs():
+    sd35m = sd35_medium_config()
+    sd3m = dataclasses.replace(sd35m, pos_embed_max_size=192, qk_norm=False, attn2_layers=())
+    sd35l = dataclasses.replace(
+        sd35m, hidden_size=2432, depth=38, pos_embed_max_size=192, mlp_hidden=9728, attn2_layers=()
+    )
+    assert mmditx_family(sd35m) == "SD3.5 Medium" and sd35m.max_image_size == 6144
+    assert mmditx_family(sd3m) == "SD3 Medium"
+    assert mmditx_family(sd35l).startswith("SD3.5 Large")

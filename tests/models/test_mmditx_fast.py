@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from test_mmditx import CONFIGS, _inputs, _pair, _rel_err
 
 from sd35.lora import load_lora, unload_lora
-from sd35.lora.layers import LoRA, Patch, attach, detach
+from sd35.lora.adapters import LoRA
+from sd35.lora.patching import Patch, attach, detach
 from sd35.models.mmditx import MMDiTX, attention
 from sd35.testing import tiny_configs, torch_threads
 from sd35.testing.random_weights import random_state_dict

@@ -16,8 +16,9 @@ not give the layers' own result or gradients:
 - a layer is not a plain ``nn.Linear`` (a quantized layer computes something else), or a module on the
   way to it was replaced since the last call (the layout is looked up again);
 - a layer, or a module on the way to it (whose forward the fused path bypasses or feeds), has hooks: a
-  runtime LoRA (:mod:`sd35.lora.layers` applies it through a forward hook and ``module._sd35_lora``), an
-  offloading hook that moves weights in, a cache; any of these must see the module's own call;
+  runtime LoRA (:mod:`sd35.lora` applies it through a forward hook and the state under
+  :data:`sd35.models.contract.LORA_STATE_ATTR`), an offloading hook that moves weights in, a cache; any of
+  these must see the module's own call;
 - gradients are on and some weight or bias requires grad (training the adaLN): the stacked copy is
   detached, so their gradients would be lost. Gradients with respect to the input still flow, so
   training a LoRA elsewhere with frozen adaLN weights keeps the fused path;
@@ -27,6 +28,9 @@ not give the layers' own result or gradients:
 
 The checks run on every call, so they avoid ``nn.Module.__getattr__`` and read ``__dict__`` directly:
 they cost tens of microseconds for SD3.5 Medium's 49 layers.
+
+This is part of the model (:class:`sd35.models.mmditx.MMDiTX` uses it by default), not an opt-in
+acceleration; :mod:`sd35.accel.cuda_graphs` uses :func:`refresh` and :func:`hook_dicts` from here.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-LORA_STATE_ATTR = "_sd35_lora"  # sd35.lora.layers.STATE_ATTR, read here without importing the LoRA package
+from sd35.models.contract import LORA_STATE_ATTR, lora_state
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -54,7 +58,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def _runtime_lora(module: nn.Module) -> bool:
-    state = module.__dict__.get(LORA_STATE_ATTR)
+    state = lora_state(module)
     return state is not None and bool(getattr(state, "runtime", None))
 
 
@@ -253,6 +257,16 @@ class FusedLinears:
         return True
 
 
+def fused_cache(model: nn.Module) -> FusedLinears | None:
+    """``model``'s fused-adaLN cache (the ``_adaln`` attribute :class:`sd35.models.mmditx.MMDiTX` keeps), or None.
+
+    One reader of that attribute, for :func:`refresh` and for the CUDA-graph fingerprint (which must notice
+    the stacked copy moving), so neither needs to know where the model keeps it.
+    """
+    cache = model.__dict__.get("_adaln")
+    return cache if isinstance(cache, FusedLinears) else None
+
+
 def refresh(model: nn.Module) -> bool:
     """Update ``model``'s fused-adaLN cache in place after its weights changed in place (a LoRA merge).
 
@@ -260,8 +274,8 @@ def refresh(model: nn.Module) -> bool:
     :class:`sd35.accel.cuda_graphs.GraphedDenoiser` calls this before each replay. Returns whether the
     model has a live cache.
     """
-    cache = model.__dict__.get("_adaln")
-    return isinstance(cache, FusedLinears) and cache.refresh(model)
+    cache = fused_cache(model)
+    return cache is not None and cache.refresh(model)
 
 
-__all__ = ["FusedLinears", "has_hooks", "hook_dicts", "refresh"]
+__all__ = ["FusedLinears", "fused_cache", "has_hooks", "hook_dicts", "refresh"]
