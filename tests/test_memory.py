@@ -286,10 +286,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 def _run(pipe):
     final = {}
 
-    def grab(step, total, x, denoised):
-        final["x"] = x.clone()
+    def grab(progress):
+        final["x"] = progress.x.clone()
 
-    image = pipe.generate(PROMPT, width=32, height=32, steps=2, seed=3, sampler="euler", callback=grab)[0]
+    image = pipe.generate(PROMPT, width=32, height=32, steps=2, seed=3, sampler="euler", on_progress=grab)[0]
     return final["x"], image
 
 

@@ -188,12 +188,15 @@ def attach(module: nn.Module, patch: Patch, mode: str) -> None:
     """Apply ``patch`` to ``module`` by ``mode`` "merge" or "runtime"."""
     if mode not in ("merge", "runtime"):
         raise SD35Error(f"LoRA mode must be 'merge' or 'runtime', got {mode!r}.")
+    if mode == "merge" and not has_float_weight(
+        module
+    ):  # a quantized weight (fp8 + scale, GGUF) takes no float delta
+        raise SD35Error(
+            "cannot merge a LoRA into a quantized layer or one whose weight is not a plain float tensor; "
+            "use mode='runtime' (or 'auto', which picks it for such layers)."
+        )
     st = _ensure_state(module)
     if mode == "merge":
-        if not module.weight.is_floating_point():
-            raise SD35Error(
-                "cannot merge a LoRA into a layer whose weight is not a float tensor; use mode='runtime'."
-            )
         st.merged.append(patch)
         try:
             _remerge(module, st)

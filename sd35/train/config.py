@@ -356,15 +356,6 @@ class TrainConfig:
         from sd35.request import GenerateRequest
         from sd35.sampling.guidance import SkipLayerGuidance
 
-        keys = {
-            "width": "validation_width",
-            "height": "validation_height",
-            "steps": "validation_steps",
-            "cfg": "validation_cfg",
-            "seed": "validation_seed",
-            "slg.layers": "validation_slg_layers",
-            "slg.scale": "validation_slg_scale",
-        }
         try:
             slg = None
             if self.validation_slg:
@@ -381,8 +372,25 @@ class TrainConfig:
                 slg=slg,
             )
         except SD35Error as e:
-            key = keys.get(e.param or "", "validation settings")
-            raise type(e)(f"{key}: {e}", param=keys.get(e.param or "")) from None
+            raise validation_error(e) from None
+
+
+VALIDATION_KEYS = {
+    "width": "validation_width",
+    "height": "validation_height",
+    "steps": "validation_steps",
+    "cfg": "validation_cfg",
+    "seed": "validation_seed",
+    "slg.layers": "validation_slg_layers",
+    "slg.scale": "validation_slg_scale",
+}
+"""Request field -> the config key that sets it for validation images."""
+
+
+def validation_error(e: SD35Error) -> SD35Error:
+    """A request error about the validation images, reworded to name the config key to change."""
+    key = VALIDATION_KEYS.get(e.param or "", "validation settings")
+    return type(e)(f"{key}: {e}")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

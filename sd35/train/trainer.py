@@ -45,7 +45,7 @@ from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.train import checkpoint as ckpt
-from sd35.train.config import TrainConfig
+from sd35.train.config import TrainConfig, validation_error
 from sd35.train.distributed import (
     all_mean,
     apply_fsdp,
@@ -292,7 +292,7 @@ class Trainer:
             try:
                 pipe.check(cfg.validation_request(cfg.validation_prompts[0]))
             except SD35Error as e:
-                raise type(e)(f"validation settings: {e}", param=None) from None
+                raise validation_error(e) from None
 
     def _build_data(self, pipe):
         from sd35.train.cache import build_cache

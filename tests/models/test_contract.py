@@ -127,3 +127,15 @@ def test_one_definition_of_the_block_linears():
     assert matches_suffix("joint_blocks.3.x_block.attn.qkv", BLOCK_LINEARS)
     assert not matches_suffix("joint_blocks.3.x_block.attn2.qkv", ("attn.qkv",))
     assert matches_suffix("attn.qkv", ("attn.qkv",))
+
+
+@pytest.mark.parametrize("make", [_int8, lambda: Fp8Linear.from_linear(nn.Linear(32, 16), mode="dequant")])
+def test_merging_into_a_quantized_layer_is_refused(make):
+    """fp8 stores a float8 weight plus a scale: a merged delta added to the raw values would ignore the scale."""
+    layer = make()
+    up, down = torch.randn(layer.out_features, 2), torch.randn(2, layer.in_features)
+    before = layer.weight.detach().clone()
+    with pytest.raises(SD35Error, match="quantized layer"):
+        attach(layer, Patch("m", LoRA(up, down, alpha=2.0)), "merge")
+    assert torch.equal(layer.weight.detach().view(torch.uint8), before.view(torch.uint8))
+    assert get_state(layer) is None

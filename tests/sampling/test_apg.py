@@ -192,7 +192,7 @@ def test_apg_on_a_tiny_mmditx(mmditx):
 
 
 def test_slg_is_added_after_apg(mmditx):
-    slg = SkipLayerGuidance(layers=(1, 2), start=0.0, end=1.0)  # active on steps 1..9 of 10
+    slg = SkipLayerGuidance(layers=(1, 2), scale=2.5, start=0.0, end=1.0)  # active on steps 1..9 of 10
     x, sigma = _randn(1, 16, 8, 8, seed=9), SIGMAS[3].reshape(1)
     apg = APG(eta=0.0, norm_threshold=3.0)
     with_slg = _guided(mmditx, apg, slg=slg)(x, sigma)

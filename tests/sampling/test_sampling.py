@@ -9,6 +9,7 @@ from kdiffusion_ref import load_sampling
 
 from sd35.errors import SD35Error
 from sd35.models.mmditx import MMDiTX
+from sd35.presets import SD35_MEDIUM
 from sd35.sampling import (
     SAMPLERS,
     GuidedDenoiser,
@@ -184,7 +185,9 @@ def test_sampler_registry():
 # --------------------------------------------------------------------------------------------- guidance
 
 DEPTH = 4
-SLG = SkipLayerGuidance(layers=(1, 2))  # the reference's scale/start/end; blocks that exist at this depth
+SLG = SkipLayerGuidance(layers=(1, 2)).filled(
+    SD35_MEDIUM.slg
+)  # the reference's scale/start/end; blocks that exist here
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +310,7 @@ def test_slg_result_by_hand(mmditx):
 
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
 def test_slg_window_is_steps_1_to_9_of_50(mmditx, name):
-    assert [i for i in range(50) if SkipLayerGuidance().active(i, 50)] == list(range(1, 10))
+    assert [i for i in range(50) if SD35_MEDIUM.slg.active(i, 50)] == list(range(1, 10))
     sigmas = reference_sigmas(50)
     guided = GuidedDenoiser(mmditx, _cond(mmditx, seed=1), _cond(mmditx, seed=2), 5.0, SLG, sigmas)
     with ForwardLog(mmditx) as log:
@@ -347,11 +350,13 @@ def test_bad_guidance_configs(mmditx):
         with pytest.raises(SD35Error, match="Skip Layer Guidance"):
             SkipLayerGuidance(**kwargs)
     assert SkipLayerGuidance(layers=[7, 8, 9]).layers == (7, 8, 9)
-    assert not SkipLayerGuidance(scale=0.0).active(5, 50)
+    assert not SkipLayerGuidance(scale=0.0).filled(SD35_MEDIUM.slg).active(5, 50)
+    with pytest.raises(ValueError, match="incomplete"):
+        SkipLayerGuidance(scale=1.0).active(5, 50)  # the model's values must be filled in first
     sigmas = reference_sigmas(10)
     cond = _cond(mmditx)
     with pytest.raises(SD35Error, match="joint blocks 0..3"):
-        GuidedDenoiser(mmditx, cond, cond, 5.0, SkipLayerGuidance(), sigmas)  # 7, 8, 9 at depth 4
+        GuidedDenoiser(mmditx, cond, cond, 5.0, SD35_MEDIUM.slg, sigmas)  # 7, 8, 9 at depth 4
     with pytest.raises(SD35Error, match="uncond"):
         GuidedDenoiser(mmditx, cond, None, 5.0, None, sigmas)
     with pytest.raises(TypeError, match="SkipLayerGuidance"):

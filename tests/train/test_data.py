@@ -14,6 +14,7 @@ from PIL import Image
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.image_io import read_image
+from sd35.request import TextOptions
 from sd35.train.cache import CachedDataset, build_cache, collate, pad_contexts
 from sd35.train.data import (
     BucketBatchSampler,
@@ -344,10 +345,10 @@ def test_cache_built_once_and_matches_pipeline(counted, tmp_path):
             assert item["latent"].dtype == torch.float32 and item["latent"].shape == (16, h // 8, w // 8)
             expected = pipe._encode_image(apply_crop(read_image(entry.sample.image), entry.crop), w, h)[0]
             torch.testing.assert_close(item["latent"], expected, rtol=0, atol=0)
-            context, pooled = pipe.encode_prompt([entry.sample.caption], 77)
+            context, pooled = pipe.encode_prompt([entry.sample.caption], TextOptions(t5_max_tokens=77))
             torch.testing.assert_close(item["context"], context[0], rtol=0, atol=0)
             torch.testing.assert_close(item["pooled"], pooled[0], rtol=0, atol=0)
-        context, pooled = pipe.encode_prompt([""], 77)
+        context, pooled = pipe.encode_prompt([""], TextOptions(t5_max_tokens=77))
         torch.testing.assert_close(ds.empty_text["context"], context[0], rtol=0, atol=0)
         torch.testing.assert_close(ds.empty_text["pooled"], pooled[0], rtol=0, atol=0)
 

@@ -341,8 +341,12 @@ def test_output_folder_and_packages_are_checked_first(tiny, data_dir, cache_dir,
         train(_cfg(tiny, data_dir, cache_dir, tmp_path / "empty", resume="latest"))
     with pytest.raises(SD35Error, match="not a training checkpoint"):
         train(_cfg(tiny, data_dir, cache_dir, tmp_path / "x", resume=str(tmp_path)))
-    with pytest.raises(SD35Error, match="validation_slg_layers \\[7, 8, 9\\] do not exist"):
+    with pytest.raises(SD35Error, match="validation_slg_layers: .*\\[7, 8, 9\\] do not exist"):
         train(_cfg(tiny, data_dir, cache_dir, tmp_path / "v", validation_prompts=["a"]), _pipe(tiny))
+    assert not (tmp_path / "v").exists()  # refused before the output folder was made
+    with pytest.raises(SD35Error, match="resolution 1024 px is larger than this model's images") as e:
+        train(_cfg(tiny, data_dir, cache_dir, tmp_path / "r", resolution=1024), _pipe(tiny))
+    assert "at most 512" in str(e.value) and not (tmp_path / "r").exists()
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
