@@ -9,8 +9,9 @@ import random
 import pytest
 from PIL import Image
 
+from sd35.demo import DEMO_DEFAULTS
 from sd35.errors import InvalidRequest, SD35Error
-from sd35.presets import SD35_MEDIUM, ModelDefaults, from_metadata, to_metadata
+from sd35.presets import SD35_MEDIUM, from_metadata, to_metadata
 from sd35.request import MAX_SEED, Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.sampling.guidance import APG, SkipLayerGuidance
 
@@ -115,18 +116,7 @@ def test_a_request_is_frozen():
         req.steps = 3
 
 
-DEMO_LIKE = ModelDefaults(
-    name="small",
-    width=64,
-    height=48,
-    steps=20,
-    cfg=4.0,
-    sampler="euler",
-    scheduler="simple",
-    shift=1.0,
-    slg=SkipLayerGuidance(layers=(2,), scale=2.0, start=0.01, end=0.3),
-    trained_size=64,
-)
+DEMO_LIKE = dataclasses.replace(DEMO_DEFAULTS, name="small", height=48)  # a non-square default size
 
 
 def test_resolution_fills_every_unset_field_from_the_model():

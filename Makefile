@@ -1,0 +1,43 @@
+# The two commands of the README's Quick start. Both set up what they need into .venv first, once:
+# a stamp file per step remembers what is installed, so a second run installs nothing.
+#
+#   make demo    torch + sd35, then one image from the built-in demo model (demo.png, never overwritten)
+#   make test    + the test references (diffusers, transformers, k-diffusion, ...), then ruff and the suite
+#
+# TORCH picks the torch build: the default is the CPU/CUDA wheel pip finds for torch==2.13.0; for another
+# build, e.g. `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# k-diffusion (a test-only reference for the samplers) without its dependency list, which pulls torchvision
+# and wandb; what its sampling module needs is in the project's [test] extra.
+KDIFFUSION := k-diffusion==0.1.1.post1
+DEMO_PROMPT := a green square at the bottom right on a yellow background
+
+.PHONY: demo test clean-venv
+
+demo: $(VENV)/.sd35
+	$(BIN)/sd35 generate --prompt "$(DEMO_PROMPT)" --seed 1 -o demo.png
+
+test: $(VENV)/.sd35-test
+	$(BIN)/ruff check . && $(BIN)/python -m pytest
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "sd35 needs Python 3.10 or newer; run make PYTHON=python3.11 (or another)")'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.sd35: pyproject.toml | $(BIN)/python
+	$(PIP) $(TORCH)
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.sd35-test: pyproject.toml $(VENV)/.sd35
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps $(KDIFFUSION)
+	@touch $@
+
+clean-venv:
+	rm -rf $(VENV)
