@@ -134,16 +134,9 @@ def check_accelerations(
     device: torch.device, memory: str, *, fp8: bool = False, compile: bool = False, cuda_graphs: bool = False
 ) -> None:
     """Refuse fast paths that cannot run with this device or memory mode (the CLI calls it before loading)."""
-    wanted = [flag for flag, on in (("--fp8", fp8), ("--cuda-graphs", cuda_graphs)) if on]
-    if wanted and device.type != "cuda":
-        raise SD35Error(
-            f"{' and '.join(wanted)} need a CUDA GPU, but this run uses {device}; leave them out."
-        )
-    if (compile or cuda_graphs) and memory == "low":
-        raise SD35Error(
-            "--compile and --cuda-graphs do not work with --memory low (its block streaming runs hooks "
-            "around every block); use --memory balanced or high."
-        )
+    from sd35.accel.apply import check_accelerations as check
+
+    check(device, memory, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs)
 
 
 def check_vae_tiling(value: str) -> str:
@@ -267,18 +260,14 @@ class SD3Pipeline:
         per (size, batch, skip layers), replayed so small images are not launch-bound. Streaming blocks
         (``memory="low"``) installs hooks on every block, which neither compiling nor graphs can capture.
         """
-        from sd35.accel import GraphedDenoiser, compile_blocks, quantize_model_fp8
+        from sd35.accel.apply import accelerate
 
         check_accelerations(self.device, self.memory, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs)
-        if fp8 and "fp8" not in self.accelerations:
-            quantize_model_fp8(self.mmditx)
-            self.accelerations.append("fp8")
-        if compile and "compile" not in self.accelerations:
-            compile_blocks(self.mmditx, dynamic=False)
-            self.accelerations.append("compile")
-        if cuda_graphs and "cuda_graphs" not in self.accelerations:
-            self.runner = GraphedDenoiser(self.mmditx)
-            self.accelerations.append("cuda_graphs")
+        runner, _ = accelerate(  # extends self.accelerations in place
+            self.mmditx, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs, applied=self.accelerations
+        )
+        if runner is not self.mmditx:  # graphs applied now; a runner from an earlier call stays otherwise
+            self.runner = runner
         return list(self.accelerations)
 
     def encode_prompt(
