@@ -36,9 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +45,16 @@ from torch import nn
 
 from sd35.accel import GraphedDenoiser, compile_blocks, fp8_supported, quantize_model_fp8
 from sd35.errors import SD35Error, SD35Warning
-from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig, sd35_medium_config
-from sd35.models.t5 import T5Config, T5Encoder
-from sd35.models.vae import VAE, VAEConfig
+from sd35.loading.writers import diffusers_transformer_config, write_diffusers
+from sd35.models.configs import (
+    TINY_CLIP_VOCAB,
+    medium_configs,
+    medium_mmditx_config,
+    scaled_mmditx_config,
+    tiny_configs,
+)
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.random_init import build_random, random_pipeline_weights
 
 BATCH = 2  # cond + uncond: one CFG step is one batch-2 forward
 TEXT_TOKENS = 77 + 256  # CLIP (L and G side by side) + T5 padded to diffusers' default 256
@@ -85,57 +89,6 @@ class Unavailable(Exception):
     """A requested fast path that this installation or device does not have (reported, not fatal)."""
 
 
-# --- configuration ------------------------------------------------------------------------------------
-
-
-def full_config() -> MMDiTXConfig:
-    """SD3.5 Medium's MMDiT-X at its real size."""
-    return sd35_medium_config()
-
-
-def scaled_config() -> MMDiTXConfig:
-    """The same architecture (attn2, qk-norm, a last pre-only block) at a width a CPU runs in milliseconds."""
-    return MMDiTXConfig(
-        hidden_size=256,
-        depth=4,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=64,
-        pooled_dim=128,
-        context_dim=256,
-        mlp_hidden=1024,
-        qk_norm=True,
-        attn2_layers=(0, 1),
-    )
-
-
-def full_pipeline_configs():
-    """Full-size configs of every pipeline part, in :class:`sd35.testing.TinyConfigs` so the test writers apply.
-
-    CLIP keeps the 1000-entry vocabulary of the test tokenizers (the real 49408 would need a real BPE
-    vocabulary to put EOS, the pooling token, at the last id); that leaves out 0.2 GB of embedding rows,
-    which cost memory but no compute. Everything else is the real size; T5-XXL has its 32128 rows.
-    """
-    from sd35.testing import TinyConfigs
-
-    clip_l = CLIPTextConfig(
-        vocab_size=1000, max_positions=77, width=768, layers=12, mlp_width=3072, activation="quick_gelu"
-    )
-    clip_g = CLIPTextConfig(
-        vocab_size=1000,
-        max_positions=77,
-        width=1280,
-        layers=32,
-        mlp_width=5120,
-        activation="gelu",
-        has_projection=True,
-        projection_dim=1280,
-    )
-    t5 = T5Config(vocab_size=32128, d_model=4096, heads=64, d_kv=64, d_ff=10240, layers=24)
-    return TinyConfigs(mmditx=full_config(), vae=VAEConfig(), clip_l=clip_l, clip_g=clip_g, t5=t5)
-
-
 @dataclass(frozen=True)
 class BenchOptions:
     """A validated benchmark request (see :func:`make_options`)."""
@@ -158,7 +111,7 @@ class BenchOptions:
 
     @property
     def config(self) -> MMDiTXConfig:
-        return full_config() if self.full else scaled_config()
+        return medium_mmditx_config() if self.full else scaled_mmditx_config()
 
     @property
     def dtype_name(self) -> str:
@@ -199,7 +152,7 @@ def _parse_sizes(value: str | None, default: tuple[int, ...], cfg: MMDiTXConfig)
                 f"size {s} is not a positive multiple of {step} pixels (8x VAE, patch {cfg.patch_size})."
             )
         if s > cfg.max_image_size:
-            which = "full" if cfg == full_config() else "scaled"
+            which = "full" if cfg == medium_mmditx_config() else "scaled"
             raise SD35Error(
                 f"size {s} is larger than the {which} config's position grid allows (at most {cfg.max_image_size}); "
                 + ("use --full for real sizes." if which == "scaled" else "pick a smaller size.")
@@ -208,9 +161,7 @@ def _parse_sizes(value: str | None, default: tuple[int, ...], cfg: MMDiTXConfig)
 
 
 def _whole_image_max_size(full: bool) -> int:
-    from sd35.testing import tiny_configs
-
-    return (full_config() if full else tiny_configs().mmditx).max_image_size
+    return (medium_mmditx_config() if full else tiny_configs().mmditx).max_image_size
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -259,7 +210,7 @@ def make_options(
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     full = on_gpu if full is None else full
-    cfg = full_config() if full else scaled_config()
+    cfg = medium_mmditx_config() if full else scaled_mmditx_config()
     if dtype is not None and dtype not in DTYPES:
         raise SD35Error(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}.")
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if on_gpu else torch.float32)
@@ -316,58 +267,6 @@ def make_options(
 # --- random models ------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@torch.no_grad()
-def random_init_(module: nn.Module, seed: int) -> nn.Module:
-    """Fill every floating tensor in place, on its own device and in its own dtype.
-
-    The scales follow :func:`sd35.testing.random_weights.randomize_` (matrices N(0, 1/fan_in), norm
-    weights 1 + N(0, 0.1^2), other vectors N(0, 0.1^2), embeddings N(0, 0.5^2)), so activations stay O(1)
-    through 24 blocks and no adaLN is zero. Unlike it, values are drawn on the device from a generator
-    seeded per tensor name: a 4.7B-parameter T5 appears in well under a second on a GPU, without a float32
-    copy in host memory, and the same seed gives the same weights to every model built from it.
-    """
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    for name, t in sorted(named, key=lambda kv: kv[0]):
-        if not t.is_floating_point():
-            continue
-        g = torch.Generator(device=t.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        leaf = name.rsplit(".", 1)[-1]
-        if t.dim() >= 2:
-            if (
-                name.endswith("pos_embed")
-                or "embed_tokens" in name
-                or "embedding" in name
-                or "shared" in name
-            ):
-                t.normal_(0.0, 0.5, generator=g)
-            else:
-                t.normal_(0.0, 1.0 / math.sqrt(math.prod(t.shape[1:])), generator=g)
-        elif leaf == "weight" and ("norm" in name or "ln_" in name):
-            t.normal_(1.0, 0.1, generator=g)
-        else:
-            t.normal_(0.0, 0.1, generator=g)
-    return module
-
-
-def build_random(
-    cls: type[nn.Module], config, device: torch.device, dtype: torch.dtype, seed: int
-) -> nn.Module:
-    """``cls(config)`` allocated directly on ``device`` in ``dtype`` (no float32 detour), randomly filled."""
-    with torch.device(device), _default_dtype(dtype):
-        model = cls(config)
-    return random_init_(model, seed).eval().requires_grad_(False)
-
-
 def diffusers_transformer(ours: MMDiTX) -> nn.Module:
     """diffusers' ``SD3Transformer2DModel`` holding a copy of ``ours``' weights, converted by our key table.
 
@@ -377,10 +276,8 @@ def diffusers_transformer(ours: MMDiTX) -> nn.Module:
     from diffusers import SD3Transformer2DModel
 
     from sd35.loading.diffusers_mmditx import mmditx_to_diffusers
-    from sd35.testing import diffusers_configs, tiny_configs
 
-    configs = dataclasses.replace(tiny_configs(), mmditx=ours.config)
-    kwargs = {k: v for k, v in diffusers_configs(configs)["transformer"].items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in diffusers_transformer_config(ours.config).items() if not k.startswith("_")}
     with torch.device("meta"):
         model = SD3Transformer2DModel(**kwargs)
     state = {k: v.detach().clone() for k, v in mmditx_to_diffusers(ours.state_dict()).items()}
@@ -835,27 +732,21 @@ def run_steps(opts: BenchOptions, report: Report) -> None:
 
 
 def write_random_pipeline(folder: Path, opts: BenchOptions) -> Path:
-    """One diffusers-layout folder both pipelines load: full-size random parts (made on the device) or tiny ones."""
-    from sd35.testing import TinyWeights, tiny_weights, write_diffusers
+    """One diffusers-layout folder both pipelines load: full-size random parts (made on the device) or tiny ones.
 
+    The full-size CLIP keeps the tiny tokenizers' vocabulary (:func:`sd35.models.configs.medium_configs`).
+    """
     if not opts.full:
-        return write_diffusers(folder, tiny_weights(opts.seed))
-    configs = full_pipeline_configs()
-    parts = {
-        "mmditx": (MMDiTX, configs.mmditx),
-        "vae": (VAE, configs.vae),
-        "clip_l": (CLIPTextEncoder, configs.clip_l),
-        "clip_g": (CLIPTextEncoder, configs.clip_g),
-        "t5": (T5Encoder, configs.t5),
-    }
-    state = {}
-    for i, (name, (cls, cfg)) in enumerate(parts.items()):
-        _log(f"making a random full-size {name} on {opts.device}")
-        model = build_random(cls, cfg, opts.device, opts.dtype, opts.seed + i)
-        state[name] = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-        del model
-        free_memory(opts.device)
-    return write_diffusers(folder, TinyWeights(configs=configs, **state), dtype=opts.dtype)
+        return write_diffusers(folder, random_pipeline_weights(tiny_configs(), opts.seed))
+    weights = random_pipeline_weights(
+        medium_configs(clip_vocab=TINY_CLIP_VOCAB),
+        opts.seed,
+        scheme="per_tensor",
+        device=opts.device,
+        dtype=opts.dtype,
+        on_part=lambda name: _log(f"making a random full-size {name} on {opts.device}"),
+    )
+    return write_diffusers(folder, weights, dtype=opts.dtype)
 
 
 def _image_diff(ours, theirs) -> dict[str, float]:

@@ -11,6 +11,7 @@ import torch
 from sd35 import bench
 from sd35.cli import main
 from sd35.errors import SD35Error
+from sd35.models.configs import scaled_mmditx_config
 
 
 def _run(capsys, *args):
@@ -138,7 +139,7 @@ def test_defaults_follow_the_device():
 
 
 def test_random_weights_are_seeded_nonzero_and_shared_by_every_build():
-    cfg = bench.scaled_config()
+    cfg = scaled_mmditx_config()
     a = bench.build_random(bench.MMDiTX, cfg, torch.device("cpu"), torch.float32, seed=3)
     b = bench.build_random(bench.MMDiTX, cfg, torch.device("cpu"), torch.float32, seed=3)
     c = bench.build_random(bench.MMDiTX, cfg, torch.device("cpu"), torch.float32, seed=4)
@@ -167,7 +168,7 @@ def test_time_calls_reports_order_statistics_and_the_last_output():
 
 def test_fast_paths_compose_and_unavailable_ones_are_reported(monkeypatch):
     model = bench.build_random(
-        bench.MMDiTX, bench.scaled_config(), torch.device("cpu"), torch.float32, seed=0
+        bench.MMDiTX, scaled_mmditx_config(), torch.device("cpu"), torch.float32, seed=0
     )
     seen = {}
 

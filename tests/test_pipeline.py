@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 from sd35.errors import MissingComponentError, SD35Error, SD35Warning
+from sd35.loading.writers import write_diffusers, write_official, write_text_encoders
 from sd35.pipeline import load_pipeline
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.sampling.samplers import SAMPLER_DISPLAY_NAMES, SAMPLERS
 from sd35.sampling.schedules import A1111_SCHEDULER_NAMES, SCHEDULERS
-from sd35.testing import tiny_weights, write_diffusers, write_official, write_text_encoders
+from sd35.testing import tiny_weights
 
 PROMPT = "a red circle on a blue background, photo"
 

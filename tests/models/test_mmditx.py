@@ -8,9 +8,9 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from sd35.errors import CheckpointError, SD35Error
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig, timestep_embedding
-from sd35.testing import tiny_configs
-from sd35.testing.random_weights import random_state_dict
+from sd35.models.random_init import random_state_dict
 
 CONFIGS = {
     "sd35m-like": dict(attn2_layers=(0, 1), qk_norm=True),
