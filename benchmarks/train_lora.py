@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from sd35.lora import add_lora
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig, sd35_medium_config
-from sd35.testing.random_weights import random_state_dict
+from sd35.models.configs import medium_mmditx_config
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.random_init import random_state_dict
 from sd35.train.loss import flow_loss
 
 RECIPE_TARGETS = [
@@ -39,7 +40,7 @@ OUR_TARGETS = ("attn.qkv", "attn.proj")
 
 def config(full: bool) -> MMDiTXConfig:
     if full:
-        return sd35_medium_config()
+        return medium_mmditx_config()
     return MMDiTXConfig(
         hidden_size=256,
         depth=6,

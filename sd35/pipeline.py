@@ -69,30 +69,6 @@ class CheckedRequest(NamedTuple):
     warnings: tuple[str, ...]
 
 
-def check_accelerations(
-    device: torch.device, memory: str, *, fp8: bool = False, compile: bool = False, cuda_graphs: bool = False
-) -> None:
-    """Refuse fast paths that cannot run with this device or memory mode (the CLI calls it before loading).
-
-    All three are GPU paths: fp8 matmuls and CUDA graphs do not exist elsewhere, and compiled blocks made
-    CPU sampling about ten times slower (the graphs' guards and re-traces cost more than they save on the
-    small CPU workloads).
-    """
-    wanted = [name for name, on in (("fp8", fp8), ("compile", compile), ("cuda_graphs", cuda_graphs)) if on]
-    if wanted and device.type != "cuda":
-        raise Unsupported(
-            f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} a CUDA GPU, but this run uses {device}; "
-            "leave them out.",
-            param=wanted[0],
-        )
-    if (compile or cuda_graphs) and memory == "low":
-        raise Unsupported(
-            "compile and cuda_graphs do not work with the low memory mode (its block streaming runs hooks "
-            "around every block); use balanced or high.",
-            param="compile" if compile else "cuda_graphs",
-        )
-
-
 def check_vae_tiling(value: str) -> str:
     """``value`` if it is one of :data:`VAE_TILING`, else an :class:`InvalidRequest` naming them."""
     if value not in VAE_TILING:
@@ -215,18 +191,14 @@ class SD3Pipeline:
         per (size, batch, skip layers), replayed so small images are not launch-bound. Streaming blocks
         (``memory="low"``) installs hooks on every block, which neither compiling nor graphs can capture.
         """
-        from sd35.accel import GraphedDenoiser, compile_blocks, quantize_model_fp8
+        from sd35.accel.apply import accelerate, check_accelerations
 
         check_accelerations(self.device, self.memory, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs)
-        if fp8 and "fp8" not in self.accelerations:
-            quantize_model_fp8(self.mmditx)
-            self.accelerations.append("fp8")
-        if compile and "compile" not in self.accelerations:
-            compile_blocks(self.mmditx, dynamic=False)
-            self.accelerations.append("compile")
-        if cuda_graphs and "cuda_graphs" not in self.accelerations:
-            self.runner = GraphedDenoiser(self.mmditx)
-            self.accelerations.append("cuda_graphs")
+        runner, _ = accelerate(  # extends self.accelerations in place
+            self.mmditx, fp8=fp8, compile=compile, cuda_graphs=cuda_graphs, applied=self.accelerations
+        )
+        if runner is not self.mmditx:  # graphs applied now; a runner from an earlier call stays otherwise
+            self.runner = runner
         return list(self.accelerations)
 
     # ------------------------------------------------------------------------------------ prompts

@@ -128,7 +128,11 @@ def test_nothing_imports_the_package_root_and_only_tests_use_testing():
     graph = _graph()
     assert not [m for m, targets in graph.items() if "sd35" in targets]
     assert not [
-        (m, t) for m, ts in graph.items() if not _under(m, "sd35.testing") for t in ts if _under(t, "sd35.testing")
+        (m, t)
+        for m, ts in graph.items()
+        if not _under(m, "sd35.testing")
+        for t in ts
+        if _under(t, "sd35.testing")
     ]
 
 

@@ -31,10 +31,11 @@ from sd35.memory import (
     move_except,
     stream_plan,
 )
-from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, sd35_medium_config
-from sd35.models.t5 import T5Config, T5Encoder
-from sd35.models.vae import VAE, VAEConfig
+from sd35.models.clip import CLIPTextEncoder
+from sd35.models.configs import medium_configs
+from sd35.models.mmditx import MMDiTX
+from sd35.models.t5 import T5Encoder
+from sd35.models.vae import VAE
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
 from sd35.testing import tiny_weights
 
@@ -369,20 +370,14 @@ def test_load_pipeline_validates_modes(tiny):
 
 def test_documented_parameter_counts():
     """The counts the sd35.memory table is derived from, recomputed from SD3.5 Medium's shapes."""
-    cfg = sd35_medium_config()
+    c = medium_configs()
     with torch.device("meta"):
         models = {
-            "mmditx": MMDiTX(cfg),
-            "t5": T5Encoder(
-                T5Config(vocab_size=32128, d_model=4096, heads=64, d_kv=64, d_ff=10240, layers=24)
-            ),
-            "clip_g": CLIPTextEncoder(
-                CLIPTextConfig(
-                    49408, 77, 1280, 32, 5120, "gelu", 20, has_projection=True, projection_dim=1280
-                )
-            ),
-            "clip_l": CLIPTextEncoder(CLIPTextConfig(49408, 77, 768, 12, 3072, "quick_gelu", 12)),
-            "vae": VAE(VAEConfig()),
+            "mmditx": MMDiTX(c.mmditx),
+            "t5": T5Encoder(c.t5),
+            "clip_g": CLIPTextEncoder(c.clip_g),
+            "clip_l": CLIPTextEncoder(c.clip_l),
+            "vae": VAE(c.vae),
         }
 
     def n(m):

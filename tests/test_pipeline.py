@@ -12,10 +12,11 @@ from PIL import Image
 from sd35 import TextOptions, load_pipeline
 from sd35.a1111 import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd35.errors import MissingComponentError, SD35Error, SD35Warning
+from sd35.loading.writers import write_diffusers, write_official, write_text_encoders
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.sampling.samplers import SAMPLERS
 from sd35.sampling.schedules import SCHEDULERS
-from sd35.testing import tiny_weights, write_diffusers, write_official, write_text_encoders
+from sd35.testing import tiny_weights
 
 PROMPT = "a red circle on a blue background, photo"
 

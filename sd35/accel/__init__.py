@@ -7,10 +7,11 @@
 - :func:`quantize_model_fp8` / :class:`Fp8Linear`: e4m3 weights and ``torch._scaled_mm`` on GPUs of compute
   capability 8.9+: ``quantize_model_fp8(pipe.mmditx)`` after the model is on its GPU.
 
-They compose in this order: quantize, then compile, then wrap in the graph runner. Compile modes that
-bring their own CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) must not be combined with
-:class:`GraphedDenoiser` (graphs cannot be captured inside a capture); use ``mode=None`` or
-``"max-autotune-no-cudagraphs"`` with it.
+They compose in one order, written once in :mod:`sd35.accel.apply`: its ``accelerate`` applies them, after
+its ``check_accelerations`` has refused what the device or memory mode cannot run (that module is not
+imported here: it imports the others). Compile modes that bring their own CUDA graphs
+(``"reduce-overhead"``, ``"max-autotune"``) must not be combined with :class:`GraphedDenoiser` (graphs
+cannot be captured inside a capture); use ``mode=None`` or ``"max-autotune-no-cudagraphs"`` with it.
 
 The model never imports this package: it sits above :mod:`sd35.models` and takes what it shares with the
 model from there (the fused adaLN cache of :mod:`sd35.models.modulation`, which is part of the model and on

@@ -74,9 +74,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace):
     """Check the device and fast paths, then load the model the options name (the demo if none)."""
+    from sd35.accel.apply import check_accelerations
     from sd35.devices import resolve_device
     from sd35.loading.assemble import load_pipeline
-    from sd35.pipeline import check_accelerations
 
     device = resolve_device(args.device)
     check_accelerations(device, args.memory, fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)

@@ -4,7 +4,7 @@
 
 1. the VAE: ``python -m sd35.demo.train_vae`` (or ``--vae`` to reuse one);
 2. text encoders: small CLIP-L / CLIP-G / T5 of the real architectures, random and frozen (seeded), with
-   tokenizer files made by :func:`sd35.testing.tokenizers.write_tiny_tokenizers`; frozen random encoders
+   tokenizer files made by :func:`sd35.conditioning.tiny_tokenizers.write_tiny_tokenizers`; frozen random encoders
    still give every word its own embedding, which is all the flow model needs to learn from;
 3. the MMDiT-X (hidden 128, 4 blocks, attn2 in blocks 0-1, qk-norm) initialised like DiT (adaLN-zero, 2-D
    sin-cos position grid), then trained from scratch by ``sd35 train`` (``mode = "full"``) on 4000 captioned
@@ -36,34 +36,18 @@ from pathlib import Path
 
 import torch
 
+from sd35.conditioning.tiny_tokenizers import write_tiny_tokenizers
 from sd35.demo.shapes import dataset
 from sd35.loading.safetensors_io import open_safetensors, save_file_atomic
+from sd35.loading.writers import write_all_in_one
 from sd35.models.clip import CLIPTextEncoder
+from sd35.models.configs import PipelineWeights, demo_mmditx_config, tiny_configs
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
+from sd35.models.random_init import random_state_dict
 from sd35.models.t5 import T5Encoder
-from sd35.testing import TinyWeights, tiny_configs, write_all_in_one
-from sd35.testing.random_weights import random_state_dict
-from sd35.testing.tokenizers import write_tiny_tokenizers
 
 PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
 DEMO_FILE = "sd35_demo.safetensors"
-
-
-def demo_mmditx_config() -> MMDiTXConfig:
-    c = tiny_configs()
-    return MMDiTXConfig(
-        hidden_size=128,
-        depth=4,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=16,
-        pooled_dim=c.mmditx.pooled_dim,
-        context_dim=c.mmditx.context_dim,
-        mlp_hidden=512,
-        qk_norm=True,
-        attn2_layers=(0, 1),
-    )
 
 
 def sincos_grid(grid: int, dim: int) -> torch.Tensor:
@@ -132,7 +116,7 @@ def build(
         save_file_atomic(train_vae(seed=seed), vae_path)
     vae = {k: t.load() for k, t in open_safetensors(vae_path).items()}
     c = tiny_configs()
-    weights = TinyWeights(
+    weights = PipelineWeights(
         configs=c,
         mmditx=init_mmditx(demo_mmditx_config(), seed) if init is None else _mmditx_of(init),
         vae=vae,
@@ -175,7 +159,7 @@ def build(
         for k, v in trained.items()
         if k.startswith("model.diffusion_model.")
     }
-    final = TinyWeights(c, mmditx, vae, weights.clip_l, weights.clip_g, weights.t5)
+    final = PipelineWeights(c, mmditx, vae, weights.clip_l, weights.clip_g, weights.t5)
     out = work / DEMO_FILE
     if out.exists():
         out.unlink()

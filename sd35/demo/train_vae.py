@@ -19,9 +19,8 @@ import torch
 
 from sd35.demo.shapes import dataset
 from sd35.loading.safetensors_io import save_file_atomic
-from sd35.models.vae import LATENT_SCALE, LATENT_SHIFT, VAE, VAEConfig
-
-DEMO_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16)
+from sd35.models.configs import demo_vae_config
+from sd35.models.vae import LATENT_SCALE, LATENT_SHIFT, VAE
 
 
 def images_tensor(n: int, seed: int) -> torch.Tensor:
@@ -73,7 +72,7 @@ def train_vae(
             p.requires_grad_(True)
         vae.train()
     else:
-        vae = VAE(DEMO_VAE)
+        vae = VAE(demo_vae_config())
     train = images_tensor(4096, seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

@@ -134,23 +134,6 @@ def mmditx_family(cfg: MMDiTXConfig) -> str:
     return "an MMDiT-X of another configuration"
 
 
-def sd35_medium_config() -> MMDiTXConfig:
-    """SD3.5 Medium's MMDiT-X (REFERENCE.md 1.1): 24 blocks of 1536, attn2 in blocks 0-12, qk-norm, 384x384 grid."""
-    return MMDiTXConfig(
-        hidden_size=1536,
-        depth=24,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=384,
-        pooled_dim=2048,
-        context_dim=4096,
-        mlp_hidden=6144,
-        qk_norm=True,
-        attn2_layers=tuple(range(13)),
-    )
-
-
 def strip_prefix(sd: StateDict, prefix: str = PREFIX) -> StateDict:
     """Keys with the official ``model.diffusion_model.`` prefix, if any key carries it, are taken without it."""
     if any(k.startswith(prefix) for k in sd):

@@ -1,4 +1,4 @@
-"""Tiny MMDiT-X models and inputs for the accel tests (random weights, see sd35.testing)."""
+"""Tiny MMDiT-X models and inputs for the accel tests (random weights, see sd35.models.random_init)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import functools
 
 import torch
 
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
-from sd35.testing import tiny_configs
-from sd35.testing.random_weights import random_state_dict
+from sd35.models.random_init import random_state_dict
 
 
 @functools.cache

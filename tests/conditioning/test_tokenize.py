@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from sd35.conditioning.prompt import parse_weights, prompt_words
+from sd35.conditioning.tiny_tokenizers import corpus, write_tiny_tokenizers
 from sd35.conditioning.tokenize import ClipTokenizer, SD3Tokenizer, T5Tokenizer
 from sd35.errors import SD35Error
-from sd35.testing.tokenizers import corpus, write_tiny_tokenizers
 
 PROMPTS = [
     "a red circle on a blue background, photo",

@@ -12,12 +12,12 @@ import torch
 
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.prompt import parse_weights, prompt_words, read_prompt_file
+from sd35.conditioning.tiny_tokenizers import write_tiny_tokenizers
 from sd35.conditioning.tokenize import SD3Tokenizer, SD3Tokens
 from sd35.errors import SD35Error
 from sd35.models.clip import CLIPTextEncoder
 from sd35.models.t5 import T5Encoder
 from sd35.testing import tiny_weights
-from sd35.testing.tokenizers import write_tiny_tokenizers
 
 L_WIDTH, G_WIDTH = 64, 128  # the tiny CLIP-L / CLIP-G widths: features [0, 64) and [64, 192) of the context
 RED = 554  # "red" is one token for both tiny CLIP tokenizers

@@ -12,15 +12,14 @@ from safetensors.torch import save_file
 from sd35.errors import CheckpointError, MissingComponentError
 from sd35.loading.components import CLIP_G, CLIP_L, KINDS, MMDITX, T5XXL, VAE, assemble, load_models, scan
 from sd35.loading.tensors import materialize
-from sd35.testing import (
-    scaled_fp8,
+from sd35.loading.writers import (
     t5_with_embedding,
-    tiny_weights,
     write_all_in_one,
     write_diffusers,
     write_official,
     write_text_encoders,
 )
+from sd35.testing import scaled_fp8, tiny_weights
 
 
 @pytest.fixture(scope="module")

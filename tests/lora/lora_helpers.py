@@ -7,11 +7,12 @@ import functools
 import torch
 
 from sd35.models.clip import CLIPTextEncoder
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX
 from sd35.models.t5 import T5Encoder
-from sd35.testing import tiny_configs, tiny_weights
+from sd35.testing import tiny_weights
 
-D = 128  # tiny MMDiT-X hidden size (sd35.testing.tiny_configs)
+D = 128  # tiny MMDiT-X hidden size (sd35.models.configs.tiny_configs)
 
 
 @functools.cache

@@ -10,9 +10,9 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from sd35.errors import CheckpointError, SD35Error
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family, sd35_medium_config, timestep_embedding
-from sd35.testing import tiny_configs
-from sd35.testing.random_weights import random_state_dict
+from sd35.models.configs import medium_mmditx_config, tiny_configs
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family, timestep_embedding
+from sd35.models.random_init import random_state_dict
 
 CONFIGS = {
     "sd35m-like": dict(attn2_layers=(0, 1), qk_norm=True),
@@ -174,7 +174,7 @@ def test_pos_offset_crop_and_gradient_checkpointing():
 
 
 def test_family_names_of_the_real_configs():
-    sd35m = sd35_medium_config()
+    sd35m = medium_mmditx_config()
     sd3m = dataclasses.replace(sd35m, pos_embed_max_size=192, qk_norm=False, attn2_layers=())
     sd35l = dataclasses.replace(
         sd35m, hidden_size=2432, depth=38, pos_embed_max_size=192, mlp_hidden=9728, attn2_layers=()

@@ -17,9 +17,10 @@ from test_mmditx import CONFIGS, _inputs, _pair, _rel_err
 from sd35.lora import load_lora, unload_lora
 from sd35.lora.adapters import LoRA
 from sd35.lora.patching import Patch, attach, detach
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX, attention
-from sd35.testing import tiny_configs, torch_threads
-from sd35.testing.random_weights import random_state_dict
+from sd35.models.random_init import random_state_dict
+from sd35.testing import torch_threads
 
 EXACT = 1e-6  # the fused matmul computes the same dot products; only summation order may differ
 

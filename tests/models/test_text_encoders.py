@@ -8,8 +8,8 @@ import transformers
 
 from sd35.errors import CheckpointError
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
+from sd35.models.random_init import random_state_dict
 from sd35.models.t5 import T5Config, T5Encoder, relative_position_buckets
-from sd35.testing.random_weights import random_state_dict
 
 VOCAB, WIDTH, LAYERS, MLP, POSITIONS, PROJ = 1000, 128, 3, 256, 77, 96
 BOS, EOS = VOCAB - 2, VOCAB - 1

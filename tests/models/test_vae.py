@@ -11,6 +11,7 @@ import torch
 from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.diffusers_vae import is_diffusers_vae, is_official_vae, vae_from_diffusers, vae_to_diffusers
 from sd35.loading.tensors import LazyTensor, materialize
+from sd35.models.random_init import random_state_dict, randomize_
 from sd35.models.vae import (
     LATENT_SCALE,
     LATENT_SHIFT,
@@ -19,7 +20,6 @@ from sd35.models.vae import (
     latent_to_model,
     model_to_latent,
 )
-from sd35.testing.random_weights import random_state_dict, randomize_
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402

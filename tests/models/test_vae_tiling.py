@@ -1,7 +1,7 @@
 """Tiled VAE encode/decode (sd35.models.vae_tiling): exact tiling equals the untiled run; blended tiling is
 close and has no seams.
 
-Two VAEs: the tiny random one of sd35.testing (every weight random, so no mapping error can hide) and the
+Two VAEs: the tiny random one of sd35.models.configs (every weight random, so no mapping error can hide) and the
 trained demo VAE (sd35/demo), whose output is smooth (it was trained on 64 px images, so at 192 px its own
 untiled reconstruction error is already 0.15 mean, against 0.03 at 64 px). Measured on this machine (float32, 1 thread), image
 192x192 (24x24 latent cells; the random VAE: a uniform-noise image and a normal-noise latent; the demo VAE:
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from sd35.errors import SD35Error
+from sd35.models.configs import tiny_configs
+from sd35.models.random_init import random_state_dict
 from sd35.models.vae import VAE
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling, _ramp_weights, group_norm, run_blended
-from sd35.testing import tiny_configs, torch_threads
-from sd35.testing.random_weights import random_state_dict
+from sd35.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from sd35.errors import SD35Error
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX
+from sd35.models.random_init import random_state_dict
 from sd35.sampling import APG, GuidedDenoiser, SkipLayerGuidance, reference_sigmas
 from sd35.sampling.guidance import apg_project
-from sd35.testing import tiny_configs
-from sd35.testing.random_weights import random_state_dict
 
 SIGMAS = reference_sigmas(10)
 

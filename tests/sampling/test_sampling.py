@@ -8,7 +8,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from kdiffusion_ref import load_sampling
 
 from sd35.errors import SD35Error
+from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX
+from sd35.models.random_init import random_state_dict
 from sd35.presets import SD35_MEDIUM
 from sd35.sampling import (
     SAMPLERS,
@@ -22,8 +24,6 @@ from sd35.sampling import (
     sample_dpmpp_2m,
     sample_euler,
 )
-from sd35.testing import tiny_configs
-from sd35.testing.random_weights import random_state_dict
 
 # --------------------------------------------------------------------------------------------- schedules
 

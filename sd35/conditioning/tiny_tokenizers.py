@@ -1,7 +1,8 @@
 """Tiny SD3 tokenizer folders, built from a small built-in corpus (no downloads).
 
 :func:`write_tiny_tokenizers` writes what SD3's diffusers repository ships, at toy vocabulary sizes
-that fit the tiny text encoders of :func:`sd35.testing.tiny_configs`:
+that fit the tiny text encoders of :func:`sd35.models.configs.tiny_configs`. The demo model ships them
+(``sd35.demo.build``), ``sd35 bench`` loads random pipelines through them and the tests read them:
 
 - ``tokenizer/`` and ``tokenizer_2/``: CLIP byte-level BPE (``vocab.json``, ``merges.txt``,
   ``tokenizer_config.json``, ``special_tokens_map.json``). The vocabulary has exactly ``clip_vocab``
