@@ -80,6 +80,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd35.loading.components",
         "sd35.loading.diffusers_mmditx",
         "sd35.loading.diffusers_vae",
+        "sd35.loading.writers",
         "sd35.conditioning",
         "sd35.sampling",
         "sd35.lora",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sd35.devices import resolve_device
 from sd35.errors import SD35Error
 from sd35.models.configs import medium_mmditx_config, scaled_mmditx_config, tiny_configs
 from sd35.models.mmditx import MMDiTXConfig
@@ -102,27 +103,6 @@ def _whole_image_max_size(full: bool) -> int:
     return (medium_mmditx_config() if full else tiny_configs().mmditx).max_image_size
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The requested device, or CUDA when present; a CUDA request on a machine without CUDA is a user error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SD35Error(f"--device {name!r} is not a device name; use cuda, cuda:N or cpu.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "has no CUDA support" if torch.version.cuda is None else "finds no GPU"
-            raise SD35Error(
-                f"--device {name}: CUDA is not available (torch {torch.__version__} {build}); use --device cpu."
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SD35Error(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s).")
-    elif device.type != "cpu":
-        raise SD35Error(f"--device {name}: the benchmark runs on cuda or cpu.")
-    return device
-
-
 def make_options(
     *,
     device: str | None = None,
@@ -145,7 +125,7 @@ def make_options(
 ) -> BenchOptions:
     """Check every argument up front (one clear SD35Error each) and fill the device-dependent defaults:
     full size, bf16, 512/1024/1440 and 20 timed calls on CUDA; scaled, fp32, 128/256 and 3 calls on the CPU."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, allowed=("cuda", "cpu"))
     on_gpu = dev.type == "cuda"
     full = on_gpu if full is None else full
     cfg = medium_mmditx_config() if full else scaled_mmditx_config()

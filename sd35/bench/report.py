@@ -50,7 +50,7 @@ def _versions() -> dict[str, str | None]:
         except Exception:
             return None
 
-    import sd35
+    from sd35._version import __version__
 
     return {
         "python": platform.python_version(),
@@ -58,7 +58,7 @@ def _versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
         "diffusers": version("diffusers"),
         "transformers": version("transformers"),
-        "sd35": getattr(sd35, "__version__", None),
+        "sd35": __version__,
     }
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sd35.devices import resolve_device
 from sd35.errors import SD35Error
 
 
@@ -61,12 +62,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def pick_device(requested: str | None, local_rank: int, distributed: bool) -> torch.device:
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    """The device of this process: the requested one (checked to exist), and under torchrun ``cuda:LOCAL_RANK``."""
+    device = resolve_device(requested, allowed=("cuda", "cpu"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SD35Error("device cuda was asked for but no CUDA GPU is available; use --device cpu.")
         if distributed and device.index is None:
             if local_rank >= torch.cuda.device_count():
                 raise SD35Error(
@@ -75,8 +73,6 @@ def pick_device(requested: str | None, local_rank: int, distributed: bool) -> to
                 )
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif device.type not in ("cpu",):
-        raise SD35Error(f"training runs on cuda or cpu, not {device.type}.")
     return device
 
 

@@ -36,7 +36,7 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, args, says):
 def test_cuda_without_cuda_is_a_clear_error(capsys):
     code, _, err = run_cli(capsys, "bench", "--device", "cuda")
     assert code == 2
-    assert err.startswith("sd35: error: --device cuda: CUDA is not available")
+    assert err.startswith("sd35: error: --device: device 'cuda': this machine's torch")
     assert len(err.strip().splitlines()) == 1
 
 
