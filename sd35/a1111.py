@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from sd35._version import __version__
+from sd35.request import GenerateRequest, TextOptions
 from sd35.sampling.samplers import SAMPLERS
 from sd35.sampling.schedules import SCHEDULERS
 
@@ -64,3 +66,53 @@ def infotext(prompt: str, negative_prompt: str, settings: Mapping[str, object]) 
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in settings.items() if v is not None))
     return "\n".join(lines)
+
+
+def request_infotext(
+    request: GenerateRequest, seed: int, size: tuple[int, int], model: str, loras: Mapping[str, float]
+) -> str:
+    """The infotext of one image of a resolved request: every setting that changes its pixels, so the image
+    can be made again from its own metadata (``loras``: applied LoRA name -> strength)."""
+    info: dict[str, object] = {
+        "Steps": request.steps,
+        "Sampler": SAMPLER_NAMES[request.sampler],
+        "Schedule type": SCHEDULER_NAMES[request.scheduler],
+        "CFG scale": request.cfg,
+        "Seed": seed,
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": model,
+        "Shift": request.shift,
+    }
+    edit = request.edit
+    if edit is not None:
+        info["Denoising strength"] = edit.strength
+        if edit.mask is not None or edit.outpaint is not None:
+            info["Mask blur"] = edit.mask_blur
+        if edit.outpaint is not None:
+            info["Outpaint"] = ",".join(map(str, edit.outpaint))
+    hires = request.hires
+    if hires is not None:
+        info["Hires upscale"] = hires.scale
+        info["Hires steps"] = hires.steps
+        info["Hires upscaler"] = "Latent" if hires.upscaler == "latent" else "Lanczos"
+        info["Hires strength"] = hires.strength
+    slg = request.slg
+    if slg is not None:
+        info["SLG layers"] = ",".join(map(str, slg.layers))
+        info.update({"SLG scale": slg.scale, "SLG start": slg.start, "SLG end": slg.end})
+    apg = request.apg
+    if apg is not None:
+        info.update(
+            {"APG eta": apg.eta, "APG norm threshold": apg.norm_threshold, "APG momentum": apg.momentum}
+        )
+    text = request.text
+    if text.weighting != TextOptions.weighting:
+        info["Prompt weighting"] = text.weighting
+    if text.long_clip:
+        info["Long CLIP"] = "True"
+    if text.t5_max_tokens != TextOptions.t5_max_tokens:
+        info["T5 max tokens"] = text.t5_max_tokens
+    if loras:
+        info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in loras.items())
+    info["Version"] = f"sd35 {__version__}"
+    return infotext(request.prompt, request.negative_prompt, info)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd35._version import __version__
-from sd35.a1111 import SAMPLER_NAMES, SCHEDULER_NAMES, infotext
+from sd35.a1111 import request_infotext
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
 from sd35.errors import Cancelled, InvalidRequest, NotFound, SD35Warning, Unsupported
@@ -320,50 +319,8 @@ class SD3Pipeline:
         return notes
 
     def infotext(self, request: GenerateRequest, seed: int, width: int, height: int) -> str:
-        """The A1111-style ``parameters`` text of one image of a resolved request."""
-        info: dict[str, object] = {
-            "Steps": request.steps,
-            "Sampler": SAMPLER_NAMES[request.sampler],
-            "Schedule type": SCHEDULER_NAMES[request.scheduler],
-            "CFG scale": request.cfg,
-            "Seed": seed,
-            "Size": f"{width}x{height}",
-            "Model": self.model_name,
-            "Shift": request.shift,
-        }
-        if request.edit is not None:
-            edit = request.edit
-            info["Denoising strength"] = edit.strength
-            if edit.mask is not None or edit.outpaint is not None:
-                info["Mask blur"] = edit.mask_blur
-            if edit.outpaint is not None:
-                info["Outpaint"] = ",".join(map(str, edit.outpaint))
-        if request.hires is not None:
-            hires = request.hires
-            info["Hires upscale"] = hires.scale
-            info["Hires steps"] = hires.steps
-            info["Hires upscaler"] = "Latent" if hires.upscaler == "latent" else "Lanczos"
-            info["Hires strength"] = hires.strength
-        if request.slg is not None:
-            slg = request.slg
-            info["SLG layers"] = ",".join(map(str, slg.layers))
-            info.update({"SLG scale": slg.scale, "SLG start": slg.start, "SLG end": slg.end})
-        if request.apg is not None:
-            apg = request.apg
-            info.update(
-                {"APG eta": apg.eta, "APG norm threshold": apg.norm_threshold, "APG momentum": apg.momentum}
-            )
-        text = request.text
-        if text.weighting != TextOptions.weighting:
-            info["Prompt weighting"] = text.weighting
-        if text.long_clip:
-            info["Long CLIP"] = "True"
-        if text.t5_max_tokens != TextOptions.t5_max_tokens:
-            info["T5 max tokens"] = text.t5_max_tokens
-        if self.loras:
-            info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in self.loras.items())
-        info["Version"] = f"sd35 {__version__}"
-        return infotext(request.prompt, request.negative_prompt, info)
+        """The A1111-style ``parameters`` text of one image of a resolved request (with the applied LoRAs)."""
+        return request_infotext(request, seed, (width, height), self.model_name, self.loras)
 
     @torch.no_grad()
     def run(

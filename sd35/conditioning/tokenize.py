@@ -78,7 +78,7 @@ SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
 _WHERE_FROM = (
     f"they are the tokenizer/ (CLIP-L), tokenizer_2/ (CLIP-G) and tokenizer_3/ (T5) folders of the diffusers "
     f"repository {SD35_REPO} (https://huggingface.co/{SD35_REPO}/tree/main): download those folders into one "
-    "folder and pass that folder (--tokenizers DIR)"
+    "folder and name that folder as the tokenizers"
 )
 _CLIP_NEEDS = "vocab.json and merges.txt (or tokenizer.json)"
 _T5_NEEDS = "tokenizer.json"
@@ -160,7 +160,9 @@ class ClipTokenizer:
                 tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])
             ]
         else:
-            raise MissingComponentError(f"{folder}: the CLIP tokenizer needs {_CLIP_NEEDS}; {_WHERE_FROM}.")
+            raise MissingComponentError(
+                f"{folder}: the CLIP tokenizer needs {_CLIP_NEEDS}; {_WHERE_FROM}.", param="tokenizers"
+            )
         if not isinstance(vocab, dict):
             raise SD35Error(f"{source}: expected a JSON object mapping tokens to ids.")
         return cls(vocab, merges, source)
@@ -189,7 +191,9 @@ class T5Tokenizer:
     def from_folder(cls, folder: Path) -> T5Tokenizer:
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise MissingComponentError(f"{folder}: the T5 tokenizer needs {_T5_NEEDS}; {_WHERE_FROM}.")
+            raise MissingComponentError(
+                f"{folder}: the T5 tokenizer needs {_T5_NEEDS}; {_WHERE_FROM}.", param="tokenizers"
+            )
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:
@@ -268,7 +272,9 @@ class SD3Tokenizer:
             if not _has_files(Path(folder), name == "T5")
         ]
         if missing:
-            raise MissingComponentError(f"tokenizer files are missing: {'; '.join(missing)}; {_WHERE_FROM}.")
+            raise MissingComponentError(
+                f"tokenizer files are missing: {'; '.join(missing)}; {_WHERE_FROM}.", param="tokenizers"
+            )
         return cls(
             ClipTokenizer.from_folder(Path(clip_l)),
             ClipTokenizer.from_folder(Path(clip_g)),
@@ -284,7 +290,9 @@ class SD3Tokenizer:
         """
         root = Path(root)
         if not root.is_dir():
-            raise MissingComponentError(f"{root}: no such tokenizer folder; {_WHERE_FROM}.")
+            raise MissingComponentError(
+                f"{root}: no such tokenizer folder; {_WHERE_FROM}.", param="tokenizers"
+            )
         clip_l = _first_dir(root, ("tokenizer", "clip_l"))
         clip_g = _first_dir(root, ("tokenizer_2", "clip_g"))
         t5_dir = _first_dir(root, ("tokenizer_3", "t5xxl")) if t5 is not False else None

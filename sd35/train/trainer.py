@@ -111,7 +111,7 @@ def check_output_dir(cfg: TrainConfig) -> Path | None:
     if cfg.resume is None:
         if found:
             raise SD35Error(
-                f"{out} holds checkpoints of an unfinished run (up to step {found[-1][0]}); pass --resume latest to "
+                f"{out} holds checkpoints of an unfinished run (up to step {found[-1][0]}); resume = latest (--resume latest) to "
                 "continue it, or choose another output_dir."
             )
         return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from sd35.inspect import mmditx_family
-
 from sd35.models.configs import (
     CLIP_VOCAB,
     medium_configs,
@@ -11,6 +9,7 @@ from sd35.models.configs import (
     scaled_mmditx_config,
     tiny_configs,
 )
+from sd35.models.mmditx import mmditx_family
 
 
 def _fits(c) -> bool:
