@@ -1,7 +1,8 @@
 """Pixels and tensors: images to and from the VAE's range, masks, outpainting canvases, compositing.
 
 Images enter the VAE as (1, 3, H, W) tensors in [-1, 1], resized with Lanczos like the reference's
-img2img (sd3_infer.py 387-401). Masks are white where the image is to be repainted.
+img2img (Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer._image_to_latent`` and ``vae_encode``).
+Masks are white where the image is to be repainted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 
 
 def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) or (3, H, W) in [-1, 1] to 8-bit RGB, truncating like the reference (sd3_infer.py 414-426)."""
+    """(1, 3, H, W) or (3, H, W) in [-1, 1] to 8-bit RGB, truncating like the reference's ``vae_decode``."""
     if pixels.dim() == 4:
         pixels = pixels[0]
     scaled = 255.0 * torch.clamp((pixels.float() + 1.0) / 2.0, 0.0, 1.0)

@@ -1,7 +1,8 @@
 """The transformer call replayed as a CUDA graph, one graph per (shapes, dtypes, skip_layers).
 
-At 512x512 one eager CFG step is launch-bound (PERFORMANCE.md section 10: 66.9 ms eager against a
-6.4 ms kernel floor on an H100): hundreds of small kernels whose launches cost more than their work.
+At 512x512 one eager CFG step is launch-bound (diffusers' eager step took 66.9 ms in our H100 anchor run,
+:data:`sd35.bench.report.ANCHORS`, against a 6.4 ms kernel floor: the step's 4.9 TFLOP at the 767 TF/s a
+bf16 matmul reaches on that card): hundreds of small kernels whose launches cost more than their work.
 A CUDA graph records the kernels of one call once and replays them with a single launch.
 
 A graph replays fixed kernels on fixed addresses, so :class:`GraphedDenoiser` keeps, per key, static

@@ -3,7 +3,8 @@
 62 % of SD3.5 Medium's FLOPs are the joint blocks' linears (qkv, proj, MLP, attn2). On GPUs with fp8
 tensor cores (CUDA compute capability 8.9 and up: Ada, Hopper, Blackwell) ``torch._scaled_mm``
 multiplies e4m3 operands faster than bf16: 1.4-1.6x on the image stream's GEMMs at 1024x1024 on an
-H100, but slower on the text stream's 666-row GEMMs (PERFORMANCE.md section 10). So
+H100, but slower on the text stream's 666-row GEMMs (our kernel timings, unpublished: bf16 matmul against
+``torch._scaled_mm`` with row-wise scales, batch 2, on one H100 80GB HBM3 with torch 2.11). So
 ``skip=("*.context_block.*",)`` may be faster; quantizing both streams (the default) saves 0.66 GB more.
 
 :class:`Fp8Linear` stores the weight in e4m3 with a float32 scale (one per tensor, or one per output row)
@@ -17,7 +18,8 @@ the activation quantization, at bf16 speed or slower, but with the weights' memo
 saving alone is wanted (it then warns).
 
 Adaptive norms, embedders and the final layer stay in high precision (their matmuls are small and
-the model is sensitive to them), as PERFORMANCE.md section 3 recommends.
+the model is sensitive to them), as fp8 recipes for diffusion transformers do (sayakpaul/diffusers-torchao
+``training/README.md``: its ``module_filter_fn`` keeps the output layer ``proj_out`` out of fp8).
 
 State-dict keys. A quantized layer keeps ``weight`` (now float8_e4m3fn) and ``bias`` (unchanged dtype)
 under the same names and adds ``scale_weight`` (float32, shape [] per tensor or [out, 1] per row), so

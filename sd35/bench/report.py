@@ -22,10 +22,11 @@ import torch
 
 from sd35.bench.options import BATCH, TEXT_TOKENS, BenchOptions
 
-# Diffusers 0.42.1 on one H100 80GB HBM3, bf16, random weights (shared/spec/PERFORMANCE.md section 10):
+# Diffusers 0.42.1 on one H100 80GB HBM3, bf16, random weights (our anchor run, unpublished; the diffusers
+# rows of ``sd35 bench --device cuda``, as benchmarks/gpu_run.sh runs them, measure the same things):
 # the numbers this engine has to beat. Kept in every JSON so a result file explains itself.
 ANCHORS = {
-    "source": "diffusers 0.42.1, H100 80GB HBM3, bf16, torch 2.11 (PERFORMANCE.md section 10)",
+    "source": "diffusers 0.42.1, H100 80GB HBM3, bf16, torch 2.11, random weights (our anchor run)",
     "step_ms": {"512": 66.9, "1024": 87.6, "1440": 193.8},
     "step_compiled_ms": {"1024": 53.4},
     "whole_image_1024": {"seconds": 2.705, "peak_gib": 17.64, "steps": 28, "t5_tokens": 256},

@@ -1,8 +1,8 @@
 """From token ids to what the MMDiT-X reads: the joint text context and the pooled vector.
 
-REFERENCE.md 4.3 (sd3_infer.py 319-338): CLIP-L and CLIP-G penultimate hidden states are joined
-along features and zero-padded to the T5 width; the T5 states follow along the sequence. The
-pooled vector is CLIP-L's pooled output (unprojected) joined with CLIP-G's (projected).
+As Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.get_cond`` does: CLIP-L and CLIP-G penultimate
+hidden states are joined along features and zero-padded to the T5 width; the T5 states follow along
+the sequence. The pooled vector is CLIP-L's pooled output (unprojected) joined with CLIP-G's (projected).
 
 Two opt-in extensions, chosen when tokenizing (:meth:`sd35.conditioning.tokenize.SD3Tokenizer.__call__`):
 

@@ -1,5 +1,6 @@
-"""Prompt pre-processing: the official SD3.5 reference's emphasis parser (REFERENCE.md 4.2, other_impls.py 245-443),
-optional A1111 square brackets, and the prompt-file reader.
+"""Prompt pre-processing: the official SD3.5 reference's emphasis parser (Stability-AI/sd3.5
+``other_impls.py`` ``token_weights``, ``parse_parentheses``, ``escape_important``), optional A1111 square
+brackets, and the prompt-file reader.
 
 Before tokenizing, the reference runs every prompt through an A1111-style emphasis parser:
 

@@ -1,10 +1,11 @@
-"""Token ids for SD3's three text encoders, made the way the official reference makes them (REFERENCE.md 4.2).
+"""Token ids for SD3's three text encoders, made the way the official reference makes them.
 
 Only the ``tokenizers`` library is used at run time (no transformers, no sentencepiece). The files are
 the ones SD3's diffusers repository ships: ``tokenizer/`` and ``tokenizer_2/`` (CLIP: ``vocab.json`` +
 ``merges.txt``) and ``tokenizer_3/`` (T5: ``tokenizer.json``).
 
-What the reference does, and so what :class:`SD3Tokenizer` does:
+What the reference does (Stability-AI/sd3.5 ``other_impls.py`` ``SD3Tokenizer``,
+``SDTokenizer.tokenize_with_weights``), and so what :class:`SD3Tokenizer` does:
 
 - Every prompt goes through the emphasis parser (:func:`sd35.conditioning.prompt.parse_weights`, which
   eats unescaped parentheses and ``:1.2`` weights), ``\\n`` becomes a space, the text is split on spaces
@@ -387,7 +388,8 @@ def _clip_chunks(words: list[list[int]], weights: list[float]) -> list[list[_Tok
 
     Words go in whole while they fit in the 75 content slots. A word that does not fit starts the next
     chunk; a word of 8 or more tokens is split instead, filling the chunk and going on in the next
-    (REFERENCE.md 4.2; ComfyUI ``comfy/sd1_clip.py`` ``SDTokenizer.tokenize_with_weights``). There is
+    (Stability-AI/sd3.5 ``other_impls.py`` and ComfyUI ``comfy/sd1_clip.py``, both
+    ``SDTokenizer.tokenize_with_weights``). There is
     always at least one chunk (empty for an empty prompt). The reference encodes only the first one.
     """
     chunks: list[list[_Token]] = [[]]

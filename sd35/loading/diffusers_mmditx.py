@@ -4,7 +4,9 @@ One table (:func:`_key_table`) lists, for every official tensor, the diffusers t
 from and how: copied, concatenated from separate q/k/v, or with its two halves swapped (diffusers
 stores the final adaLN and the last, pre-only context adaLN as (scale, shift); the reference as
 (shift, scale)). Loading reads the table one way, :mod:`sd35.loading.writers` the other way.
-Facts: REFERENCE.md section 8; diffusers ``convert_sd3_transformer_checkpoint_to_diffusers``.
+Facts: diffusers ``src/diffusers/loaders/single_file_utils.py``
+``convert_sd3_transformer_checkpoint_to_diffusers`` (with ``swap_scale_shift``) and
+``scripts/convert_sd3_to_diffusers.py``.
 """
 
 from __future__ import annotations

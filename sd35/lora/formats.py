@@ -1,6 +1,6 @@
 """LoRA file layouts: every producer's key names, mapped onto our module names, and back.
 
-Key formats read (shared/spec/PEERS.md section 4; ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` /
+Key formats read (ComfyUI ``comfy/lora.py`` ``model_lora_keys_unet`` /
 ``model_lora_keys_clip`` and ``comfy/utils.py`` ``mmdit_to_diffusers``; kohya-ss/sd-scripts
 ``networks/lora_sd3.py``; diffusers ``loaders/lora_pipeline.py`` ``SD3LoraLoaderMixin``):
 

@@ -3,7 +3,8 @@
 Keys carry no prefix: ``text_model.embeddings.*``, ``text_model.encoder.layers.{i}.*``,
 ``text_model.final_layer_norm.*`` and, for CLIP-G, ``text_projection.weight``.
 
-SD3 takes two things from each encoder (REFERENCE.md section 4.1):
+SD3 takes two things from each encoder (Stability-AI/sd3.5 ``sd3_infer.py`` ``ClipL`` and ``ClipG``, built on
+``other_impls.py`` ``SDClipModel`` and ``SDXLClipG``):
 
 - ``hidden``: the penultimate layer's output, *without* the final LayerNorm (HF ``hidden_states[-2]``);
 - ``pooled``: the final LayerNorm of the last layer's output at the first EOS token, unprojected for

@@ -52,7 +52,12 @@ class PipelineWeights:
 
 
 def medium_mmditx_config() -> MMDiTXConfig:
-    """SD3.5 Medium's MMDiT-X (REFERENCE.md 1.1): 24 blocks of 1536, attn2 in blocks 0-12, qk-norm, 384x384 grid."""
+    """SD3.5 Medium's MMDiT-X: 24 blocks of 1536, attn2 in blocks 0-12, qk-norm, 384x384 grid.
+
+    What Stability-AI/sd3.5 ``sd3_impls.py`` ``BaseModel.__init__`` reads from the checkpoint's keys and
+    shapes; diffusers ``scripts/convert_sd3_to_diffusers.py`` ``main`` notes the same attn2 layers, qk-norm
+    and grid.
+    """
     return MMDiTXConfig(
         hidden_size=1536,
         depth=24,

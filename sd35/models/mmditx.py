@@ -1,8 +1,9 @@
 """MMDiT-X: the joint text-image diffusion transformer of SD3 / SD3.5.
 
 Module and parameter names mirror the official checkpoint keys (``joint_blocks.N.x_block.attn.qkv``
-and so on), so the official file loads without renaming. Facts and line numbers refer to
-Stability-AI/sd3.5 ``mmditx.py`` as summarised in ``shared/spec/REFERENCE.md`` section 1.
+and so on), so the official file loads without renaming. Facts, and the classes and functions
+named, refer to Stability-AI/sd3.5 ``mmditx.py`` (``MMDiTX``, ``JointBlock``, ``DismantledBlock``) at
+commit ``fbf8f483``.
 
 Every size is read from the weights (:meth:`MMDiTXConfig.from_state_dict`): SD3 Medium, SD3.5
 Medium and SD3.5 Large files all load with the same code.
@@ -32,7 +33,7 @@ from sd35.loading.weights import load_weights
 from sd35.models.modulation import FusedLinears
 
 PREFIX = "model.diffusion_model."
-HEAD_DIM = 64  # the reference sets hidden = 64 * depth and heads = depth (mmditx.py 742-744)
+HEAD_DIM = 64  # the reference sets hidden = 64 * depth and heads = depth (``MMDiTX.__init__``)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class MMDiTXConfig:
 
     @classmethod
     def from_state_dict(cls, sd: StateDict) -> MMDiTXConfig:
-        """Infer the configuration from key names and shapes only (reference sd3_impls.py 72-120)."""
+        """Infer the configuration from key names and shapes only (sd3_impls.py ``BaseModel.__init__``)."""
         sd = strip_prefix(sd)
         for key in (
             "x_embedder.proj.weight",
@@ -119,7 +120,11 @@ class MMDiTXConfig:
 
 
 def mmditx_family(cfg: MMDiTXConfig) -> str:
-    """Name the release a transformer config belongs to (REFERENCE.md 1.1: depth, attn2 keys, pos_embed grid).
+    """Name the release a transformer config belongs to, by depth, attn2 layers and pos_embed grid.
+
+    These are the signs Stability-AI/sd3.5 ``sd3_impls.py`` ``BaseModel.__init__`` reads the config from,
+    and diffusers ``src/diffusers/loaders/single_file_utils.py`` ``infer_diffusers_model_type`` tells the
+    releases apart by (pos_embed 147456 = 384x384 patches: SD3.5 Medium; 36864 = 192x192: SD3 Medium).
 
     It lives with the config because it is a fact about the architecture: ``sd35 inspect``, the pipeline's
     description, LoRA metadata and LoRA error messages all name the model the same way.
@@ -180,7 +185,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t = sigma*1000, laid out as [cos | sin] (cos first; mmditx.py 158-187)."""
+    """Sinusoidal embedding of t = sigma*1000, laid out as [cos | sin] (cos first).
+
+    As the reference's ``TimestepEmbedder.timestep_embedding``.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
@@ -225,7 +233,7 @@ class PatchEmbed(nn.Module):
 class SelfAttention(nn.Module):
     """Fused qkv projection ([q; k; v] along the output dim), optional RMS qk-norm, output projection.
 
-    ``pre_only`` attention (the last context block) has no output projection (mmditx.py 238-240).
+    ``pre_only`` attention (the last context block) has no output projection (``SelfAttention.__init__``).
     """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool, pre_only: bool = False):
@@ -264,7 +272,7 @@ class Mlp(nn.Module):
 class DismantledBlock(nn.Module):
     """One stream (context or image) of a joint block.
 
-    adaLN chunks (mmditx.py 469-476): 6 = (shift, scale, gate) for attention and MLP; 9 adds
+    adaLN chunks (``DismantledBlock.__init__``): 6 = (shift, scale, gate) for attention and MLP; 9 adds
     (shift, scale, gate) for the second self-attention ``attn2``; 2 = (shift, scale) for the
     ``pre_only`` last context block, which has no projection, MLP or second norm.
     """
@@ -292,7 +300,7 @@ class DismantledBlock(nn.Module):
     def finish(
         self, x: torch.Tensor, attn_out: torch.Tensor, mods: tuple[torch.Tensor, ...], attn2_out=None
     ) -> torch.Tensor:
-        """Residual updates after attention (post_attention / post_attention_x, mmditx.py 509-576)."""
+        """Residual updates after attention (``DismantledBlock.post_attention`` / ``post_attention_x``)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[2], mods[3], mods[4], mods[5]
         x = gated_residual(x, gate_msa, self.attn.proj(attn_out))  # a new tensor: the block's input is kept
         if attn2_out is not None:  # after attn1's residual, before norm2
@@ -302,7 +310,7 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """Joint attention over [context tokens ; image tokens] (context first, mmditx.py 591-647)."""
+    """Joint attention over [context tokens ; image tokens] (context first, ``block_mixing``)."""
 
     def __init__(self, cfg: MMDiTXConfig, index: int):
         super().__init__()
@@ -343,7 +351,7 @@ class JointBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale: shift first, mmditx.py 689) then a linear map to patch pixels."""
+    """adaLN (shift, scale: shift first, ``FinalLayer.forward``) then a linear map to patch pixels."""
 
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
@@ -361,7 +369,7 @@ class MMDiTX(nn.Module):
 
     x: latents (B, C, H, W) with even H, W; t: sigma * 1000, shape (B,); y: pooled text (B, pooled_dim);
     context: text tokens (B, L, context_dim). Returns (B, C, H, W) in x's dtype.
-    ``skip_layers`` bypasses whole joint blocks (Skip Layer Guidance, mmditx.py 874-877).
+    ``skip_layers`` bypasses whole joint blocks (Skip Layer Guidance, ``MMDiTX.forward_core_with_concat``).
 
     ``fused_modulation`` (default True) computes every adaLN modulation in one matmul where that is
     exact and safe (see :class:`sd35.models.modulation.FusedLinears`: inference or frozen adaLN weights,
@@ -457,8 +465,9 @@ class MMDiTX(nn.Module):
     def cropped_pos_embed(self, h: int, w: int, offset: tuple[int, int] | None = None) -> torch.Tensor:
         """A crop of the stored positional grid for an h x w token grid.
 
-        By default the centred crop (floor division, mmditx.py 814-833). Training may pass ``offset``
-        = (top, left) to take random crops, an augmentation that keeps the model robust across sizes.
+        By default the centred crop (floor division, ``MMDiTX.cropped_pos_embed``). Training may pass
+        ``offset`` = (top, left) to take random crops, an augmentation that keeps the model robust across
+        sizes.
         """
         grid = self.config.pos_embed_max_size
         top, left = offset if offset is not None else ((grid - h) // 2, (grid - w) // 2)
@@ -470,7 +479,7 @@ class MMDiTX(nn.Module):
         return pe.reshape(1, h * w, -1)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, h*w, p*p*C) with channel fastest -> (B, C, h*p, w*p) (mmditx.py 835-853)."""
+        """(B, h*w, p*p*C) with channel fastest -> (B, C, h*p, w*p) (``MMDiTX.unpatchify``)."""
         p, c = self.config.patch_size, self.config.out_channels
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)

@@ -6,7 +6,8 @@ both), ``encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}.weight``, block 0's
 ``encoder.block.{i}.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight``, ``encoder.block.{i}.layer.{0,1}.layer_norm.weight``
 and ``encoder.final_layer_norm.weight``.
 
-Per REFERENCE.md section 4.1: pre-RMS-norm blocks (eps 1e-6, no mean subtraction), attention with no
+As Stability-AI/sd3.5 ``other_impls.py`` (``T5Stack``, ``T5Attention``, ``T5LayerNorm``,
+``T5DenseGatedActDense``) does: pre-RMS-norm blocks (eps 1e-6, no mean subtraction), attention with no
 1/sqrt(d) scaling, a bidirectional relative position bias computed once from block 0 and added in every block,
 gated-GELU(tanh) feed-forward, no padding mask, and the final RMS norm at the end.
 """

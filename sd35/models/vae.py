@@ -1,10 +1,10 @@
 """The SD3 16-channel VAE (encoder + decoder), in the official ldm key layout (``first_stage_model.*``).
 
-Behaviour follows REFERENCE.md §5 (REF sd3_impls.py 380-742): GroupNorm(32, eps 1e-6) everywhere,
-residual blocks without time embedding or dropout, one single-head self-attention in the middle of
-each half, no ``quant_conv`` / ``post_quant_conv``. The sizes (base channels, levels, blocks per
-level, latent channels) are read from the weights, so a file that holds only the decoder (or only
-the encoder) builds just that half.
+Behaviour follows Stability-AI/sd3.5 ``sd3_impls.py`` (``SDVAE``, ``VAEEncoder``, ``VAEDecoder``):
+GroupNorm(32, eps 1e-6) everywhere, residual blocks without time embedding or dropout, one single-head
+self-attention in the middle of each half, no ``quant_conv`` / ``post_quant_conv``. The sizes (base
+channels, levels, blocks per level, latent channels) are read from the weights, so a file that holds
+only the decoder (or only the encoder) builds just that half.
 
 ``encode`` and ``decode`` work on RAW latents. The diffusion model sees latents through
 :func:`latent_to_model` / :func:`model_to_latent`.
@@ -173,14 +173,14 @@ class VAEConfig:
 
 
 def normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, eps 1e-6, affine (REFERENCE.md §5, §6.7)."""
+    """GroupNorm with 32 groups, eps 1e-6, affine (``sd3_impls.py`` ``Normalize``)."""
     return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """``x' + conv2(silu(norm2(conv1(silu(norm1(x))))))``, with ``x'`` a 1x1 conv of ``x`` when widths differ.
 
-    No time embedding and no dropout (REFERENCE.md §5).
+    No time embedding and no dropout (``sd3_impls.py`` ``ResnetBlock``).
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -200,7 +200,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Self-attention over all pixels with ONE head as wide as the channels (REFERENCE.md §5).
+    """Self-attention over all pixels with ONE head as wide as the channels (``sd3_impls.py`` ``AttnBlock``).
 
     q, k, v and the output projection are 1x1 convs; the pixels are flattened to a sequence
     ``(b, 1, h*w, c)`` and fed to SDPA, whose default scale is 1/sqrt(c).
@@ -229,8 +229,8 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     """Halve H and W: pad ONE pixel on the right and bottom only, then a 3x3 stride-2 conv without padding.
 
-    The asymmetric ``F.pad(x, (0, 1, 0, 1))`` is what the reference does (REFERENCE.md §5); a symmetric
-    ``padding=1`` would shift the sampling grid.
+    The asymmetric ``F.pad(x, (0, 1, 0, 1))`` is what the reference does (``sd3_impls.py``
+    ``Downsample.forward``); a symmetric ``padding=1`` would shift the sampling grid.
     """
 
     def __init__(self, channels: int) -> None:
@@ -242,7 +242,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv (REFERENCE.md §5)."""
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv (``sd3_impls.py`` ``Upsample``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """Sampling for SD3.5: the sigma schedule, the ODE samplers and the guided denoiser.
 
-The pieces follow the official reference (``shared/spec/REFERENCE.md`` sections 2 and 3):
+The pieces follow the official reference (Stability-AI/sd3.5 ``sd3_impls.py`` and ``sd3_infer.py``):
 
 - :mod:`sd35.sampling.schedules`: the flow time shift and the reference's sigma schedule (with its
   deliberate double shift of ``sigma_min``), ComfyUI's other schedulers (:func:`get_sigmas`), plus the

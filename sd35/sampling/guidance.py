@@ -1,10 +1,10 @@
 """From the MMDiT-X velocity to a guided denoiser: classifier-free guidance, APG and Skip Layer Guidance.
 
 The transformer predicts the flow velocity ``v = noise - x0`` at ``t = 1000 * sigma``; the denoised
-estimate is ``x - v * sigma`` (``calculate_denoised``, ``shared/spec/REFERENCE.md`` 2.1). Guidance is
-combined on denoised tensors in float32, with the batch ordered [cond ; uncond] as the reference does
-(REFERENCE.md 2.5). Because x and sigma are shared by both halves this equals diffusers' guidance on v
-up to rounding.
+estimate is ``x - v * sigma`` (Stability-AI/sd3.5 ``sd3_impls.py``
+``ModelSamplingDiscreteFlow.calculate_denoised``). Guidance is combined on denoised tensors in float32,
+with the batch ordered [cond ; uncond] as the reference does (``sd3_impls.py`` ``CFGDenoiser``). Because
+x and sigma are shared by both halves this equals diffusers' guidance on v up to rounding.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def flow_denoiser(mmditx: MMDiTX) -> FlowDenoiser:
     """Wrap the transformer as ``denoise(x, sigma, y, context, skip_layers=()) -> x - v * sigma``.
 
     ``sigma`` has shape (B,); the model sees ``t = sigma * 1000``. The subtraction is done in float32
-    whatever the model's dtype (the reference's ``calculate_denoised``, REFERENCE.md 2.1 and 6.3).
+    whatever the model's dtype (the reference's ``calculate_denoised``, which ``sd3_impls.py``
+    ``BaseModel.apply_model`` applies to the model output cast ``.float()``).
     """
 
     def denoise(
@@ -223,7 +224,7 @@ def _batched(cond: Conditioning, batch: int, what: str) -> Conditioning:
 class GuidedDenoiser:
     """``denoiser(x, sigma) -> D`` with classifier-free guidance and optional Skip Layer Guidance.
 
-    Per call (REFERENCE.md 2.5 and 3):
+    Per call (Stability-AI/sd3.5 ``sd3_impls.py`` ``CFGDenoiser`` and ``SkipLayerCFGDenoiser``):
 
     - one forward of the batch [cond ; uncond] (cond first, like the reference; x and sigma duplicated),
       ``D = D_uncond + (D_cond - D_uncond) * cfg``; with ``cfg == 1`` there is no uncond pass at all and
@@ -237,7 +238,8 @@ class GuidedDenoiser:
     ``sigmas[i] >= sigma`` (a relative slack of 1e-5 absorbs rounding), which is also right for samplers
     that call the model more than once per step. The SLG window counts ``steps = len(sigmas) - 1``: for
     img2img, pass the full schedule here and sample on its tail (:func:`~sd35.sampling.img2img_sigmas`),
-    because the reference counts the window over the full step count (REFERENCE.md 3).
+    because the reference counts the window over the full step count (``sd3_infer.py``
+    ``SD3Inferencer.do_sampling`` gives ``SkipLayerCFGDenoiser`` ``steps``, not the cut schedule's length).
 
     ``cond`` and ``uncond`` are ``(context, pooled)`` with batch 1 or the latents' batch B; ``slg`` is
     None for plain CFG.

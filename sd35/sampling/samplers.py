@@ -5,7 +5,7 @@ The model is a rectified flow, ``x_sigma = (1 - sigma) x0 + sigma noise`` with s
 ``alpha = 1 - sigma`` for its signal scale. Its probability-flow ODE is
 ``dx/dsigma = (x - denoised) / sigma``, the same ODE k-diffusion's samplers solve, so the reference (and
 we) use k-diffusion's deterministic updates unchanged on the flow model's denoised prediction
-(``shared/spec/REFERENCE.md`` 2.4).
+(Stability-AI/sd3.5 ``sd3_impls.py`` ``sample_euler`` and ``sample_dpmpp_2m``).
 
 Every sampler has the same signature, ``sample_X(model, x, sigmas, *, callback=None, generator=None,
 **options) -> Tensor``, with a few keyword ``options`` of its own (ComfyUI's defaults). Names and
@@ -27,7 +27,8 @@ maths follow ComfyUI (``comfy/samplers.py`` ``KSAMPLER_NAMES``; ``comfy/k_diffus
   still makes runs repeat).
 
 The loop runs in float32 whatever the model's dtype: ``x``, ``sigmas`` and every ``denoised`` are cast
-to float32 (the reference's x becomes float32 after its first update, REFERENCE.md 6.4). Step
+to float32 (the reference's x becomes float32 after its first update, which mixes in the float32
+denoised: ``sd3_impls.py`` ``sample_dpmpp_2m``). Step
 coefficients that need logs, exponentials or linear solves are computed from the sigmas in float64 on
 the host. A last step to sigma 0 returns the denoised prediction (the limit of each update there), so
 no sampler takes ``log(0)``.
@@ -124,7 +125,7 @@ def sample_euler(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Euler's method on ``dx/dsigma = (x - denoised) / sigma`` (REFERENCE.md 2.4, sd3_impls.py).
+    """Euler's method on ``dx/dsigma = (x - denoised) / sigma`` (sd3.5 ``sd3_impls.py`` ``sample_euler``).
 
     First order, one model call per step. Without churn, this is k-diffusion's ``sample_euler`` and, for a
     flow model, the same update as diffusers' ``FlowMatchEulerDiscreteScheduler``
@@ -220,7 +221,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M), the SD3.5 default (REFERENCE.md 2.4, sd3_impls.py ``sample_dpmpp_2m``).
+    """DPM-Solver++(2M), the SD3.5 default (Stability-AI/sd3.5 ``sd3_impls.py`` ``sample_dpmpp_2m``).
 
     An exponential integrator in ``lambda = -log(sigma)``: with ``h = lambda' - lambda``,
     ``x' = (sigma'/sigma) x - expm1(-h) D``. The first step uses ``D = denoised`` (first order); later

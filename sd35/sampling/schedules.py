@@ -3,8 +3,9 @@
 A flow model sees ``x_sigma = (1 - sigma) * x0 + sigma * noise`` with sigma in [0, 1]. SD3.5 trains on a
 shifted time, ``sigma = shift * t / (1 + (shift - 1) * t)``, and the reference builds its inference
 schedule by spacing *timesteps* (``1000 * sigma``) linearly and shifting them again, so the smallest
-non-zero sigma is shifted twice (``shared/spec/REFERENCE.md`` 2.1-2.2). We reproduce that in the same
-float32 arithmetic, so the schedule matches the reference to the last bit on CPU.
+non-zero sigma is shifted twice (Stability-AI/sd3.5 ``sd3_impls.py`` ``ModelSamplingDiscreteFlow`` and
+``sd3_infer.py`` ``SD3Inferencer.get_sigmas``). We reproduce that in the same float32 arithmetic, so the
+schedule matches the reference to the last bit on CPU.
 
 :func:`get_sigmas` adds ComfyUI's other schedulers under ComfyUI's names (``comfy/samplers.py``,
 ``SCHEDULER_HANDLERS``), all built on the same shifted model (:func:`discrete_flow_sigmas`), so ``shift``
@@ -29,7 +30,8 @@ T = TypeVar("T", float, torch.Tensor)
 def flow_sigma(t: T, shift: float) -> T:
     """Shifted flow sigma for training time ``t`` in [0, 1]: ``shift * t / (1 + (shift - 1) * t)``.
 
-    ``shift == 1`` returns ``t`` unchanged, as ``ModelSamplingDiscreteFlow.sigma`` does (REFERENCE.md 2.1).
+    ``shift == 1`` returns ``t`` unchanged, as ``ModelSamplingDiscreteFlow.sigma`` does (Stability-AI/sd3.5
+    ``sd3_impls.py``).
     """
     if shift == 1.0:
         return t
@@ -44,11 +46,11 @@ def _check_shift(shift: float) -> None:
 def reference_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     """The reference's schedule: ``steps + 1`` float32 sigmas from 1.0 down to the last one, then 0.
 
-    Like ``SD3Inferencer.get_sigmas`` (REFERENCE.md 2.2): timesteps are ``linspace(1000 * sigma_max,
-    1000 * sigma_min, steps)`` with ``sigma_min = flow_sigma(1/1000)``; each is divided by 1000 and
-    shifted *again*, so for shift 3 the last non-zero sigma is 0.008929, not 0.002994. This double shift
-    is deliberate in the reference and kept here. Diffusers' ``FlowMatchEulerDiscreteScheduler``
-    computes the same values (in float64 before rounding).
+    Like ``SD3Inferencer.get_sigmas`` (Stability-AI/sd3.5 ``sd3_infer.py``): timesteps are
+    ``linspace(1000 * sigma_max, 1000 * sigma_min, steps)`` with ``sigma_min = flow_sigma(1/1000)``; each
+    is divided by 1000 and shifted *again*, so for shift 3 the last non-zero sigma is 0.008929, not
+    0.002994. This double shift is deliberate in the reference and kept here. Diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` computes the same values (in float64 before rounding).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise SD35Error(f"the number of sampling steps must be a positive integer, got {steps!r}.")
@@ -70,7 +72,8 @@ def reference_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
 def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
     """The tail of a full schedule that img2img runs: ``sigmas[int(steps * (1 - denoise)):]``.
 
-    Exactly the reference's cut (sd3_infer.py 358, REFERENCE.md 2.2), including its float rounding:
+    Exactly the reference's cut (Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.do_sampling``),
+    including its float rounding:
     ``int(50 * (1 - 0.8))`` is 9, not 10, so denoise 0.8 with 50 steps runs 41 steps from ``sigmas[9]``.
     ``denoise`` must be in (0, 1]; 1 returns the whole schedule. Keep the full schedule for the guidance
     (:class:`sd35.sampling.guidance.GuidedDenoiser` counts SLG steps over the full count, as the reference).
@@ -106,7 +109,8 @@ def _check_steps(steps: int) -> None:
 def discrete_flow_sigmas(shift: float) -> torch.Tensor:
     """The shifted model's 1000 sigmas, ``sigma(t) = flow_sigma(t / 1000, shift)`` for ``t = 1..1000`` (float32).
 
-    This is ``ModelSamplingDiscreteFlow.sigmas`` (REFERENCE.md 2.1; ComfyUI ``comfy/model_sampling.py``):
+    This is ``ModelSamplingDiscreteFlow.sigmas`` (Stability-AI/sd3.5 ``sd3_impls.py``; ComfyUI
+    ``comfy/model_sampling.py``):
     entry 0 is ``sigma_min`` (0.002994 for shift 3, 0.001 for shift 1) and entry 999 is ``sigma_max`` = 1.
     """
     _check_shift(shift)
@@ -265,7 +269,7 @@ def get_sigmas(scheduler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
     ``ModelSamplingDiscreteFlow`` with ``ModelSamplingSD3``'s shift): ``sigma(t) = flow_sigma(t/1000, shift)``,
     ``sigma_min = sigma(1)``, ``sigma_max = sigma(1000) = 1``. Per scheduler (``n = steps``):
 
-    - ``simple``: the reference's schedule, :func:`reference_sigmas` (REFERENCE.md 2.2): timesteps
+    - ``simple``: the reference's schedule, :func:`reference_sigmas` (``SD3Inferencer.get_sigmas``): timesteps
       ``linspace(1000 sigma_max, 1000 sigma_min, n)`` mapped through ``sigma``. NOTE: this is what ComfyUI
       calls ``normal``; ComfyUI's own ``simple`` instead picks table entries
       ``sigmas[999 - floor(i * 1000 / n)]``. Our ``simple`` is the reference's, so that the default
