@@ -92,6 +92,28 @@ def hires_schedule_steps(steps: int, strength: float) -> int:
     return n
 
 
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def _step_callback(
+    on_progress: ProgressCallback | None,
+    cancel: Callable[[], bool] | None,
+    image: int,
+    images: int,
+    stage: Stage,
+    stages: int,
+) -> StepCallback:
+    """The sampler's ``callback(step, total, x, denoised)``: report a :class:`Progress`, then honour ``cancel``."""
+
+    def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        if on_progress is not None:
+            on_progress(Progress(image, images, stage, stages, step, total, x, denoised))
+        if cancel is not None and cancel():
+            raise Cancelled("the request was cancelled.")
+
+    return callback
+
+
 def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return abs(a[0] / a[1] - b[0] / b[1]) > ASPECT_SLACK * (b[0] / b[1])
 
@@ -388,14 +410,8 @@ class SD3Pipeline:
             generator = torch.Generator().manual_seed(seed)
             noise = torch.randn(latent_shape, generator=generator).to(self.device)
 
-            def report(stage: Stage, i: int = i) -> Callable[[int, int, torch.Tensor, torch.Tensor], None]:
-                def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-                    if on_progress is not None:
-                        on_progress(Progress(i, req.num_images, stage, stages, step, total, x, denoised))
-                    if cancel is not None and cancel():
-                        raise Cancelled("the request was cancelled.")
-
-                return callback
+            def report(stage: Stage, image: int = i) -> StepCallback:
+                return _step_callback(on_progress, cancel, image, req.num_images, stage, stages)
 
             if init_latent is not None and strength == 0.0:
                 latent = init_latent  # nothing to denoise: the input through the VAE
@@ -451,7 +467,7 @@ class SD3Pipeline:
         generator: torch.Generator,
         init_latent: torch.Tensor | None,
         mask: torch.Tensor | None,
-        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+        callback: StepCallback,
     ) -> torch.Tensor:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
@@ -471,7 +487,7 @@ class SD3Pipeline:
         cond: Conditioning,
         uncond: Conditioning | None,
         generator: torch.Generator,
-        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+        callback: StepCallback,
     ) -> torch.Tensor:
         """Upscale (in latent space, or Lanczos in pixels) and refine with img2img at ``hires.strength``.
 

@@ -40,7 +40,11 @@ def test_transparency_is_flattened_on_white(tmp_path):
     rgba.putpixel((0, 0), (0, 0, 255, 255))
     rgba.save(tmp_path / "t.png")
     image = read_image(tmp_path / "t.png")
-    assert image.mode == "RGB" and image.getpixel((1, 1)) == (255, 255, 255) and image.getpixel((0, 0)) == (0, 0, 255)
+    assert (
+        image.mode == "RGB"
+        and image.getpixel((1, 1)) == (255, 255, 255)
+        and image.getpixel((0, 0)) == (0, 0, 255)
+    )
 
 
 def test_masks_by_alpha_or_grey(tmp_path):

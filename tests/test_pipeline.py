@@ -353,3 +353,55 @@ def test_vae_tiling_option(root, fresh):
     assert diff.max() <= 1  # exact tiling: the same image up to float rounding
     with pytest.raises(SD35Error, match="auto, on, off"):
         load_pipeline(root, device="cpu", vae_tiling="yes")
+
+
+# --------------------------------------------------------------------------------------------------
+# run(): the request in, the result out
+
+
+def test_run_reports_what_it_resolved_and_drew(tiny_pipe):
+    from sd35 import GenerateRequest, HiresFix
+
+    seen = []
+    request = GenerateRequest(
+        prompt=PROMPT, width=32, height=32, steps=2, num_images=2, hires=HiresFix(steps=1)
+    )
+    result = tiny_pipe.run(request, on_progress=seen.append)
+    assert result.request.is_resolved and result.request.seed == result.seeds[0]
+    assert result.seeds == [result.seeds[0], result.seeds[0] + 1] and len(result.images) == 2
+    assert [im.size for im in result.images] == [(64, 64)] * 2
+    assert (
+        result.infotexts[1] == result.images[1].info["parameters"]
+        and f"Seed: {result.seeds[1]}" in result.infotexts[1]
+    )
+    assert set(result.timings) == {"encode", "sample", "decode", "total"}
+    fractions = [p.fraction for p in seen]
+    assert [(p.image, p.stage) for p in seen] == [(0, "base")] * 2 + [(0, "hires")] + [(1, "base")] * 2 + [
+        (1, "hires")
+    ]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_cancel_stops_between_steps(tiny_pipe):
+    from sd35 import Cancelled, GenerateRequest
+
+    steps = []
+
+    def cancel() -> bool:
+        return len(steps) >= 2
+
+    with pytest.raises(Cancelled):
+        tiny_pipe.run(
+            GenerateRequest(prompt=PROMPT, width=32, height=32, steps=6, seed=1), steps.append, cancel
+        )
+    assert len(steps) == 2
+
+
+def test_warnings_reach_the_result_not_the_global_warning_system(tiny_pipe):
+    from sd35 import GenerateRequest
+
+    long_prompt = " ".join(["red cube"] * 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # run() itself must not warn: a threaded server reads result.warnings
+        result = tiny_pipe.run(GenerateRequest(prompt=long_prompt, width=32, height=32, steps=1, seed=1))
+    assert any("CLIP reads only the first 75 tokens" in w for w in result.warnings)
