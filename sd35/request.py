@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args
 
 from PIL import Image
 
-from sd35.conditioning.tokenize import Weighting
+from sd35.conditioning.tokenize import T5_MAX_TOKENS, Weighting
 from sd35.errors import InvalidRequest
 from sd35.presets import ModelDefaults
 from sd35.sampling.guidance import APG, SkipLayerGuidance
@@ -168,7 +168,7 @@ class TextOptions:
     """How the prompt becomes text embeddings (defaults: the reference's)."""
 
     t5_max_tokens: int = field(
-        default=256, metadata=_meta("T5 prompt limit in tokens; longer prompts are cut with a warning")
+        default=T5_MAX_TOKENS, metadata=_meta("T5 prompt limit in tokens; longer prompts are cut with a warning")
     )
     weighting: Weighting = field(
         default="none",

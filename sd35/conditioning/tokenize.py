@@ -206,6 +206,9 @@ class T5Tokenizer:
         return [self._tokenizer.encode(w, add_special_tokens=False).ids for w in words]
 
 
+T5_MAX_TOKENS = 256
+"""The T5 prompt limit SD3.5 Medium's model card gives (longer prompts are cut with a warning)."""
+
 Weighting = Literal["none", "comfy", "a1111"]
 """How ``(word:1.2)`` emphasis is applied: ignored (the reference), ComfyUI's way or A1111's."""
 
@@ -304,7 +307,7 @@ class SD3Tokenizer:
     def __call__(
         self,
         prompts: Sequence[str],
-        t5_max_tokens: int = 256,
+        t5_max_tokens: int = T5_MAX_TOKENS,
         *,
         weighting: str = "none",
         long_clip: bool = False,

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from sd35.conditioning.tokenize import T5_MAX_TOKENS
 from sd35.errors import CheckpointError, SD35Error, SD35Warning
 from sd35.image_io import read_image
 from sd35.imaging import image_to_tensor
@@ -230,7 +231,7 @@ def build_cache(
     samples: Sequence[Sample],
     buckets: Sequence[tuple[int, int]],
     cache_dir: str | os.PathLike,
-    t5_max_tokens: int = 256,
+    t5_max_tokens: int = T5_MAX_TOKENS,
     batch_size: int = 1,
     progress: bool = True,
     *,
