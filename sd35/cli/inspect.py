@@ -1,10 +1,13 @@
 """``sd35 inspect``: what each file or folder is, and what a complete pipeline still lacks.
 
-Reads only safetensors headers (shapes and dtypes), so it answers in a moment even for 10 GB files.
+Reads only safetensors headers (shapes and dtypes), so it answers in a moment even for 10 GB files. LoRA,
+DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
+only formats), including LoRAs for other model families: inspect is for finding out what a file is.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from sd35.loading.components import (
     Component,
     scan,
 )
+from sd35.lora.formats import COMPONENT_NAMES
+from sd35.lora.summary import LoraSummary, is_lora_file, summarize_lora
 from sd35.models.clip import CLIPTextConfig
 from sd35.models.mmditx import MMDiTXConfig, mmditx_family
 from sd35.models.t5 import T5Config
@@ -71,13 +76,102 @@ def _count(n: int) -> str:
     return str(n)
 
 
+# What the blocks of each network are called, for "35 layers in joint blocks 0-23".
+_BLOCK_WORDS = {"mmditx": "joint blocks", "clip_l": "layers", "clip_g": "layers", "t5": "blocks"}
+
+
+def _number(x: float) -> str:
+    return f"{x:g}"
+
+
+def _spread(values: list) -> str:
+    """The most common value, and the range when they differ: ``4``, ``16 (most layers; 4-32)``, or ``2-4``
+    when no value is the most common."""
+    (common, n), *others = Counter(values).most_common()
+    if not others:
+        return _number(common)
+    span = f"{_number(min(values))}-{_number(max(values))}"
+    return span if others[0][1] == n else f"{_number(common)} (most layers; {span})"
+
+
+def _kind_line(s: LoraSummary) -> str:
+    if list(s.kinds) == ["LoRA"] and s.dora:
+        every = "" if s.dora == s.kinds["LoRA"] else f" on {s.dora} of {s.kinds['LoRA']} adapters"
+        return f"DoRA (LoRA with magnitude vectors{every})"
+    if len(s.kinds) == 1 and not s.dora:
+        return s.kind
+    parts = ", ".join(f"{kind} ({n})" for kind, n in s.kinds.items())
+    return f"adapters: {parts}" + (f"; DoRA magnitude vectors on {s.dora}" if s.dora else "")
+
+
+def _alpha_line(s: LoraSummary) -> str:
+    stored = [a for a in s.alphas if a is not None]
+    if not stored:
+        return "= rank (none stored; scale 1)"
+    text = _spread(stored)
+    if len(stored) == len(s.alphas) and len(set(stored)) == 1 and len(set(s.ranks)) == 1:
+        text += f" (scale alpha/rank = {_number(stored[0] / s.ranks[0])})"
+    if len(stored) < len(s.alphas):
+        text += f"; {len(s.alphas) - len(stored)} of {len(s.alphas)} adapters store none (= rank)"
+    return text
+
+
+def describe_lora(s: LoraSummary) -> list[str]:
+    """The lines of one LoRA file's block: what it is, what it changes, what it was made for."""
+    if s.foreign:
+        lines = [
+            f"{s.path}  [LoRA for {s.foreign}]",
+            f"  {'made for':9} {s.foreign} ({s.foreign_evidence}); sd35 cannot apply it",
+        ]
+    else:
+        layouts = ", ".join(s.layouts) or "unrecognised"
+        lines = [f"{s.path}  [{s.kind}: {layouts} layout{'s' if len(s.layouts) > 1 else ''}]"]
+    if s.kinds:
+        lines.append(f"  {'kind':9} {_kind_line(s)}")
+    if s.ranks:
+        lines.append(f"  {'rank':9} {_spread(s.ranks)}")
+        lines.append(f"  {'alpha':9} {_alpha_line(s)}")
+    elif s.kinds:
+        lines.append(f"  {'rank':9} none (full-rank changes)")
+    for comp, use in s.components.items():
+        text = f"{use.layers} layer{'s' if use.layers != 1 else ''}"
+        if use.blocks:
+            word = _BLOCK_WORDS[comp] if len(use.blocks) > 1 else _BLOCK_WORDS[comp][:-1]
+            text += f" in {word} {_ranges(use.blocks)}: {', '.join(use.kinds)}"
+        if use.outside:
+            text += f"; also {', '.join(use.outside)}" if use.blocks else f": {', '.join(use.outside)}"
+        lines.append(f"  {COMPONENT_NAMES[comp]:9} {text}")
+    if not s.foreign:
+        base = s.base or "unknown"
+        why = s.base_evidence or "no metadata names it and its shapes match no release"
+        lines.append(f"  {'made for':9} {base} ({why})")
+    lines.append(f"  {'stored':9} {s.dtypes} | {_count(s.parameters)} parameters")
+    if s.training:
+        version = s.training.get("sd35")
+        rest = ", ".join(f"{k} {v}" for k, v in s.training.items() if k != "sd35")
+        lines.append(f"  {'training':9} {'sd35 ' + version + ': ' if version else ''}{rest}")
+    if s.unmatched and not s.foreign:
+        first = ", ".join(f"'{k}'" for k in s.unmatched[:2])
+        lines.append(f"  {'unmatched':9} {len(s.unmatched)} tensors fit no SD3-family layer (first: {first})")
+    return lines
+
+
 def report(paths: list[str | Path]) -> str:
-    """The text ``sd35 inspect`` prints for these paths (raises SD35Error on bad input)."""
+    """The text ``sd35 inspect`` prints for these paths (raises SD35Error on bad input).
+
+    LoRA files get a block of their own and do not count toward what a complete pipeline lacks; that
+    summary is printed only when some path holds model weights.
+    """
     lines: list[str] = []
     found: dict[str, Component] = {}
-    components = scan(paths)
+    loras = {Path(p) for p in paths if Path(p).is_file() and is_lora_file(p)}
+    models = [Path(p) for p in paths if Path(p) not in loras]
+    components = scan(models)
     for path in paths:
         path = Path(path)
+        if path in loras:
+            lines += describe_lora(summarize_lora(path))
+            continue
         mine = [c for c in components if c.source == path or path in c.source.parents]
         mine.sort(key=lambda c: KINDS.index(c.kind) if c.kind in KINDS else len(KINDS))
         layouts = sorted({c.layout for c in mine})
@@ -88,6 +182,8 @@ def report(paths: list[str | Path]) -> str:
                 f"  {c.name:8} {describe(c)} | {c.dtypes()} | {_count(c.parameter_count())} parameters{notes}"
             )
             found.setdefault(c.kind, c)
+    if not models:
+        return "\n".join(lines)
     missing = [k for k in KINDS if k not in found]
     lines.append("")
     if missing:
@@ -104,9 +200,12 @@ def add_parser(sub) -> None:
         help="say what weight files/folders are and what a complete pipeline still lacks",
         description="For each file or folder: which model it holds (SD3 Medium, SD3.5 Medium, SD3.5 Large, CLIP-L, "
         "CLIP-G, T5-XXL, VAE), its layout, dtype and parameter count; then what a complete pipeline lacks. "
-        "Reads only file headers.",
+        "A LoRA/DoRA/LyCORIS file is described instead: kind, rank, alpha, the layers it changes and the model "
+        "it was made for. Reads only file headers.",
     )
-    p.add_argument("paths", nargs="+", help=".safetensors files or diffusers/text-encoder folders")
+    p.add_argument(
+        "paths", nargs="+", help=".safetensors files (models or LoRAs) or diffusers/text-encoder folders"
+    )
     p.set_defaults(func=run)
 
 

@@ -11,7 +11,6 @@ HF-transformers for CLIP and T5, all without prefixes).
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from sd35.errors import CheckpointError, MissingComponentError
 from sd35.loading.diffusers_mmditx import is_diffusers_mmditx, mmditx_from_diffusers
 from sd35.loading.diffusers_vae import is_diffusers_vae, is_official_vae, vae_from_diffusers
 from sd35.loading.safetensors_io import open_safetensors, shards_of
-from sd35.loading.tensors import LazyTensor, shape_of
+from sd35.loading.tensors import LazyTensor, dtype_mix, shape_of
 
 MMDITX, VAE, CLIP_L, CLIP_G, T5XXL = "mmditx", "vae", "clip_l", "clip_g", "t5xxl"
 KINDS = (MMDITX, VAE, CLIP_L, CLIP_G, T5XXL)
@@ -76,27 +75,11 @@ class Component:
 
     def dtypes(self) -> str:
         """The stored dtypes, most common first, e.g. ``bf16`` or ``fp8_e4m3fn 98% / fp32``."""
-        counts: Counter[str] = Counter()
-        for t in self.tensors.values():
-            counts[_DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))] += t.numel()
-        total = sum(counts.values()) or 1
-        parts = counts.most_common()
-        if len(parts) == 1:
-            return parts[0][0]
-        return " / ".join(f"{n} {100 * c / total:.0f}%" for n, c in parts)
+        return dtype_mix(self.tensors.values())
 
     def width(self) -> int:
         """Hidden width of a CLIP component."""
         return shape_of(self.tensors["text_model.embeddings.token_embedding.weight"])[1]
-
-
-_DTYPE_NAMES = {
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float8_e4m3fn: "fp8_e4m3fn",
-    torch.float8_e5m2: "fp8_e5m2",
-}
 
 
 # ---------------------------------------------------------------------------------------------

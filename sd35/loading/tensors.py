@@ -7,7 +7,9 @@ target dtype and placed on the target device one at a time, so RAM never holds t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,30 @@ StateDict = Mapping[str, TensorLike]
 
 def shape_of(t: TensorLike) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+_DTYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float8_e4m3fn: "fp8_e4m3fn",
+    torch.float8_e5m2: "fp8_e5m2",
+}
+
+
+def dtype_mix(tensors: Iterable[TensorLike]) -> str:
+    """The stored dtypes by share of elements, most common first: ``bf16`` or ``fp8_e4m3fn 98% / fp32``.
+
+    Shared by every ``sd35 inspect`` line (models and LoRAs) so that all name dtypes the same way.
+    """
+    counts: Counter[str] = Counter()
+    for t in tensors:
+        counts[_DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))] += math.prod(t.shape)
+    total = sum(counts.values()) or 1
+    parts = counts.most_common()
+    if len(parts) == 1:
+        return parts[0][0]
+    return " / ".join(f"{n} {100 * c / total:.0f}%" for n, c in parts)
 
 
 def materialize(

@@ -13,7 +13,7 @@ Training::
 
 See :mod:`sd35.lora.adapters` for the adapter formulas (DoRA included), :mod:`sd35.lora.patching` for
 the two ways of applying them (and trainable adapters), :mod:`sd35.lora.formats` for the key layouts,
-:mod:`sd35.lora.export` for the saved layouts.
+:mod:`sd35.lora.export` for the saved layouts, :mod:`sd35.lora.summary` for what a file is (``sd35 inspect``).
 """
 
 from sd35.lora.adapters import Adapter, Diff, LoHa, LoKr, LoRA, RowStack, SwapHalves, dora_weight
@@ -21,6 +21,7 @@ from sd35.lora.export import export_lora, export_metadata
 from sd35.lora.formats import ParsedLoRA, parse_lora, read_lora, save_lora
 from sd35.lora.loader import LoadReport, load_lora, loaded_loras, set_lora_strength, unload_lora
 from sd35.lora.patching import DEFAULT_TARGETS, Patch, add_lora, merge_lora, set_strength
+from sd35.lora.summary import LoraSummary, summarize_lora
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -30,6 +31,7 @@ __all__ = [
     "LoKr",
     "LoRA",
     "LoadReport",
+    "LoraSummary",
     "ParsedLoRA",
     "Patch",
     "RowStack",
@@ -46,5 +48,6 @@ __all__ = [
     "save_lora",
     "set_lora_strength",
     "set_strength",
+    "summarize_lora",
     "unload_lora",
 ]

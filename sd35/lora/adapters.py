@@ -98,6 +98,7 @@ class Adapter(nn.Module):
     """
 
     kind = "adapter"
+    rank: int | None = None  # the low-rank dimension alpha is divided by; None for full-rank changes
 
     def __init__(self, dora_scale: torch.Tensor | None = None, trainable: bool = False):
         super().__init__()
@@ -195,7 +196,7 @@ class LoHa(Adapter):
         self.w1_a, self.w1_b = _param(w1_a), _param(w1_b)
         self.w2_a, self.w2_b = _param(w2_a), _param(w2_b)
         self.t1, self.t2 = _param(t1), _param(t2)
-        rank = w1_b.shape[0]
+        self.rank = rank = w1_b.shape[0]
         self.scale = 1.0 if alpha is None else float(alpha) / rank
 
     def _factor(self, a, b, t) -> torch.Tensor:
@@ -235,7 +236,7 @@ class LoKr(Adapter):
         self.w1, self.w1_a, self.w1_b = _param(w1), _param(w1_a), _param(w1_b)
         self.w2, self.w2_a, self.w2_b = _param(w2), _param(w2_a), _param(w2_b)
         self.t2 = _param(t2)
-        rank = w2_b.shape[0] if w2 is None else (w1_b.shape[0] if w1 is None else None)
+        self.rank = rank = w2_b.shape[0] if w2 is None else (w1_b.shape[0] if w1 is None else None)
         self.scale = float(alpha) / rank if alpha is not None and rank is not None else 1.0
 
     def _w1(self) -> torch.Tensor:

@@ -249,26 +249,41 @@ _UNET_PREFIXES = (
 )
 
 
-def foreign_model(keys: list[str]) -> str | None:
-    """The model family a LoRA's key names belong to, if it is not the SD3 family."""
+def foreign_family(keys: list[str]) -> tuple[str, str] | None:
+    """(family, the keys' evidence) for a LoRA made for another model family than SD3, else None."""
     if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
-        return "Flux (its keys name double_blocks / single_blocks)"
+        return "Flux", "its keys name double_blocks / single_blocks"
     if any(k.startswith(_UNET_PREFIXES) for k in keys):
         sdxl = any(
             k.startswith(("lora_te2_", "text_encoder_2.")) or re.search(r"transformer_blocks[._][1-9]", k)
             for k in keys
         )
-        which = "SDXL" if sdxl else "SD1.x/SD2.x"
-        return f"{which} (its keys name a UNet: input_blocks / down_blocks)"
+        return "SDXL" if sdxl else "SD1.x/SD2.x", "its keys name a UNet: input_blocks / down_blocks"
+    return None
+
+
+def foreign_model(keys: list[str]) -> str | None:
+    """The model family a LoRA's key names belong to, if it is not the SD3 family (with the evidence)."""
+    found = foreign_family(keys)
+    return f"{found[0]} ({found[1]})" if found else None
+
+
+# The MMDiT hidden widths of the releases: a LoRA's tensor shapes name the model it was made for.
+WIDTH_FAMILIES = {1536: "SD3 / SD3.5 Medium", 2432: "SD3.5 Large"}
+
+
+def family_from_width(dims) -> tuple[str, int] | None:
+    """(release, width) of the release whose hidden width is among ``dims`` (Large first: 1536 never occurs
+    in it), else None."""
+    for width in sorted(WIDTH_FAMILIES, reverse=True):
+        if width in dims:
+            return WIDTH_FAMILIES[width], width
     return None
 
 
 def _guess_from_width(dims: tuple[int, ...]) -> str:
-    if 2432 in dims:
-        return " It seems made for SD3.5 Large (hidden size 2432)."
-    if 1536 in dims:
-        return " It seems made for SD3 / SD3.5 Medium (hidden size 1536)."
-    return ""
+    found = family_from_width(dims)
+    return f" It seems made for {found[0]} (hidden size {found[1]})." if found else ""
 
 
 def _check_structure(stems: dict[str, tuple[str, str]], index: ModelIndex, what: str) -> None:
@@ -334,7 +349,54 @@ def _split_suffix(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _peft_configs(metadata: dict[str, str] | None) -> dict[str, dict]:
+def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """({stem: {field: key}}, keys that are no adapter tensor or repeat a field of their stem).
+
+    A stem is a key without its adapter suffix (``.lora_up.weight``, ``.alpha``, ``.hada_w1_a`` ...): all
+    tensors of one adapter share it.
+    """
+    groups: dict[str, dict[str, str]] = {}
+    unmatched: list[str] = []
+    for key in keys:
+        split = _split_suffix(key)
+        if split is None:
+            unmatched.append(key)
+            continue
+        stem, fieldname = split
+        if fieldname in groups.setdefault(stem, {}):
+            unmatched.append(key)  # a second tensor for the same role
+            continue
+        groups[stem][fieldname] = key
+    return groups, unmatched
+
+
+def route(stems) -> dict[str, tuple]:
+    """stem -> its :data:`_PREFIXES` rule (prefix, component, naming, order, producer): the first that fits."""
+    rules: dict[str, tuple] = {}
+    for stem in stems:
+        for rule in _PREFIXES:
+            prefix = rule[0]
+            if stem.startswith(prefix) and len(stem) > len(prefix):
+                rules[stem] = rule
+                break
+    return rules
+
+
+def stem_alpha(tensors: dict, rule: tuple, rest: str, peft: dict[str, dict]) -> float | None:
+    """An adapter's alpha as the loader applies it: its ``.alpha`` tensor, else diffusers' PEFT metadata.
+
+    ``tensors``: the adapter's tensors by field (real tensors, or anything with ``shape`` besides the
+    alpha); ``peft``: :func:`peft_configs` of the file. None means "no alpha" (= rank, scale 1).
+    """
+    if "alpha" in tensors:
+        return float(tensors["alpha"].float().item())
+    prefix, producer = rule[0], rule[4]
+    if "down" in tensors and producer == "diffusers" and prefix[:-1] in peft:
+        return _peft_alpha(peft[prefix[:-1]], rest, tensors["down"].shape[0])
+    return None
+
+
+def peft_configs(metadata: dict[str, str] | None) -> dict[str, dict]:
     """diffusers' per-component LoraConfig kwargs from ``lora_adapter_metadata`` (keys ``transformer.r`` ...)."""
     raw = (metadata or {}).get(_DIFFUSERS_META_KEY)
     if not raw:
@@ -488,30 +550,14 @@ def parse_lora(
     loaded = set(index.models)
     result = ParsedLoRA()
 
-    groups: dict[str, dict[str, str]] = {}  # stem -> field -> key
-    for key in keys:
-        split = _split_suffix(key)
-        if split is None:
-            result.unmatched.append(key)
-            continue
-        stem, fieldname = split
-        if fieldname in groups.setdefault(stem, {}):
-            result.unmatched.append(key)  # a second tensor for the same role
-            continue
-        groups[stem][fieldname] = key
-
-    routed: dict[str, tuple[str, str]] = {}  # stem -> (component, rest)
-    rules: dict[str, tuple] = {}
-    for stem in groups:
-        for rule in _PREFIXES:
-            prefix, comp = rule[0], rule[1]
-            if stem.startswith(prefix) and len(stem) > len(prefix):
-                routed[stem] = (comp, stem[len(prefix) :])
-                rules[stem] = rule
-                break
+    groups, result.unmatched = group_keys(keys)
+    rules = route(groups)
+    routed = {
+        stem: (rule[1], stem[len(rule[0]) :]) for stem, rule in rules.items()
+    }  # stem -> (component, rest)
     _check_structure(routed, index, what)
 
-    peft = _peft_configs(metadata)
+    peft = peft_configs(metadata)
     found: dict[tuple[str, str], list[tuple[Target, Adapter]]] = {}
     formats: dict[str, None] = {}
     for stem, fkeys in groups.items():
@@ -519,7 +565,7 @@ def parse_lora(
         if rule is None:
             result.unmatched += fkeys.values()
             continue
-        prefix, comp, naming, order, producer = rule
+        _, comp, naming, order, producer = rule
         rest = routed[stem][1]
         if comp not in loaded:
             result.skipped += fkeys.values()
@@ -529,11 +575,7 @@ def parse_lora(
             result.unmatched += fkeys.values()
             continue
         tensors = {f: sd[k] for f, k in fkeys.items()}
-        alpha = None
-        if "alpha" in tensors:
-            alpha = float(tensors["alpha"].float().item())
-        elif "down" in tensors and producer in ("diffusers",) and prefix[:-1] in peft:
-            alpha = _peft_alpha(peft[prefix[:-1]], rest, tensors["down"].shape[0])
+        alpha = stem_alpha(tensors, rule, rest, peft)
         shape = index.expected_shape(target)
         adapter = _adapter_from_fields(tensors, alpha, (shape[0], math.prod(shape[1:])))
         if adapter is None:
