@@ -176,9 +176,10 @@ def test_split_files_need_tokenizers_and_text_encoders(tmp_path, weights, root):
     b = load_pipeline(root, device="cpu").generate(PROMPT, width=32, height=32, steps=2, seed=5)[0]
     # same weights, same image, whatever the layout, up to rounding: each layout puts a tensor at another file
     # offset, and the weights are used where the file maps them; a CPU matmul's summation order can depend on
-    # that alignment, and tensor_to_image truncates, so a pixel may move by 1/255. A wrong weight moves far more.
+    # that alignment. tensor_to_image truncates, so rounding moves a value by at most 1/255 and only the rare
+    # values that close to a step; one weight 1% off already moves 10% of them.
     diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
-    assert diff.max() <= 1
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_without_t5_warns_and_runs(tmp_path, weights, root):

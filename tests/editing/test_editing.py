@@ -41,9 +41,11 @@ def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
     expected = tensor_to_image(vae.decode(vae.encode(image_to_tensor(photo, 64, 64))))
     # Two float paths: generate() also takes the latent to model space and back ((z - shift) * scale, then
     # / scale + shift: not exact in float32), so its decoder sees a latent a few ulps off. tensor_to_image
-    # truncates, so that moves a pixel by at most 1/255 (whether any moves depends on the machine's kernels);
-    # any denoising, or a missing VAE round trip, moves pixels far more.
-    assert np.abs(_px(out) - _px(expected)).max() <= 1
+    # truncates, so that moves a value by at most 1/255, and only the rare values that sit that close to a
+    # step (which ones depends on the machine's kernels; 1 of 12288 measured). Any denoising, a scaled latent
+    # or a missing VAE round trip moves far more of them, and by more.
+    diff = np.abs(_px(out) - _px(expected))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert "Denoising strength: 0.0" in out.info["parameters"]
 
 
