@@ -151,10 +151,14 @@ def test_kohya_file_round_trips_exactly(tmp_path, dora):
     assert report.name == "trained" and report.formats == ["kohya"] and report.unmatched == []
     for x, y in zip(outputs(fresh), want, strict=True):
         assert rel_err(x, y) <= 1e-5
-    # merging via the file equals baking the trained adapters in, bit for bit
+    # merging via the file equals baking the trained adapters in. The adapters above are bit-identical, but
+    # the file's tensors sit at the file's offsets and a CPU matmul (up @ down) may sum in another order at
+    # another alignment: equal up to the float32 rounding of W + delta (a wrong scale, 1%, is ~1e-4 off)
     for c in comps:
         merge_lora(trained[c])
-    assert_same(fresh, snapshot(trained))
+    baked = snapshot(trained)
+    for k, v in snapshot(fresh).items():
+        torch.testing.assert_close(v, baked[k], rtol=1e-6, atol=1e-8, msg=k)
 
 
 def test_diffusers_export_round_trips_through_our_loader(tmp_path):
