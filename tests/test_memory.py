@@ -3,6 +3,9 @@
 Everything runs on the CPU with storage and compute both "cpu": the weights are still packed into
 storage, copied into the compute buffers and bound block by block, so the outputs must be bit-identical
 to the plain models, and after every forward the weights must be views of their storage again.
+(Bit-identical is fair: the same kernels on the same shapes, and packed entries start at 256-byte offsets,
+aligned like the plain models' own 64-byte-aligned allocations; a matmul's summation order can follow the
+alignment, which is why the pipeline tests below, whose plain weights sit at file offsets, compare to rounding.)
 """
 
 from __future__ import annotations
