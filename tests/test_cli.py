@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import sd35
 from sd35.cli import main
 
 
@@ -71,8 +74,13 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
 
 def test_console_script_never_shows_a_traceback(tmp_path):
     missing = tmp_path / "nope.safetensors"
+    # the child imports the sd35 this test imported, whatever the current folder holds
+    path = os.pathsep.join(filter(None, [str(Path(sd35.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "sd35.cli", "inspect", str(missing)], capture_output=True, text=True
+        [sys.executable, "-m", "sd35.cli", "inspect", str(missing)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no such file" in proc.stderr

@@ -217,7 +217,13 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
         below = _betainc(mid, a, b) < q
         lo = np.where(below, mid, lo)
         hi = np.where(below, hi, mid)
-    return np.where(q >= 1.0, 1.0, np.where(q <= 0.0, 0.0, 0.5 * (lo + hi)))
+    x = np.where(q >= 1.0, 1.0, np.where(q <= 0.0, 0.0, 0.5 * (lo + hi)))
+    if a == b:
+        # symmetric: the median is 1/2 exactly. The series sums I_(1/2)(a, a) to 1/2 give or take an ulp
+        # (which way depends on the BLAS kernel, i.e. the machine), and the bisection then ends an ulp either
+        # side of 1/2; the beta schedule's 999 * 1/2 is a rint tie, so that ulp would pick timestep 499 or 500
+        x = np.where(q == 0.5, 0.5, x)
+    return x
 
 
 def _beta(steps: int, shift: float) -> torch.Tensor:

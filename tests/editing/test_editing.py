@@ -31,16 +31,30 @@ def _px(image):
 
 
 def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
-    out = tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=0.0), steps=4, seed=1)[0]
+    calls = []
+    hook = tiny_pipe.mmditx.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=0.0), steps=4, seed=1)[0]
+    finally:
+        hook.remove()
+    assert calls == []  # nothing to denoise: the MMDiT-X never runs
     vae = tiny_pipe.vae
     expected = tensor_to_image(vae.decode(vae.encode(image_to_tensor(photo, 64, 64))))
-    assert np.array_equal(_px(out), _px(expected))
+    # Two float paths: generate() also takes the latent to model space and back ((z - shift) * scale, then
+    # / scale + shift: not exact in float32), so its decoder sees a latent a few ulps off. tensor_to_image
+    # truncates, so that moves a value by at most 1/255, and only the rare values that sit that close to a
+    # step (which ones depends on the machine's kernels; 1 of 12288 measured). Any denoising, a scaled latent
+    # or a missing VAE round trip moves far more of them, and by more.
+    diff = np.abs(_px(out) - _px(expected))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert "Denoising strength: 0.0" in out.info["parameters"]
 
 
 def test_img2img_strength_1_equals_txt2img(tiny_pipe, photo):
     a = tiny_pipe.generate(PROMPT, edit=Edit(image=photo, strength=1.0), steps=3, seed=4)[0]
     b = tiny_pipe.generate(PROMPT, width=64, height=64, steps=3, seed=4)[0]
+    # bit-equal by construction: sigma_max is exactly 1, so 1 * noise + 0 * init is the txt2img start exactly,
+    # and from there both run the same operations on the same shapes
     assert np.array_equal(_px(a), _px(b))
 
 
@@ -85,7 +99,8 @@ def test_inpainting_keeps_unmasked_pixels(tiny_pipe, photo):
         on_progress=lambda p: finals.append(p.x.clone()),
     )[0]
     got, src = _px(out), _px(photo)
-    assert np.array_equal(got[:, 32:], src[:, 32:])  # far from the feathered edge: the original pixels
+    # far from the feathered edge the mask is exactly 0: the composite's a * 0 + b * 1 returns b exactly
+    assert np.array_equal(got[:, 32:], src[:, 32:])
     assert np.abs(got[:, :16] - src[:, :16]).mean() > 5  # the masked part was repainted
     # in latent space the cells outside the mask end exactly at the original latent
     vae = tiny_pipe.vae
@@ -122,7 +137,7 @@ def test_outpainting_extends_the_canvas(tiny_pipe, photo):
     assert m[:, :20].min() == 255 and m[:, 20:76].max() == 0 and m[:, 76:].min() == 255
     out = tiny_pipe.generate(PROMPT, edit=Edit(image=canvas, mask=mask, mask_blur=0), steps=3, seed=6)[0]
     assert out.size == (96, 64)
-    assert np.array_equal(_px(out)[:, 20:76], _px(canvas)[:, 20:76])
+    assert np.array_equal(_px(out)[:, 20:76], _px(canvas)[:, 20:76])  # mask 0: a * 0 + b * 1 is b exactly
     # the request's own outpaint makes the same canvas and mask (its overlap is 8 px)
     borders = tiny_pipe.generate(
         PROMPT, edit=Edit(image=photo, outpaint=(16, 0, 16, 0), mask_blur=0), steps=3, seed=6

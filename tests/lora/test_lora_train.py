@@ -49,12 +49,16 @@ def _train(models, dora=False, seed=0, comps=("mmditx",), targets=ALL, rank=4, a
 @pytest.mark.parametrize("dora", [False, True])
 def test_new_lora_leaves_output_unchanged_and_trains(dora):
     models = make_models()
+    # a runtime LoRA on an adaLN layer forces the per-layer adaLN path (the fused one would bypass its hook);
+    # take it for the base output too, so that both sides run the same kernels and bit-equality says that a
+    # new LoRA adds exactly zero
+    models["mmditx"].fused_modulation = False
     snap, base = snapshot(models), outputs(models)
     params = {}
     for c, targets in [("mmditx", ALL), ("clip_l", ("q_proj", "fc2")), ("t5", ("SelfAttention.k",))]:
         params[c] = add_lora(models[c], 4, 8.0, targets=targets, dora=dora)
     for x, y in zip(outputs(models), base, strict=True):
-        assert torch.equal(x, y)
+        assert torch.equal(x, y)  # up is zero: each hook adds exactly 0 (DoRA: m / ||W|| is exactly 1)
     assert all(p.requires_grad for ps in params.values() for p in ps)
     assert not any(p.requires_grad for m in models.values() if m is not None for p in m.parameters())
     assert_same(models, snap)
@@ -147,10 +151,14 @@ def test_kohya_file_round_trips_exactly(tmp_path, dora):
     assert report.name == "trained" and report.formats == ["kohya"] and report.unmatched == []
     for x, y in zip(outputs(fresh), want, strict=True):
         assert rel_err(x, y) <= 1e-5
-    # merging via the file equals baking the trained adapters in, bit for bit
+    # merging via the file equals baking the trained adapters in. The adapters above are bit-identical, but
+    # the file's tensors sit at the file's offsets and a CPU matmul (up @ down) may sum in another order at
+    # another alignment: equal up to the float32 rounding of W + delta (a wrong scale, 1%, is ~1e-4 off)
     for c in comps:
         merge_lora(trained[c])
-    assert_same(fresh, snapshot(trained))
+    baked = snapshot(trained)
+    for k, v in snapshot(fresh).items():
+        torch.testing.assert_close(v, baked[k], rtol=1e-6, atol=1e-8, msg=k)
 
 
 def test_diffusers_export_round_trips_through_our_loader(tmp_path):

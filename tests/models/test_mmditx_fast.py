@@ -260,9 +260,12 @@ def test_in_place_inference_equals_the_autograd_path_and_keeps_inputs():
         fast_block = block(context.detach(), tokens.detach(), c.detach())
     assert torch.equal(tokens, kept[0]) and torch.equal(context, kept[1])  # inputs untouched
     recorded = model(x.requires_grad_(), t, y, ctx)  # autograd recording: every update out of place
-    slow_block = block(context, tokens, c)
-    assert recorded.requires_grad and torch.equal(fast, recorded.detach())
-    assert all(torch.equal(a, b.detach()) for a, b in zip(fast_block, slow_block, strict=True))
+    slow_block = block(context.requires_grad_(), tokens.requires_grad_(), c)  # inputs need grad: recorded
+    assert recorded.requires_grad and all(b.requires_grad for b in slow_block)
+    # in place vs out of place, two code paths (autograd may also pick other kernels): equal up to float
+    # rounding; a write into a buffer still in use would change the result by far more than EXACT
+    assert _rel_err(fast, recorded.detach()) <= EXACT
+    assert all(_rel_err(a, b.detach()) <= EXACT for a, b in zip(fast_block, slow_block, strict=True))
 
 
 def test_state_dict_and_copies_hold_no_cache():

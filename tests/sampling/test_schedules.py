@@ -174,6 +174,8 @@ def test_beta_ppf_matches_scipy():
     q = np.linspace(0.01, 0.99, 99)
     for a, b in ((2.0, 0.5), (0.5, 3.0)):
         np.testing.assert_allclose(beta_ppf(q, a, b), scipy.stats.beta.ppf(q, a, b), rtol=0, atol=1e-12)
+    # the symmetric median exactly (999 * 1/2 is a rint tie: an ulp either side of 1/2 would round otherwise)
+    assert beta_ppf(np.array([0.5]), 0.6, 0.6)[0] == 0.5
     for steps in [*range(1, 151), 200, 250, 300, 500, 1000]:  # the rounded table indices agree exactly
         q = 1 - np.arange(steps) / steps
         ours = np.rint(beta_ppf(q, 0.6, 0.6) * 999)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+import sd35
 from sd35.cli.train import main_train
 from sd35.testing import torch_threads
 
@@ -50,12 +51,15 @@ def common(tiny, tmp_path_factory):
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the workers import the sd35 this test imported, whatever the current folder holds
+    path = os.pathsep.join(filter(None, [str(Path(sd35.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # the timeout guards against a hang, it is no speed limit: a loaded 2-core machine takes minutes
     done = subprocess.run([*cmd, "-m", "sd35.cli.train", *args], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
