@@ -72,7 +72,7 @@ def run_mode(args, mode: str) -> tuple[dict, np.ndarray]:
         return lat
 
     latent = _phase(dev, "sample", sample, results)
-    image = _phase(dev, "decode", lambda: pipe._decode(latent), results)
+    image = _phase(dev, "decode", lambda: pipe.decode_latent(latent), results)
     return results, np.asarray(image)
 
 

@@ -390,7 +390,7 @@ class SD3Pipeline:
         width, height = req.width, req.height
         latent_shape = (1, self.mmditx.config.in_channels, height // 8, width // 8)
         edit = _edit_inputs(req.edit) if req.edit is not None else None
-        init_latent = self._encode_image(edit.canvas, width, height) if edit is not None else None
+        init_latent = self.encode_image(edit.canvas, width, height) if edit is not None else None
         pixel_mask = (
             mask_to_tensor(edit.mask, width, height, req.edit.mask_blur)
             if edit and edit.mask is not None
@@ -422,7 +422,7 @@ class SD3Pipeline:
             if req.hires is not None:
                 latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"))
             t1 = time.perf_counter()
-            image = self._decode(latent)
+            image = self.decode_latent(latent)
             if pixel_mask is not None:
                 image = composite(image, edit.canvas, pixel_mask)
             text = self.infotext(req, seed, image.width, image.height)
@@ -499,17 +499,19 @@ class SD3Pipeline:
         if hires.upscaler == "latent":
             big = F.interpolate(latent, size=(h2 // 8, w2 // 8), mode="bicubic", align_corners=False)
         else:
-            big = self._encode_image(self._decode(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
+            big = self.encode_image(self.decode_latent(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
         full = get_sigmas(req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift)
         noise = torch.randn(big.shape, generator=generator).to(self.device)
         return self._sample(req, cond, uncond, full, hires.strength, noise, generator, big, None, callback)
 
-    def _encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """Model-space latent of an image (the VAE mean: deterministic, unlike the reference's sample)."""
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """The model-space latent of ``image`` Lanczos-resized to ``width`` x ``height``: the VAE mean
+        (deterministic, unlike the reference's sample), as img2img and the training cache use it."""
         pixels = image_to_tensor(image, width, height).to(self.device)
         return latent_to_model(self.vae.encode(pixels, tiling=self.vae_tiling_for(width, height)).float())
 
-    def _decode(self, latent: torch.Tensor) -> Image.Image:
+    def decode_latent(self, latent: torch.Tensor) -> Image.Image:
+        """The image of a model-space latent (the first of a batch), tiled as :meth:`vae_tiling_for` says."""
         if self.device.type == "cuda" and "cuda_graphs" not in self.accelerations:
             self.mmditx.release_caches()  # its fused-adaLN copy would add to the decode's peak; graphs keep it
         tiling = self.vae_tiling_for(latent.shape[-1] * 8, latent.shape[-2] * 8)

@@ -3,7 +3,7 @@
 Layout under the cache folder, one safetensors file each, written atomically (temp file, then rename):
 
 - ``latents/<key>.safetensors``: ``latent`` [16, h/8, w/8] float32 in model space (after
-  :func:`~sd35.models.vae.latent_to_model`; the VAE posterior mean, as ``SD3Pipeline._encode_image``). The key
+  :func:`~sd35.models.vae.latent_to_model`; the VAE posterior mean, as ``SD3Pipeline.encode_image``). The key
   hashes the image's absolute path, modification time and byte size, its bucket and crop, and the VAE's
   fingerprint, so a changed image, bucket set, crop or VAE gets a new entry. An image that cannot be
   decoded leaves ``latents/<key>.skip`` (the reason) so it is reported, not retried, until it changes.

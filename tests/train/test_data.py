@@ -343,7 +343,7 @@ def test_cache_built_once_and_matches_pipeline(counted, tmp_path):
             w, h = entry.crop.bucket
             assert item["bucket"] == (w, h) and item["caption"] == entry.sample.caption
             assert item["latent"].dtype == torch.float32 and item["latent"].shape == (16, h // 8, w // 8)
-            expected = pipe._encode_image(apply_crop(read_image(entry.sample.image), entry.crop), w, h)[0]
+            expected = pipe.encode_image(apply_crop(read_image(entry.sample.image), entry.crop), w, h)[0]
             torch.testing.assert_close(item["latent"], expected, rtol=0, atol=0)
             context, pooled = pipe.encode_prompt([entry.sample.caption], TextOptions(t5_max_tokens=77))
             torch.testing.assert_close(item["context"], context[0], rtol=0, atol=0)
