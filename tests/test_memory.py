@@ -10,9 +10,6 @@ alignment, which is why the pipeline tests below, whose plain weights sit at fil
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -40,12 +37,8 @@ from sd35.models.mmditx import MMDiTX
 from sd35.models.t5 import T5Encoder
 from sd35.models.vae import VAE
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
-from sd35.testing import tiny_weights
-
-sys.path.insert(0, str(Path(__file__).parent / "lora"))
-from lora_helpers import assert_same, mixed_lora, snapshot  # noqa: E402
-
-from sd35.testing import torch_threads
+from sd35.testing import tiny_weights, torch_threads
+from tests.lora.lora_helpers import assert_same, mixed_lora, snapshot
 
 
 @pytest.fixture(autouse=True)

@@ -304,13 +304,8 @@ def test_cache_hit_repeats_truncation_warnings(fresh):
 
 
 def test_text_encoder_lora_clears_the_cache(fresh, tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "lora"))
-    from lora_helpers import mixed_lora
-
     from sd35.lora import save_lora
+    from tests.lora.lora_helpers import mixed_lora
 
     models = {
         "mmditx": fresh.mmditx,

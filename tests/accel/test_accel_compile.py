@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from accel_helpers import inputs, make_model, rel_err
 from torch._dynamo.utils import counters
 
 from sd35.accel import compile_blocks, compiled_blocks, uncompile_blocks
 from sd35.errors import SD35Error
 from sd35.lora.adapters import LoRA
 from sd35.lora.patching import Patch, attach, detach
+from tests.accel.accel_helpers import inputs, make_model, rel_err
 
 
 @pytest.fixture(autouse=True)

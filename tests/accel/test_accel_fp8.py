@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from accel_helpers import inputs, make_model, rel_err
 
 from sd35.accel.fp8 import (
     DEFAULT_TARGETS,
@@ -30,6 +29,7 @@ from sd35.loading.components import load_component, scan_file
 from sd35.loading.safetensors_io import save_file_atomic
 from sd35.lora import load_lora
 from sd35.models.mmditx import MMDiTX
+from tests.accel.accel_helpers import inputs, make_model, rel_err
 
 
 def _cpu_scaled_mm() -> bool:

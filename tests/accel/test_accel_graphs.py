@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accel_helpers import inputs, make_model, rel_err
 
 from sd35.accel.cuda_graphs import GraphCache, GraphedDenoiser, ModelSnapshot, graph_key, model_fingerprint
 from sd35.errors import SD35Error, SD35Warning
 from sd35.lora import load_lora, set_lora_strength, unload_lora
+from tests.accel.accel_helpers import inputs, make_model, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

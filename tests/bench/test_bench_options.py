@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_helpers import run_cli, small
 
 from sd35.bench.options import make_options
+from tests.bench.bench_helpers import run_cli, small
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from bench_helpers import run_cli, small
 
 import sd35.accel.apply
 from sd35.bench import steps
@@ -15,6 +14,7 @@ from sd35.bench.random_models import step_inputs
 from sd35.models.configs import scaled_mmditx_config
 from sd35.models.mmditx import MMDiTX
 from sd35.models.random_init import build_random
+from tests.bench.bench_helpers import run_cli, small
 
 
 def test_cpu_step_smoke_writes_json_and_matches_diffusers(capsys, tmp_path):

@@ -3,20 +3,15 @@ with no --model on a fresh install."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
 
 from sd35.cli import main
 from sd35.demo import MODEL_FILE, load_demo_pipeline
+from sd35.demo.adherence import SETTINGS, prompts, score
 from sd35.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZE, Scene, all_scenes, dataset, detect
 from sd35.imaging import image_to_tensor, tensor_to_image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from adherence import SETTINGS, prompts, score  # noqa: E402
 
 
 def test_detector_reads_rendered_scenes_exactly():

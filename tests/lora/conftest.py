@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from lora_helpers import make_models
 
 from sd35.testing import torch_threads
+from tests.lora.lora_helpers import make_models
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import D, Rand, assert_same, make_models, mixed_lora, outputs, rel_err, snapshot, weight
 from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.lora import load_lora, loaded_loras, set_lora_strength, unload_lora
+from tests.lora.lora_helpers import (
+    D,
+    Rand,
+    assert_same,
+    make_models,
+    mixed_lora,
+    outputs,
+    rel_err,
+    snapshot,
+    weight,
+)
 
 
 def _no_hooks(models) -> bool:

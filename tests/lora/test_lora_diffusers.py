@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import rel_err
 
 from sd35.lora import DEFAULT_TARGETS, add_lora, export_lora, export_metadata, save_lora
 from sd35.models.clip import CLIPTextEncoder
 from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX
 from sd35.testing import tiny_weights
+from tests.lora.lora_helpers import rel_err
 
 pytest.importorskip("peft")
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import D, Rand, assert_same, make_models, snapshot
 
 from sd35.errors import SD35Error
 from sd35.lora import load_lora
+from tests.lora.lora_helpers import D, Rand, assert_same, make_models, snapshot
 
 
 def _pair(key: str, out: int, inp: int, rank: int = 2, up=".lora_up.weight", down=".lora_down.weight"):

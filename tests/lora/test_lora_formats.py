@@ -11,9 +11,20 @@ import math
 
 import pytest
 import torch
-from lora_helpers import D, Rand, dora, kron, loha_delta, lora_delta, snapshot, swap, tucker, weight
 
 from sd35.lora import load_lora
+from tests.lora.lora_helpers import (
+    D,
+    Rand,
+    dora,
+    kron,
+    loha_delta,
+    lora_delta,
+    snapshot,
+    swap,
+    tucker,
+    weight,
+)
 
 QKV = {"q": slice(0, D), "k": slice(D, 2 * D), "v": slice(2 * D, 3 * D)}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from lora_helpers import assert_same, mixed_lora, snapshot
 
 from sd35.lora import save_lora
+from tests.lora.lora_helpers import assert_same, mixed_lora, snapshot
 
 
 def test_pipeline_load_and_unload(tiny_pipe, tmp_path):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from lora_helpers import assert_same, inputs, make_models, outputs, rel_err, snapshot
 
 from sd35.errors import SD35Error
 from sd35.lora import (
@@ -23,6 +22,7 @@ from sd35.lora import (
     unload_lora,
 )
 from sd35.lora.patching import iter_patches
+from tests.lora.lora_helpers import assert_same, inputs, make_models, outputs, rel_err, snapshot
 
 ALL = (*DEFAULT_TARGETS, "adaLN_modulation.1", "final_layer.linear", "context_embedder", "x_embedder.proj")
 

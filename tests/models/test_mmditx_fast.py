@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_mmditx import CONFIGS, _inputs, _pair, _rel_err
 
 from sd35.lora import load_lora, unload_lora
 from sd35.lora.adapters import LoRA
@@ -21,6 +20,7 @@ from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX, attention
 from sd35.models.random_init import random_state_dict
 from sd35.testing import torch_threads
+from tests.models.test_mmditx import CONFIGS, _inputs, _pair, _rel_err
 
 EXACT = 1e-6  # the fused matmul computes the same dot products; only summation order may differ
 

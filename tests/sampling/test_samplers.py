@@ -16,8 +16,6 @@ import math
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
-from kdiffusion_ref import load_sampling
-from test_sampling import GaussianData, _noise
 
 from sd35.errors import SD35Error
 from sd35.sampling import reference_sigmas
@@ -29,6 +27,8 @@ from sd35.sampling.samplers import (
     sample_ipndm,
     sample_uni_pc,
 )
+from tests.sampling.kdiffusion_ref import load_sampling
+from tests.sampling.test_sampling import GaussianData, _noise
 
 COMFY_NAMES = [
     "euler",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from kdiffusion_ref import load_sampling
 
 from sd35.errors import SD35Error
 from sd35.models.configs import tiny_configs
@@ -24,6 +23,7 @@ from sd35.sampling import (
     sample_dpmpp_2m,
     sample_euler,
 )
+from tests.sampling.kdiffusion_ref import load_sampling
 
 # --------------------------------------------------------------------------------------------- schedules
 
