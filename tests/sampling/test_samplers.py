@@ -2,7 +2,7 @@
 
 The deterministic samplers are checked step by step against k-diffusion's own code (heun, dpm_2, lms),
 diffusers' UniPC and hand-written DEIS / iPNDM loops, then for convergence and order on the closed-form
-Gaussian denoiser of ``test_sampling.py``. The stochastic ones use ComfyUI's rectified-flow noise maths,
+Gaussian denoiser of ``test_guidance.py``. The stochastic ones use ComfyUI's rectified-flow noise maths,
 which no installed library has: each update is recomputed by hand (in float64, in a different but
 equivalent parameterization) with the same seeded noise, and their outputs are checked for the right
 distribution.
@@ -28,7 +28,7 @@ from sd35.sampling.samplers import (
     sample_uni_pc,
 )
 from tests.sampling.kdiffusion_ref import load_sampling
-from tests.sampling.test_sampling import GaussianData, _noise
+from tests.sampling.test_guidance import GaussianData, _noise
 
 COMFY_NAMES = [
     "euler",
