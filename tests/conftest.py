@@ -1,10 +1,10 @@
-"""Shared fixtures: one tiny random SD3.5 set in every layout, and a pipeline loaded from it."""
+"""Shared fixtures: one tiny random SD3.5 set in every layout, a pipeline loaded from it, and one torch thread."""
 
 from __future__ import annotations
 
 import pytest
 
-from sd35.testing import write_tiny_set
+from sd35.testing import torch_threads, write_tiny_set
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,11 @@ def tiny_pipe(tiny):
     from sd35 import load_pipeline
 
     return load_pipeline(tiny["diffusers"], device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread during the test (sd35.testing.torch_threads): tiny models gain nothing from
+    more, and spinning threads crawl on a loaded machine. Modules take it with ``pytest.mark.usefixtures``."""
+    with torch_threads(1):
+        yield

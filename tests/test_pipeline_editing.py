@@ -1,4 +1,4 @@
-"""img2img, inpainting, outpainting, hires fix and live preview on the tiny pipeline."""
+"""SD3Pipeline's editing (sd35/pipeline.py) on the tiny pipeline: img2img, inpainting, outpainting, hires fix."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from PIL import Image
 from sd35.errors import SD35Error, SD35Warning
 from sd35.imaging import image_to_tensor, outpaint_canvas, tensor_to_image
 from sd35.pipeline import hires_schedule_steps
-from sd35.preview import latent_preview
 from sd35.request import Edit, HiresFix
 from sd35.sampling.guidance import SkipLayerGuidance
+from tests.helpers import pixel_diff, pixels
 
 PROMPT = "a green square at the bottom right"
 
@@ -24,10 +24,6 @@ def photo():
     base[:, :32] = (200, 40, 40)
     base[:, 32:] = (30, 60, 220)
     return Image.fromarray(np.clip(base + rng.integers(0, 20, base.shape), 0, 255).astype(np.uint8))
-
-
-def _px(image):
-    return np.asarray(image).astype(np.int16)
 
 
 def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
@@ -45,7 +41,7 @@ def test_img2img_strength_0_is_the_vae_round_trip(tiny_pipe, photo):
     # truncates, so that moves a value by at most 1/255, and only the rare values that sit that close to a
     # step (which ones depends on the machine's kernels; 1 of 12288 measured). Any denoising, a scaled latent
     # or a missing VAE round trip moves far more of them, and by more.
-    diff = np.abs(_px(out) - _px(expected))
+    diff = pixel_diff(out, expected)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert "Denoising strength: 0.0" in out.info["parameters"]
 
@@ -55,7 +51,7 @@ def test_img2img_strength_1_equals_txt2img(tiny_pipe, photo):
     b = tiny_pipe.generate(PROMPT, width=64, height=64, steps=3, seed=4)[0]
     # bit-equal by construction: sigma_max is exactly 1, so 1 * noise + 0 * init is the txt2img start exactly,
     # and from there both run the same operations on the same shapes
-    assert np.array_equal(_px(a), _px(b))
+    assert np.array_equal(pixels(a), pixels(b))
 
 
 def test_img2img_runs_the_tail_of_the_schedule(tiny_pipe, photo):
@@ -98,7 +94,7 @@ def test_inpainting_keeps_unmasked_pixels(tiny_pipe, photo):
         seed=5,
         on_progress=lambda p: finals.append(p.x.clone()),
     )[0]
-    got, src = _px(out), _px(photo)
+    got, src = pixels(out), pixels(photo)
     # far from the feathered edge the mask is exactly 0: the composite's a * 0 + b * 1 returns b exactly
     assert np.array_equal(got[:, 32:], src[:, 32:])
     assert np.abs(got[:, :16] - src[:, :16]).mean() > 5  # the masked part was repainted
@@ -137,13 +133,15 @@ def test_outpainting_extends_the_canvas(tiny_pipe, photo):
     assert m[:, :20].min() == 255 and m[:, 20:76].max() == 0 and m[:, 76:].min() == 255
     out = tiny_pipe.generate(PROMPT, edit=Edit(image=canvas, mask=mask, mask_blur=0), steps=3, seed=6)[0]
     assert out.size == (96, 64)
-    assert np.array_equal(_px(out)[:, 20:76], _px(canvas)[:, 20:76])  # mask 0: a * 0 + b * 1 is b exactly
+    assert np.array_equal(
+        pixels(out)[:, 20:76], pixels(canvas)[:, 20:76]
+    )  # mask 0: a * 0 + b * 1 is b exactly
     # the request's own outpaint makes the same canvas and mask (its overlap is 8 px)
     borders = tiny_pipe.generate(
         PROMPT, edit=Edit(image=photo, outpaint=(16, 0, 16, 0), mask_blur=0), steps=3, seed=6
     )
     assert borders[0].size == (96, 64) and 'Outpaint: "16,0,16,0"' in borders[0].info["parameters"]
-    assert np.array_equal(_px(borders[0])[:, 24:72], _px(photo)[:, 8:56])
+    assert np.array_equal(pixels(borders[0])[:, 24:72], pixels(photo)[:, 8:56])
 
 
 def test_hires_fix_latent_and_lanczos(tiny_pipe):
@@ -172,12 +170,6 @@ def test_hires_fix_validation(tiny_pipe):
         HiresFix(upscaler="esrgan")
     with pytest.raises(SD35Error, match="at most 512"):
         tiny_pipe.generate(PROMPT, width=384, height=384, steps=1, hires=HiresFix(scale=2.0))
-
-
-def test_latent_preview_is_an_image_of_the_right_size():
-    preview = latent_preview(torch.randn(1, 16, 6, 4))
-    assert preview.size == (32, 48) and preview.mode == "RGB"
-    assert np.asarray(preview).std() > 0
 
 
 @pytest.mark.parametrize("steps", [1, 3, 7, 20, 33])

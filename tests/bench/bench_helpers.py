@@ -1,15 +1,6 @@
-"""Running ``sd35 bench`` through the CLI, as a user does, for the bench tests."""
+"""The ``sd35 bench`` command line shared by the bench tests (they run it with :func:`tests.helpers.run_cli`)."""
 
 from __future__ import annotations
-
-from sd35.cli import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """``sd35 ARGS``: (exit code, stdout, stderr)."""
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def small(*extra: str) -> list[str]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sd35.bench.options import make_options
-from tests.bench.bench_helpers import run_cli, small
+from tests.bench.bench_helpers import small
+from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(

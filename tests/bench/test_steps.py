@@ -14,7 +14,8 @@ from sd35.bench.random_models import step_inputs
 from sd35.models.configs import scaled_mmditx_config
 from sd35.models.mmditx import MMDiTX
 from sd35.models.random_init import build_random
-from tests.bench.bench_helpers import run_cli, small
+from tests.bench.bench_helpers import small
+from tests.helpers import run_cli
 
 
 def test_cpu_step_smoke_writes_json_and_matches_diffusers(capsys, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.bench.bench_helpers import run_cli
+from tests.helpers import run_cli
 
 
 def test_cpu_whole_image_smoke(capsys, tmp_path):

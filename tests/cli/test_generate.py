@@ -1,92 +1,15 @@
-"""The ``sd35`` command: ``inspect`` on every layout, and one clear line with exit code 2 for bad input."""
+"""``sd35 generate``: the PNG and its A1111 parameters, never overwriting, the editing toolkit, LoRA files, and one
+clear line with exit code 2 for bad input."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import sd35
-from sd35.cli import main
-
-
-def _run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_inspect_official_file_names_layout_and_missing_parts(capsys, tiny):
-    code, out, _ = _run(capsys, "inspect", str(tiny["official"]))
-    assert code == 0
-    assert "[official single file]" in out
-    assert "MMDiT-X" in out and "attn2 in blocks 0-1" in out and "VAE" in out
-    missing = out.split("still lacks:")[1]
-    assert "CLIP-L" in missing and "clip_l.safetensors" in missing
-    assert "CLIP-G" in missing and "T5-XXL" in missing and "t5xxl_fp16" in missing
-    assert "MMDiT-X" not in missing
-
-
-@pytest.mark.parametrize(
-    "layout,expect",
-    [
-        ("all_in_one", "[all-in-one (MMDiT + VAE + text encoders)]"),
-        ("diffusers", "[diffusers folder]"),
-    ],
-)
-def test_inspect_complete_layouts(capsys, tiny, layout, expect):
-    code, out, _ = _run(capsys, "inspect", str(tiny[layout]))
-    assert code == 0
-    assert expect in out
-    for name in ("MMDiT-X", "VAE", "CLIP-L", "CLIP-G", "T5-XXL"):
-        assert f"  {name}" in out
-    assert "Complete" in out
-
-
-def test_inspect_text_encoder_folder_and_combination(capsys, tiny):
-    code, out, _ = _run(capsys, "inspect", str(tiny["text_encoders"]))
-    assert code == 0 and "HF transformers CLIP" in out and "HF transformers T5 encoder" in out
-    lacks = out.split("still lacks:")[1]
-    assert "MMDiT-X" in lacks and "VAE" in lacks and "CLIP" not in lacks
-    code, out, _ = _run(capsys, "inspect", str(tiny["official"]), str(tiny["text_encoders"]))
-    assert code == 0 and "Complete" in out
-
-
-def test_inspect_reports_dtype_and_parameters(capsys, tiny):
-    _, out, _ = _run(capsys, "inspect", str(tiny["official"]))
-    assert "fp32" in out and "M parameters" in out
-
-
-def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
-    bad = tmp_path / "model.safetensors"
-    bad.write_bytes(b"<html>Access denied</html>")
-    code, out, err = _run(capsys, "inspect", str(bad))
-    assert code == 2
-    assert err.startswith("sd35: error: ") and str(bad) in err and "text file" in err
-    assert len(err.strip().splitlines()) == 1
-
-
-def test_console_script_never_shows_a_traceback(tmp_path):
-    missing = tmp_path / "nope.safetensors"
-    # the child imports the sd35 this test imported, whatever the current folder holds
-    path = os.pathsep.join(filter(None, [str(Path(sd35.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "sd35.cli", "inspect", str(missing)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": path},
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "no such file" in proc.stderr
-
-
-# --- generate -------------------------------------------------------------------------------
+from tests.helpers import noise_image, pixels, run_cli
 
 A1111_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext parser
 
@@ -112,7 +35,7 @@ def _gen(capsys, tiny, out, *extra):
         str(out),
         *extra,
     ]
-    return _run(capsys, *args)
+    return run_cli(capsys, *args)
 
 
 def test_generate_writes_png_with_a1111_parameters(capsys, tiny, tmp_path):
@@ -177,26 +100,26 @@ def test_memory_modes_and_vae_tiling_give_the_same_image(capsys, tiny, tmp_path)
         out = tmp_path / f"m{i}.png"
         code, _, err = _gen(capsys, tiny, out, "--device", "cpu", *extra)
         assert code == 0, err
-        images.append(np.asarray(Image.open(out), dtype=np.int16))
+        images.append(pixels(Image.open(out)))
     for other in images[1:]:
         assert np.abs(other - images[0]).max() <= 1
 
 
 def test_generate_missing_parts_exit_2(capsys, tiny, tmp_path):
     base = ["generate", "--prompt", "x", "-o", str(tmp_path / "x.png")]
-    code, _, err = _run(capsys, *base, "--model", str(tiny["official"]))
+    code, _, err = run_cli(capsys, *base, "--model", str(tiny["official"]))
     assert code == 2 and "CLIP-L" in err and "--text-encoders" in err
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, *base, "--model", str(tiny["official"]), "--text-encoders", str(tiny["text_encoders"])
     )
     assert code == 2 and "tokenizer" in err and "--tokenizers" in err
-    code, _, err = _run(capsys, *base, "--model", str(tiny["diffusers"]), "-o", str(tmp_path / "x.jpg"))
+    code, _, err = run_cli(capsys, *base, "--model", str(tiny["diffusers"]), "-o", str(tmp_path / "x.jpg"))
     assert code == 2 and ".png" in err
 
 
 def test_generate_from_split_files_warns_without_t5(capsys, tiny, tmp_path):
     te = tiny["text_encoders"]
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "generate",
         "--model",
@@ -225,14 +148,13 @@ def test_generate_from_split_files_warns_without_t5(capsys, tiny, tmp_path):
 
 @pytest.fixture()
 def init_png(tmp_path):
-    rng = np.random.default_rng(1)
     path = tmp_path / "init.png"
-    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+    noise_image(64, 48, seed=1, high=255).save(path)
     return path
 
 
 def _edit(capsys, tiny, tmp_path, *extra):
-    return _run(
+    return run_cli(
         capsys,
         "generate",
         "--model",
@@ -296,7 +218,7 @@ def test_prompt_file_and_preview(capsys, tiny, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red square\n\na green circle\n")
     preview = tmp_path / "preview.png"
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys,
         "generate",
         "--model",

@@ -6,25 +6,18 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from sd35._version import __version__
-from sd35.cli import main
+from sd35 import __version__
 from sd35.demo import DEMO_DEFAULTS, MODEL_FILE, WEIGHTS, load_demo_pipeline
 from sd35.presets import SD35_MEDIUM
-
-
-def _run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.helpers import noise_image, run_cli
 
 
 def _demo(capsys, tmp_path, *extra, name="out.png"):
-    return _run(capsys, "generate", "--demo", "--prompt", "a red circle", "--steps", "2", "--seed", "3",
-                "-o", str(tmp_path / name), *extra)  # fmt: skip
+    return run_cli(capsys, "generate", "--demo", "--prompt", "a red circle", "--steps", "2", "--seed", "3",
+                   "-o", str(tmp_path / name), *extra)  # fmt: skip
 
 
 def _params(path: str) -> str:
@@ -32,12 +25,12 @@ def _params(path: str) -> str:
 
 
 def test_version(capsys):
-    code, out, _ = _run(capsys, "--version")
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.strip() == f"sd35 {__version__}"
 
 
 def test_help_names_each_models_defaults(capsys):
-    code, out, _ = _run(capsys, "generate", "--help")
+    code, out, _ = run_cli(capsys, "generate", "--help")
     text = " ".join(out.split())
     assert code == 0
     assert f"default: the model's: SD3.5 Medium {SD35_MEDIUM.steps}, demo {DEMO_DEFAULTS.steps}" in text
@@ -75,8 +68,7 @@ def test_demo_beyond_its_trained_size_warns(capsys, tmp_path):
 @pytest.fixture()
 def photo(tmp_path):
     path = tmp_path / "photo.png"
-    rng = np.random.default_rng(2)
-    Image.fromarray(rng.integers(0, 255, (48, 72, 3), dtype=np.uint8)).save(path)
+    noise_image(72, 48, seed=2, high=255).save(path)
     return path
 
 
@@ -95,8 +87,8 @@ def test_demo_outpaint_makes_the_wider_canvas(capsys, tmp_path, photo):
 def test_seed_minus_one_is_random(capsys, tmp_path):
     seeds = set()
     for i in range(2):
-        code, out, _ = _run(capsys, "generate", "--demo", "--prompt", "x", "--steps", "1", "--seed", "-1",
-                            "-o", str(tmp_path / f"r{i}.png"))  # fmt: skip
+        code, out, _ = run_cli(capsys, "generate", "--demo", "--prompt", "x", "--steps", "1", "--seed", "-1",
+                               "-o", str(tmp_path / f"r{i}.png"))  # fmt: skip
         assert code == 0
         seeds.add(re.search(r"Seed: (\d+)", _params(out)).group(1))
     assert len(seeds) == 2
@@ -141,13 +133,13 @@ def test_request_mistakes_are_found_before_loading(capsys, tmp_path, photo, extr
         "-o",
         str(tmp_path / "a.png"),
     ]
-    code, _, err = _run(capsys, *args, *extra)
+    code, _, err = run_cli(capsys, *args, *extra)
     assert code == 2 and err.startswith("sd35: error: ") and says.format(tmp=tmp_path) in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_text_encoder_folder_as_model_is_named_as_such(capsys, tiny, tmp_path):
-    code, _, err = _run(capsys, "generate", "--model", str(tiny["text_encoders"]), "--prompt", "x",
-                        "-o", str(tmp_path / "x.png"))  # fmt: skip
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny["text_encoders"]), "--prompt", "x",
+                           "-o", str(tmp_path / "x.png"))  # fmt: skip
     assert code == 2 and "--model: " in err and "holds CLIP-G, CLIP-L, T5-XXL but no MMDiT-X" in err
     assert "as the text encoders" in err

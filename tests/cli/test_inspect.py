@@ -1,56 +1,105 @@
-"""``sd35 inspect`` on LoRA files: what sd35 train writes (kohya and diffusers), DoRA, LyCORIS, text-encoder and
+"""``sd35 inspect``: every model layout (what it holds, what a pipeline still lacks), one clear line with exit code 2
+for a bad file, and LoRA files: what sd35 train writes (kohya and diffusers), DoRA, LyCORIS, text-encoder and
 foreign LoRAs, and a LoRA next to model files (it is described, never counted as a pipeline part)."""
 
 from __future__ import annotations
 
-import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sd35.cli import main
 from sd35.lora import add_lora, export_lora, export_metadata, save_lora
 from sd35.lora.summary import family_from_name, summarize_lora
-from sd35.models.clip import CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX
-from sd35.models.t5 import T5Encoder
-from sd35.testing import tiny_weights
 from sd35.train.config import TrainConfig
 from sd35.train.trainer import Trainer, final_paths
+from tests.helpers import run_cli, subprocess_env, tiny_models
 
 
-def _run(capsys, *paths) -> tuple[int, str]:
-    code = main(["inspect", *map(str, paths)])
-    return code, capsys.readouterr().out
+def _inspect(capsys, *paths) -> tuple[int, str]:
+    """``sd35 inspect PATHS``: (exit code, stdout)."""
+    code, out, _ = run_cli(capsys, "inspect", *map(str, paths))
+    return code, out
 
 
 def _describe(capsys, path: Path, header: str) -> list[str]:
     """The lines ``sd35 inspect path`` prints, after checking its exit code and the file's header line."""
-    code, out = _run(capsys, path)
+    code, out = _inspect(capsys, path)
     lines = out.splitlines()
     assert code == 0 and lines[0] == f"{path}  [{header}]"
     return lines
 
 
-@functools.cache
-def _weights():
-    return tiny_weights(seed=3)
+# --- model files ------------------------------------------------------------------------------
 
 
-def _models(*components: str) -> dict:
-    """Fresh tiny models: the MMDiT-X has 3 joint blocks, attn2 in blocks 0-1, block 2 pre-only."""
-    w = _weights()
-    build = {
-        "mmditx": lambda sd: MMDiTX.from_state_dict(sd),
-        "clip_l": lambda sd: CLIPTextEncoder.from_state_dict(sd, "clip_l"),
-        "clip_g": lambda sd: CLIPTextEncoder.from_state_dict(sd, "clip_g"),
-        "t5": lambda sd: T5Encoder.from_state_dict(sd),
-    }
-    # the loaders keep the tensors they are given: every model gets its own copies
-    return {c: build[c]({k: v.clone() for k, v in getattr(w, c).items()}) for c in components}
+def test_inspect_official_file_names_layout_and_missing_parts(capsys, tiny):
+    code, out, _ = run_cli(capsys, "inspect", str(tiny["official"]))
+    assert code == 0
+    assert "[official single file]" in out
+    assert "MMDiT-X" in out and "attn2 in blocks 0-1" in out and "VAE" in out
+    missing = out.split("still lacks:")[1]
+    assert "CLIP-L" in missing and "clip_l.safetensors" in missing
+    assert "CLIP-G" in missing and "T5-XXL" in missing and "t5xxl_fp16" in missing
+    assert "MMDiT-X" not in missing
+
+
+@pytest.mark.parametrize(
+    "layout,expect",
+    [
+        ("all_in_one", "[all-in-one (MMDiT + VAE + text encoders)]"),
+        ("diffusers", "[diffusers folder]"),
+    ],
+)
+def test_inspect_complete_layouts(capsys, tiny, layout, expect):
+    code, out, _ = run_cli(capsys, "inspect", str(tiny[layout]))
+    assert code == 0
+    assert expect in out
+    for name in ("MMDiT-X", "VAE", "CLIP-L", "CLIP-G", "T5-XXL"):
+        assert f"  {name}" in out
+    assert "Complete" in out
+
+
+def test_inspect_text_encoder_folder_and_combination(capsys, tiny):
+    code, out, _ = run_cli(capsys, "inspect", str(tiny["text_encoders"]))
+    assert code == 0 and "HF transformers CLIP" in out and "HF transformers T5 encoder" in out
+    lacks = out.split("still lacks:")[1]
+    assert "MMDiT-X" in lacks and "VAE" in lacks and "CLIP" not in lacks
+    code, out, _ = run_cli(capsys, "inspect", str(tiny["official"]), str(tiny["text_encoders"]))
+    assert code == 0 and "Complete" in out
+
+
+def test_inspect_reports_dtype_and_parameters(capsys, tiny):
+    _, out, _ = run_cli(capsys, "inspect", str(tiny["official"]))
+    assert "fp32" in out and "M parameters" in out
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"<html>Access denied</html>")
+    code, out, err = run_cli(capsys, "inspect", str(bad))
+    assert code == 2
+    assert err.startswith("sd35: error: ") and str(bad) in err and "text file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_console_script_never_shows_a_traceback(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd35.cli", "inspect", str(missing)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),  # the child imports the sd35 this test imported
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "no such file" in proc.stderr
+
+
+# --- LoRA files -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +107,10 @@ def trained(tmp_path_factory) -> list[Path]:
     """The two files a LoRA run writes, made as sd35/train/trainer.py ``_save_final`` makes them."""
     out = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(model="/models/sd3.5_medium.safetensors", output_dir=str(out), max_steps=100)
-    models = _models("mmditx")
+    models = tiny_models(3, "mmditx")
     add_lora(models["mmditx"], rank=4, alpha=2.0, generator=torch.Generator().manual_seed(0))
-    run_meta = Trainer._metadata(SimpleNamespace(cfg=cfg))  # what every final file records about the run
+    # what every final file records about the run (the trainer's own private method: no public reader of it)
+    run_meta = Trainer._metadata(SimpleNamespace(cfg=cfg))
     paths = final_paths(cfg)
     for path, fmt in zip(paths, ("kohya", "diffusers"), strict=True):
         tensors = export_lora(models["mmditx"], "train", format=fmt, dtype=torch.bfloat16)
@@ -105,6 +155,7 @@ def test_both_layouts_name_the_same_layers(trained):
 def test_reads_only_the_header_and_the_alphas(trained, monkeypatch):
     from sd35.loading import safetensors_io
 
+    # every tensor read goes through SafetensorsFile._get (private, and no public counter of reads): spy on it
     read: list[str] = []
     original = safetensors_io.SafetensorsFile._get
     monkeypatch.setattr(
@@ -118,7 +169,7 @@ def test_reads_only_the_header_and_the_alphas(trained, monkeypatch):
 
 
 def test_dora(capsys, tmp_path):
-    models = _models("mmditx")
+    models = tiny_models(3, "mmditx")
     add_lora(models["mmditx"], 8, targets=("attn.qkv", "attn.proj"), blocks=[1], dora=True)
     path = save_lora(tmp_path / "dora.safetensors", export_lora(models), export_metadata(models))
     assert {
@@ -171,7 +222,7 @@ def test_lycoris_loha_and_lokr(capsys, tmp_path):
 
 
 def test_text_encoder_lora(capsys, tmp_path):
-    models = _models("clip_l", "clip_g", "t5")
+    models = tiny_models(3, "clip_l", "clip_g", "t5")
     add_lora(models["clip_l"], 2, targets=("self_attn.q_proj", "mlp.fc1"))
     add_lora(models["clip_g"], 2, targets=("mlp.fc2",))
     add_lora(models["t5"], 2, targets=("SelfAttention.v",))
@@ -265,16 +316,16 @@ def test_unmatched_keys_are_counted(capsys, tmp_path):
 
 
 def test_lora_next_to_models_is_no_pipeline_part(capsys, tiny, trained, tmp_path):
-    models = _models("clip_l")
+    models = tiny_models(3, "clip_l")
     add_lora(models["clip_l"], 2, targets=("q_proj",))
     te_lora = save_lora(tmp_path / "clip.safetensors", export_lora(models), export_metadata(models))
-    code, out = _run(capsys, tiny["official"], trained[0], te_lora)
+    code, out = _inspect(capsys, tiny["official"], trained[0], te_lora)
     assert code == 0
     assert "[official single file]" in out and f"{trained[0]}  [LoRA: kohya layout]" in out
     assert f"{te_lora}  [LoRA: kohya layout]" in out and "  CLIP-L    3 layers" in out
     missing = out.split("still lacks:")[1]
     assert "CLIP-L" in missing and "CLIP-G" in missing and "T5-XXL" in missing  # a CLIP LoRA is no CLIP
     assert "LoRA" not in missing
-    code, out = _run(capsys, trained[1], tiny["all_in_one"])  # blocks in the order of the paths
+    code, out = _inspect(capsys, trained[1], tiny["all_in_one"])  # blocks in the order of the paths
     assert code == 0 and "Complete" in out
     assert out.index("[LoRA: diffusers layout]") < out.index("[all-in-one")

@@ -6,33 +6,18 @@ import pytest
 import torch
 
 from sd35.errors import SD35Error
-from sd35.models.configs import tiny_configs
-from sd35.models.mmditx import MMDiTX
-from sd35.models.random_init import random_state_dict
 from sd35.sampling import APG, GuidedDenoiser, SkipLayerGuidance, reference_sigmas
 from sd35.sampling.guidance import apg_project
+from tests.helpers import rel_err
+from tests.sampling.sampling_helpers import seeded_randn, text_cond
 
 SIGMAS = reference_sigmas(10)
 
 
-@pytest.fixture(scope="module")
-def mmditx() -> MMDiTX:
-    cfg = tiny_configs(depth=4).mmditx
-    return MMDiTX.from_state_dict(random_state_dict(MMDiTX(cfg), seed=3)).eval()
-
-
-def _cond(model: MMDiTX, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    return torch.randn(1, 7, cfg.context_dim, generator=g), torch.randn(1, cfg.pooled_dim, generator=g)
-
-
-def _randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _guided(model, apg, cfg=4.0, slg=None):
-    return GuidedDenoiser(model, _cond(model, 1), _cond(model, 2), cfg, slg, SIGMAS, apg=apg)
+    return GuidedDenoiser(
+        model, text_cond(model, seed=1), text_cond(model, seed=2), cfg, slg, SIGMAS, apg=apg
+    )
 
 
 def _dot(a, b):
@@ -62,7 +47,7 @@ def test_apg_defaults_and_validation():
 
 
 def test_apg_is_keyword_only_and_typed(mmditx):
-    cond, uncond = _cond(mmditx, 1), _cond(mmditx, 2)
+    cond, uncond = text_cond(mmditx, seed=1), text_cond(mmditx, seed=2)
     with pytest.raises(TypeError):
         GuidedDenoiser(mmditx, cond, uncond, 4.0, None, SIGMAS, APG())
     with pytest.raises(TypeError, match="apg"):
@@ -82,7 +67,7 @@ def test_projection_on_hand_made_tensors():
     torch.testing.assert_close(orth, torch.tensor([[0.0, 4.0], [1.0, 0.0]]).reshape(2, 1, 1, 2))
     assert par.dtype == torch.float32
     # Random (B, C, H, W): per image, par is a multiple of d, orth is orthogonal to d, and they sum to v.
-    v, d = _randn(3, 4, 5, 6, seed=1), _randn(3, 4, 5, 6, seed=2)
+    v, d = seeded_randn((3, 4, 5, 6), seed=1), seeded_randn((3, 4, 5, 6), seed=2)
     par, orth = apg_project(v, d)
     torch.testing.assert_close(par + orth, v)
     assert _dot(orth, d).abs().max() < 1e-4
@@ -94,19 +79,19 @@ def test_projection_on_hand_made_tensors():
 
 
 def test_eta_one_without_threshold_or_momentum_is_cfg(mmditx):
-    d_cond, d_uncond = _randn(2, 16, 8, 8, seed=1), _randn(2, 16, 8, 8, seed=2)
+    d_cond, d_uncond = seeded_randn((2, 16, 8, 8), seed=1), seeded_randn((2, 16, 8, 8), seed=2)
     sigma = SIGMAS[3].expand(2)
     guided = _guided(mmditx, APG(eta=1.0), cfg=4.0)
     expected = d_uncond + (d_cond - d_uncond) * 4.0
     torch.testing.assert_close(guided.apg_combine(d_cond, d_uncond, sigma), expected, rtol=1e-5, atol=1e-5)
     # And through the model: the same result as the plain CFG denoiser.
-    x = _randn(2, 16, 8, 8, seed=3)
+    x = seeded_randn((2, 16, 8, 8), seed=3)
     torch.testing.assert_close(guided(x, sigma), _guided(mmditx, None)(x, sigma), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, -1.0])
 def test_eta_weights_the_parallel_part(mmditx, eta):
-    d_cond, d_uncond = _randn(2, 16, 4, 4, seed=1), _randn(2, 16, 4, 4, seed=2)
+    d_cond, d_uncond = seeded_randn((2, 16, 4, 4), seed=1), seeded_randn((2, 16, 4, 4), seed=2)
     out = _guided(mmditx, APG(eta=eta), cfg=5.0).apg_combine(d_cond, d_uncond, SIGMAS[2].expand(2))
     par, orth = apg_project(d_cond - d_uncond, d_cond)
     torch.testing.assert_close(out, d_cond + 4.0 * (orth + eta * par))
@@ -119,8 +104,8 @@ def test_eta_weights_the_parallel_part(mmditx, eta):
 
 def test_momentum_accumulates_and_resets(mmditx):
     shape = (1, 16, 4, 4)
-    conds = [_randn(*shape, seed=10 + i) for i in range(4)]
-    unconds = [_randn(*shape, seed=20 + i) for i in range(4)]
+    conds = [seeded_randn(shape, seed=10 + i) for i in range(4)]
+    unconds = [seeded_randn(shape, seed=20 + i) for i in range(4)]
     guided = _guided(mmditx, APG(eta=1.0, momentum=0.5), cfg=3.0)
     running = torch.zeros(shape)
     for i in range(3):  # decreasing sigmas: one generation
@@ -141,7 +126,7 @@ def test_momentum_accumulates_and_resets(mmditx):
 
 def test_negative_momentum(mmditx):
     shape = (1, 16, 4, 4)
-    g1, g2 = _randn(*shape, seed=1), _randn(*shape, seed=2)
+    g1, g2 = seeded_randn(shape, seed=1), seeded_randn(shape, seed=2)
     zero = torch.zeros(shape)
     guided = _guided(mmditx, APG(eta=1.0, momentum=-0.5), cfg=2.0)
     guided.apg_combine(g1, zero, SIGMAS[1].reshape(1))
@@ -151,7 +136,7 @@ def test_negative_momentum(mmditx):
 
 def test_norm_threshold_caps_the_guidance_norm_per_image(mmditx):
     d_uncond = torch.zeros(2, 16, 4, 4)
-    diff = _randn(2, 16, 4, 4, seed=5)
+    diff = seeded_randn((2, 16, 4, 4), seed=5)
     diff = diff / diff.flatten(1).norm(dim=1).view(2, 1, 1, 1) * torch.tensor([10.0, 1.0]).view(2, 1, 1, 1)
     d_cond = d_uncond + diff
     out = _guided(mmditx, APG(eta=1.0, norm_threshold=2.0), cfg=6.0).apg_combine(d_cond, d_uncond, SIGMAS[1])
@@ -166,7 +151,7 @@ def test_norm_threshold_caps_the_guidance_norm_per_image(mmditx):
 
 
 def test_apg_on_a_tiny_mmditx(mmditx):
-    x = _randn(2, 16, 8, 8, seed=7)
+    x = seeded_randn((2, 16, 8, 8), seed=7)
     apg = APG(eta=0.0, norm_threshold=5.0, momentum=-0.5)
     guided, plain = _guided(mmditx, apg, cfg=5.0), _guided(mmditx, None, cfg=5.0)
     # A few Euler steps with both denoisers: APG runs, stays finite and differs from CFG.
@@ -177,23 +162,23 @@ def test_apg_on_a_tiny_mmditx(mmditx):
         assert torch.isfinite(da).all()
         xa = xa + (xa - da) / s * (s_next - s)
         xc = xc + (xc - dc) / s * (s_next - s)
-    assert guided._apg_running is not None
+    assert guided._apg_running is not None  # internal state, no public reader: the momentum buffer was filled
     assert (xa - xc).abs().max() > 1e-3
     # By hand for one call: D_cond and D_uncond from the plain denoiser's parts.
     sigma = SIGMAS[5].expand(2)
     fresh = _guided(mmditx, APG(eta=0.3), cfg=5.0)
-    cond_only = GuidedDenoiser(mmditx, _cond(mmditx, 1), None, 1.0, None, SIGMAS)
-    uncond_only = GuidedDenoiser(mmditx, _cond(mmditx, 2), None, 1.0, None, SIGMAS)
+    cond_only = GuidedDenoiser(mmditx, text_cond(mmditx, seed=1), None, 1.0, None, SIGMAS)
+    uncond_only = GuidedDenoiser(mmditx, text_cond(mmditx, seed=2), None, 1.0, None, SIGMAS)
     d_cond, d_uncond = cond_only(x, sigma), uncond_only(x, sigma)
     par, orth = apg_project(d_cond - d_uncond, d_cond)
     expected = d_cond + 4.0 * (orth + 0.3 * par)
-    rel = ((fresh(x, sigma) - expected).abs().max() / expected.abs().max()).item()
+    rel = rel_err(fresh(x, sigma), expected)
     assert rel < 1e-5, rel
 
 
 def test_slg_is_added_after_apg(mmditx):
     slg = SkipLayerGuidance(layers=(1, 2), scale=2.5, start=0.0, end=1.0)  # active on steps 1..9 of 10
-    x, sigma = _randn(1, 16, 8, 8, seed=9), SIGMAS[3].reshape(1)
+    x, sigma = seeded_randn((1, 16, 8, 8), seed=9), SIGMAS[3].reshape(1)
     apg = APG(eta=0.0, norm_threshold=3.0)
     with_slg = _guided(mmditx, apg, slg=slg)(x, sigma)
     without = _guided(mmditx, apg)(x, sigma)
@@ -202,8 +187,8 @@ def test_slg_is_added_after_apg(mmditx):
 
 
 def test_apg_with_cfg_one_is_the_cond_prediction(mmditx):
-    x, sigma = _randn(1, 16, 8, 8, seed=11), SIGMAS[4].reshape(1)
-    cond = _cond(mmditx, 1)
+    x, sigma = seeded_randn((1, 16, 8, 8), seed=11), SIGMAS[4].reshape(1)
+    cond = text_cond(mmditx, seed=1)
     with_apg = GuidedDenoiser(
         mmditx, cond, None, 1.0, None, SIGMAS, apg=APG(norm_threshold=1.0, momentum=0.5)
     )

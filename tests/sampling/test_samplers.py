@@ -1,8 +1,9 @@
-"""The ComfyUI sampler set: k-diffusion / diffusers equality, orders, flow (RF) noise maths, seeding.
+"""The ComfyUI sampler set (sd35/sampling/samplers.py): k-diffusion / diffusers equality, orders, flow (RF) noise
+maths, seeding.
 
-The deterministic samplers are checked step by step against k-diffusion's own code (heun, dpm_2, lms),
-diffusers' UniPC and hand-written DEIS / iPNDM loops, then for convergence and order on the closed-form
-Gaussian denoiser of ``test_guidance.py``. The stochastic ones use ComfyUI's rectified-flow noise maths,
+The deterministic samplers are checked step by step against k-diffusion's own code (euler, dpmpp_2m, heun,
+dpm_2, lms), diffusers' UniPC and hand-written DEIS / iPNDM loops, then for convergence and order on the
+closed-form Gaussian denoiser of ``sampling_helpers.py``. The stochastic ones use ComfyUI's rectified-flow noise maths,
 which no installed library has: each update is recomputed by hand (in float64, in a different but
 equivalent parameterization) with the same seeded noise, and their outputs are checked for the right
 distribution.
@@ -24,11 +25,13 @@ from sd35.sampling.samplers import (
     STOCHASTIC_SAMPLERS,
     get_sampler,
     sample_deis,
+    sample_dpmpp_2m,
+    sample_euler,
     sample_ipndm,
     sample_uni_pc,
 )
 from tests.sampling.kdiffusion_ref import load_sampling
-from tests.sampling.test_guidance import GaussianData, _noise
+from tests.sampling.sampling_helpers import GaussianData, seeded_randn
 
 COMFY_NAMES = [
     "euler",
@@ -53,6 +56,36 @@ def _trace(sampler, model, x, sigmas, **kwargs):
     xs, ds = [], []
     out = sampler(model, x, sigmas, callback=lambda i, n, x, d: (xs.append(x), ds.append(d)), **kwargs)
     return out, xs, ds
+
+
+def _ours_and_k_diffusion(name, steps):
+    """Sampler ``name`` and k-diffusion's own ``sample_<name>`` on the Gaussian data's denoiser from the same noise,
+    ``steps`` reference steps: each as (output, x of each step's callback, each step's denoised)."""
+    data = GaussianData()
+    sigmas = reference_sigmas(steps)
+    x = seeded_randn((3, 4, 5, 6))
+    ours = _trace(get_sampler(name), data.denoiser, x, sigmas)
+    kd_x, kd_d = [], []
+    kd_out = getattr(load_sampling(), f"sample_{name}")(
+        data.denoiser,
+        x,
+        sigmas,
+        callback=lambda e: (kd_x.append(e["x"]), kd_d.append(e["denoised"])),
+        disable=True,
+    )
+    return ours, (kd_out, kd_x, kd_d)
+
+
+def _half_precision_denoiser(seen: list):
+    """The Gaussian data's denoiser answering in float16; it records the (x dtype, sigma dtype, sigma shape) of
+    every call in ``seen``."""
+    data = GaussianData()
+
+    def model(x, sigma):
+        seen.append((x.dtype, sigma.dtype, sigma.shape))
+        return data.denoiser(x, sigma).half()
+
+    return model
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -87,6 +120,14 @@ def test_get_sampler_unknown_name_lists_the_valid_ones():
     assert all(name in message for name in COMFY_NAMES)
 
 
+def test_sampler_registry():
+    assert SAMPLERS["euler"] is sample_euler and SAMPLERS["dpmpp_2m"] is sample_dpmpp_2m
+    assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
+    with pytest.raises(SD35Error, match="euler, euler_ancestral") as err:
+        get_sampler("nope")
+    assert "'nope'" in str(err.value)
+
+
 @pytest.mark.parametrize("name", COMFY_NAMES)
 def test_every_sampler_has_the_same_signature(name):
     params = inspect.signature(SAMPLERS[name]).parameters
@@ -101,23 +142,23 @@ def test_every_sampler_has_the_same_signature(name):
 # ------------------------------------------------------------------------- deterministic: references
 
 
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("steps", [50, 7])
+def test_samplers_equal_k_diffusion_step_by_step(name, steps):
+    (ours, xs, ds), (kd_out, kd_x, kd_d) = _ours_and_k_diffusion(name, steps)
+    # k-diffusion reports x *before* each step; ours reports it after.
+    assert len(xs) == len(kd_x) == steps
+    for i in range(steps):
+        torch.testing.assert_close(ds[i], kd_d[i], atol=1e-6, rtol=0)
+        expected = kd_x[i + 1] if i + 1 < steps else kd_out
+        torch.testing.assert_close(xs[i], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, kd_out, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["heun", "dpm_2", "lms"])
 @pytest.mark.parametrize("steps", [50, 7])
 def test_deterministic_samplers_equal_k_diffusion_step_by_step(name, steps):
-    kd = load_sampling()
-    data = GaussianData()
-    sigmas = reference_sigmas(steps)
-    x = _noise((3, 4, 5, 6))
-    ours, xs, ds = _trace(get_sampler(name), data.denoiser, x, sigmas)
-
-    kd_x, kd_d = [], []
-    kd_out = getattr(kd, f"sample_{name}")(
-        data.denoiser,
-        x,
-        sigmas,
-        callback=lambda e: (kd_x.append(e["x"]), kd_d.append(e["denoised"])),
-        disable=True,
-    )
+    (ours, xs, ds), (kd_out, kd_x, kd_d) = _ours_and_k_diffusion(name, steps)
     # k-diffusion reports x *before* each step; ours reports it after.
     assert len(xs) == len(kd_x) == steps
     for i in range(steps):
@@ -162,7 +203,7 @@ def _diffusers_unipc(data: GaussianData, x: torch.Tensor, sigmas: torch.Tensor):
 @pytest.mark.parametrize("steps", [3, 7, 20])
 def test_uni_pc_equals_diffusers(steps):
     data = GaussianData()
-    x = _noise((3, 4, 5, 6))
+    x = seeded_randn((3, 4, 5, 6))
     # A schedule that ends above 0: the last step is diffusers' plain first-order update there.
     sigmas = reference_sigmas(steps + 1)[:-1]
     ours, xs, _ = _trace(sample_uni_pc, data.denoiser, x, sigmas)
@@ -211,7 +252,7 @@ def _deis_coefficients_by_t_integral(sigmas: list[float], i: int, order: int) ->
 
 def test_deis_equals_a_hand_computed_t_integral_loop():
     data = GaussianData()
-    x = _noise((3, 4, 5, 6))
+    x = seeded_randn((3, 4, 5, 6))
     sigmas = reference_sigmas(9)
     ours, xs, ds = _trace(sample_deis, data.denoiser, x, sigmas)
     sig = sigmas.double().tolist()
@@ -232,7 +273,7 @@ def test_deis_equals_a_hand_computed_t_integral_loop():
 
 def test_ipndm_equals_the_fixed_adams_bashforth_weights():
     data = GaussianData()
-    x = _noise((3, 4, 5, 6))
+    x = seeded_randn((3, 4, 5, 6))
     sigmas = reference_sigmas(8)
     ours, xs, ds = _trace(sample_ipndm, data.denoiser, x, sigmas)
     weights = [[1], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
@@ -253,6 +294,28 @@ def test_ipndm_equals_the_fixed_adams_bashforth_weights():
 # ------------------------------------------------------------------------- deterministic: orders
 
 
+def test_samplers_converge_to_the_data_distribution_with_their_orders():
+    data = GaussianData()
+    noise = seeded_randn((2048, 4, 2, 2))
+    errors = {"euler": [], "dpmpp_2m": []}
+    for steps in (40, 80, 160):
+        sigmas = reference_sigmas(steps)
+        target = data.exact_output(noise, sigmas)
+        for name in errors:
+            out = get_sampler(name)(data.denoiser, noise, sigmas)
+            errors[name].append((out - target).pow(2).mean().sqrt().item())
+            if steps == 160:  # right mean and std per channel over 8192 points
+                torch.testing.assert_close(out.mean((0, 2, 3)), data.mu.flatten(), atol=0.05, rtol=0)
+                torch.testing.assert_close(out.std((0, 2, 3)), data.s.flatten(), rtol=0.05, atol=0)
+    euler, dpm = errors["euler"], errors["dpmpp_2m"]
+    # Doubling the steps halves Euler's error (first order) and quarters DPM++(2M)'s (second order).
+    for k in range(2):
+        assert 1.8 < euler[k] / euler[k + 1] < 2.2, euler
+        assert dpm[k] / dpm[k + 1] > 3.5, dpm
+    assert dpm[-1] < euler[-1] / 3
+    assert euler[-1] < 0.02 and dpm[-1] < 0.005
+
+
 def test_deterministic_samplers_converge_with_their_orders():
     """Error vs the exact ODE output on the reference schedule at 16, 32, 64, 128 steps.
 
@@ -262,7 +325,7 @@ def test_deterministic_samplers_converge_with_their_orders():
     Euler / first-order start makes them second order, see the docstrings.)
     """
     data = GaussianData()
-    noise = _noise((1024, 4, 2, 2))
+    noise = seeded_randn((1024, 4, 2, 2))
     step_counts = (16, 32, 64, 128)
     errors: dict[str, list[float]] = {name: [] for name in DETERMINISTIC}
     for steps in step_counts:
@@ -288,7 +351,7 @@ def test_straight_paths_are_exact_and_keep_the_flow_marginal(name):
     straight: every ODE sampler follows it exactly, and every stochastic step keeps ``x ~ alpha x0 +
     sigma N(0, 1)`` (its noise is exactly balanced), whatever the step sizes."""
     x0 = torch.randn(1, 4, 32, 32, generator=_gen(3))
-    n = _noise((64, 4, 32, 32), seed=4)
+    n = seeded_randn((64, 4, 32, 32), seed=4)
     sigmas = torch.tensor([1.0, 0.93, 0.7, 0.45, 0.4, 0.12, 0.03])
 
     def oracle(x, sigma):
@@ -309,25 +372,31 @@ def test_straight_paths_are_exact_and_keep_the_flow_marginal(name):
 def test_the_step_to_zero_returns_the_denoised_prediction(name):
     data = GaussianData()
     out, xs, ds = _trace(
-        get_sampler(name), data.denoiser, _noise((2, 4, 3, 3)), reference_sigmas(6), generator=_gen(1)
+        get_sampler(name), data.denoiser, seeded_randn((2, 4, 3, 3)), reference_sigmas(6), generator=_gen(1)
     )
     assert len(xs) == len(ds) == 6
     torch.testing.assert_close(out, ds[-1], atol=1e-6, rtol=0)
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_samplers_run_in_float32(name):
+    seen = []
+    model = _half_precision_denoiser(seen)
+    out = get_sampler(name)(model, seeded_randn((2, 4, 3, 3)).half(), reference_sigmas(4).double())
+    assert out.dtype == torch.float32
+    assert all(s == (torch.float32, torch.float32, (2,)) for s in seen)
+
+
 @pytest.mark.parametrize("name", COMFY_NAMES)
 def test_samplers_run_in_float32_and_ignore_or_use_the_generator(name):
-    data = GaussianData()
     seen = []
-
-    def model(x, sigma):
-        seen.append((x.dtype, sigma.dtype, sigma.shape))
-        return data.denoiser(x, sigma).half()
-
+    model = _half_precision_denoiser(seen)
     g = _gen(9)
     state = g.get_state()
-    out = get_sampler(name)(model, _noise((2, 4, 3, 3)).half(), reference_sigmas(5).double(), generator=g)
+    out = get_sampler(name)(
+        model, seeded_randn((2, 4, 3, 3)).half(), reference_sigmas(5).double(), generator=g
+    )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert all(s == (torch.float32, torch.float32, (2,)) for s in seen)
     assert torch.equal(g.get_state(), state) is (name not in STOCHASTIC_SAMPLERS)
@@ -343,7 +412,7 @@ def test_model_calls_per_step():
             sigmas_seen.append(float(sigma[0]))
             return data.denoiser(x, sigma)
 
-        get_sampler(name)(model, _noise((1, 4, 2, 2)), reference_sigmas(8), generator=_gen(0))
+        get_sampler(name)(model, seeded_randn((1, 4, 2, 2)), reference_sigmas(8), generator=_gen(0))
         calls[name] = len(sigmas_seen)
     # Two calls per step except the last for heun, dpm_2 and dpmpp_2s_ancestral; one for the rest.
     assert calls == {
@@ -369,7 +438,7 @@ def _den64(data, x, sigma):
 def test_euler_ancestral_rf_step_by_hand():
     """sigma_d = s'(1 + (s'/s - 1) eta); flow DDIM to sigma_d; rescale to alpha'; add the missing noise."""
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     s, s1, eta, s_noise = 0.8, 0.5, 0.7, 0.9
     out = SAMPLERS["euler_ancestral"](
         data.denoiser, x, torch.tensor([s, s1]), generator=_gen(SEED), eta=eta, s_noise=s_noise
@@ -396,7 +465,7 @@ def test_dpmpp_2s_ancestral_rf_step_by_hand():
     """Flow DDIM half-way in log-SNR to sigma_d, the model there, a flow DDIM move to sigma_d with that
     prediction, then the RF renoise."""
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     s, s1, eta, s_noise = 0.8, 0.5, 0.6, 1.1
     seen = []
 
@@ -439,7 +508,7 @@ def _sde_first_order(x, d, s, s1, eta):
 
 def test_dpmpp_2m_sde_rf_steps_by_hand():
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     sig, eta, s_noise = [0.9, 0.6, 0.3, 0.12], 0.8, 0.9
     out, xs, _ = _trace(
         SAMPLERS["dpmpp_2m_sde"],
@@ -464,7 +533,7 @@ def test_dpmpp_2m_sde_rf_steps_by_hand():
 
 def test_dpmpp_3m_sde_rf_steps_by_hand():
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     sig, eta, s_noise = [0.9, 0.7, 0.45, 0.25, 0.1], 0.6, 1.0
     out, xs, _ = _trace(
         SAMPLERS["dpmpp_3m_sde"],
@@ -500,7 +569,7 @@ def test_dpmpp_3m_sde_rf_steps_by_hand():
 
 def test_lcm_steps_by_hand():
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     sig = [1.0, 0.7, 0.3, 0.0]
     out, xs, ds = _trace(
         SAMPLERS["lcm"], data.denoiser, x, torch.tensor(sig), generator=_gen(SEED), s_noise=0.8
@@ -520,7 +589,7 @@ def test_sde_samplers_take_the_exact_limit_at_sigma_one(name, eta):
     """lambda(1) = -inf: the first step is its limit (a full renoise at eta > 0, Euler at eta = 0). ComfyUI
     instead starts at sigma = shift(1 - 1e-4) (``offset_first_sigma_for_snr``); the two differ little."""
     data = GaussianData()
-    x = _noise((64, 4, 3, 3))
+    x = seeded_randn((64, 4, 3, 3))
     sigmas = reference_sigmas(12)
     out, xs, ds = _trace(SAMPLERS[name], data.denoiser, x, sigmas, generator=_gen(SEED), eta=eta)
     assert torch.isfinite(out).all()
@@ -550,7 +619,7 @@ def test_stochastic_samplers_sample_the_data_distribution(name, steps, tol):
     the flow log-SNR. (On the reference schedule the last jump, 0.07 -> 0.0089 at 50 steps, is a long step
     in log-SNR, where the multistep SDE samplers' extrapolated noisy differences over-disperse at eta = 1.)"""
     data = GaussianData()
-    noise = _noise((2048, 4, 2, 2), seed=11)
+    noise = seeded_randn((2048, 4, 2, 2), seed=11)
     sigmas = _flow_lambda_sigmas(steps)
     out = get_sampler(name)(data.denoiser, noise, sigmas, generator=_gen(7))
     last = sigmas[-2].double()
@@ -566,7 +635,7 @@ def test_lcm_follows_its_closed_form_variance_not_the_data():
     + sigma_i^2), k = a s^2 / (a^2 s^2 + sigma^2) (mean mu after the first step). LCM is for consistency
     models; this checks it does exactly what its formula says."""
     data = GaussianData()
-    noise = _noise((2048, 4, 2, 2), seed=11)
+    noise = seeded_randn((2048, 4, 2, 2), seed=11)
     sigmas = reference_sigmas(10)
     out = get_sampler("lcm")(data.denoiser, noise, sigmas, generator=_gen(7))
     s2 = data.s.flatten().double() ** 2
@@ -583,7 +652,7 @@ def test_lcm_follows_its_closed_form_variance_not_the_data():
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_stochastic_samplers_repeat_with_a_seed_and_draw_one_noise_per_step(name):
     data = GaussianData()
-    x = _noise((2, 4, 3, 3))
+    x = seeded_randn((2, 4, 3, 3))
     sigmas = reference_sigmas(6)
     sampler = get_sampler(name)
     g = _gen(21)
@@ -607,7 +676,7 @@ def test_stochastic_samplers_repeat_with_a_seed_and_draw_one_noise_per_step(name
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_eta_zero_is_deterministic_and_converges(name):
     data = GaussianData()
-    noise = _noise((512, 4, 2, 2))
+    noise = seeded_randn((512, 4, 2, 2))
     errors = []
     for steps in (24, 48):
         sigmas = reference_sigmas(steps)

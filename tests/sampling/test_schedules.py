@@ -1,4 +1,6 @@
-"""ComfyUI's schedulers (``get_sigmas``) against their formulas, computed here independently in float64."""
+"""Schedules (sd35/sampling/schedules.py): ComfyUI's schedulers (``get_sigmas``) against their formulas, computed
+here independently in float64, and the reference's schedule (``reference_sigmas``, ``img2img_sigmas``) against its
+values and diffusers'."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sd35.errors import SD35Error
 from sd35.sampling import (
@@ -13,6 +16,7 @@ from sd35.sampling import (
     discrete_flow_sigmas,
     flow_sigma,
     get_sigmas,
+    img2img_sigmas,
     reference_sigmas,
 )
 from sd35.sampling.schedules import beta_ppf
@@ -81,7 +85,9 @@ def _linear_quadratic(n, shift, tau=0.025):
 
 
 FORMULAS = {
-    "simple": _normal,  # the reference's schedule (REFERENCE.md 2.2), which is ComfyUI's "normal" formula
+    # the reference's schedule (Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.get_sigmas``), which is
+    # ComfyUI's "normal" formula
+    "simple": _normal,
     "normal": _normal,
     "sgm_uniform": lambda n, shift: _normal(n, shift, sgm=True),
     "karras": _karras,
@@ -122,7 +128,8 @@ def test_model_table():
         table = discrete_flow_sigmas(shift)
         assert table.dtype == torch.float32 and table.shape == (1000,)
         np.testing.assert_allclose(table.double().numpy(), _table(shift), rtol=1e-6)
-    assert float(discrete_flow_sigmas(3.0)[0]) == pytest.approx(0.002994012, rel=1e-6)  # REFERENCE.md 2.1
+    # sigma_min of Stability-AI/sd3.5 ``sd3_impls.py`` ``ModelSamplingDiscreteFlow`` at shift 3: sigma(1 / 1000)
+    assert float(discrete_flow_sigmas(3.0)[0]) == pytest.approx(0.002994012, rel=1e-6)
 
 
 def test_shift_moves_every_schedule_consistently():
@@ -195,3 +202,50 @@ def test_errors():
     for shift in (0.0, -2.0):
         with pytest.raises(SD35Error, match="shift"):
             get_sigmas("beta", 10, shift)
+
+
+# --------------------------------------------------------------------------------------------- the reference's schedule
+
+
+def test_reference_sigmas_match_the_reference():
+    """The values Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.get_sigmas`` gives at 50 steps, shift 3."""
+    s = reference_sigmas(50, 3.0)
+    assert s.dtype == torch.float32 and s.shape == (51,)
+    head = torch.tensor([1.0, 0.993124, 0.986057, 0.978790, 0.971314, 0.963621])
+    tail = torch.tensor([0.216593, 0.170296, 0.120533, 0.066900, 0.008929, 0.0])
+    torch.testing.assert_close(s[:6], head, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s[-6:], tail, atol=1e-6, rtol=0)
+    assert s[0] == 1.0 and s[-1] == 0.0
+    assert bool((s[1:] < s[:-1]).all())
+    # The double shift: sigma_min = flow_sigma(1/1000) is shifted again (``get_sigmas`` shifts the timesteps of
+    # ``sd3_impls.py`` ``ModelSamplingDiscreteFlow``, whose sigma_min is already shifted).
+    assert float(s[-2]) == pytest.approx(flow_sigma(flow_sigma(0.001, 3.0), 3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 4, 10, 28, 40, 50, 100])
+def test_reference_sigmas_match_diffusers(steps, shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    torch.testing.assert_close(reference_sigmas(steps, shift), scheduler.sigmas, rtol=1e-6, atol=1e-7)
+
+
+def test_schedule_errors():
+    for steps in (0, -3, 2.5, True):
+        with pytest.raises(SD35Error, match="steps"):
+            reference_sigmas(steps)
+    for shift in (0.0, -1.0):
+        with pytest.raises(SD35Error, match="shift"):
+            reference_sigmas(10, shift)
+
+
+def test_img2img_sigmas_cut_like_the_reference():
+    s = reference_sigmas(50)
+    assert torch.equal(img2img_sigmas(s, 1.0), s)
+    # int(50 * (1 - 0.8)) == 9 in float arithmetic, as in the reference (not 10).
+    assert torch.equal(img2img_sigmas(s, 0.8), s[9:])
+    assert torch.equal(img2img_sigmas(s, 0.5), s[25:])
+    assert len(img2img_sigmas(s, 0.01)) == 2
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(SD35Error, match="denoise"):
+            img2img_sigmas(s, bad)
