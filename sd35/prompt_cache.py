@@ -43,6 +43,10 @@ class PromptCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
+    def keys(self) -> list[Hashable]:
+        """The keys held, least recently used first (the next to be dropped when the cache is full)."""
+        return list(self._entries)
+
     def get(self, key: Hashable, device: torch.device | str | None = None) -> Embedding | None:
         """The entry for ``key`` (copied to ``device``, default where it is stored), or None."""
         entry = self._entries.get(key)

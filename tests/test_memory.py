@@ -10,13 +10,15 @@ alignment, which is why the pipeline tests below, whose plain weights sit at fil
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from sd35 import load_pipeline
 from sd35.errors import SD35Error
+
+# the packing internals (_Entry, _Pack, arenas) and BlockStreamer's slot bookkeeping have no public API: these
+# tests check them directly, since what they must prove is where each weight lives between and during passes
 from sd35.memory import (
     MEMORY_MODES,
     BlockStreamer,
@@ -34,17 +36,14 @@ from sd35.memory import (
 from sd35.models.clip import CLIPTextEncoder
 from sd35.models.configs import medium_configs
 from sd35.models.mmditx import MMDiTX
+from sd35.models.modulation import has_hooks
 from sd35.models.t5 import T5Encoder
 from sd35.models.vae import VAE
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
-from sd35.testing import tiny_weights, torch_threads
-from tests.lora.lora_helpers import assert_same, mixed_lora, snapshot
+from tests.helpers import generate_with_latent, pixel_diff, tiny_models
+from tests.lora.lora_helpers import assert_same, lora_models, mixed_lora, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inside(t: torch.Tensor, buf: torch.Tensor) -> bool:
@@ -128,7 +127,7 @@ def test_block_streamer_same_outputs_and_no_copies_left(root):
     assert held == ([False, False] if root else [True, True])  # with a root, slots exist only during a pass
     assert model.blocks[-1].tied.weight is model.blocks[-1].fc.weight
     streamer.remove()
-    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.blocks)
+    assert not any(has_hooks(b) for b in model.blocks)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 
@@ -210,18 +209,8 @@ def test_pack_layout_alignment_and_arenas():
         assert torch.equal(m(x), r)  # values copied into the arena
 
 
-def _tiny_models(seed: int = 5):
-    w = tiny_weights(seed)
-    return (
-        MMDiTX.from_state_dict({k: v.clone() for k, v in w.mmditx.items()}),
-        CLIPTextEncoder.from_state_dict({k: v.clone() for k, v in w.clip_l.items()}, "clip_l"),
-        CLIPTextEncoder.from_state_dict({k: v.clone() for k, v in w.clip_g.items()}, "clip_g"),
-        T5Encoder.from_state_dict({k: v.clone() for k, v in w.t5.items()}),
-    )
-
-
 def test_streamed_models_match():
-    mmditx, clip_l, clip_g, t5 = _tiny_models()
+    mmditx, clip_l, clip_g, t5 = tiny_models(5).values()
     # the streamer's hooks on the blocks force the per-layer adaLN path; take it for the reference too, so that
     # both sides run the same kernels on the same shapes and bit-equality is what streaming must give
     mmditx.fused_modulation = False
@@ -279,18 +268,13 @@ def test_apply_memory_mode_rejects_unknown_mode():
 PROMPT = "a red circle on a blue background"
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+ROUNDING = dict(rtol=1e-5, atol=1e-5)  # float32 rounding, for torch.testing.assert_close
 
 
 def _run(pipe):
-    final = {}
-
-    def grab(progress):
-        final["x"] = progress.x.clone()
-
-    image = pipe.generate(PROMPT, width=32, height=32, steps=2, seed=3, sampler="euler", on_progress=grab)[0]
-    return final["x"], image
+    """(final latent, image) of one short generation."""
+    image, latent = generate_with_latent(pipe, PROMPT, width=32, height=32, steps=2, seed=3, sampler="euler")
+    return latent, image
 
 
 @pytest.fixture(scope="module")
@@ -313,13 +297,12 @@ def test_pipeline_modes_match_high(tiny, high, mode):
     # same kernels on the same values; only the weights' memory alignment differs (packed storage is
     # 256-byte aligned, the high pipeline's weights sit wherever the file put them), which can change
     # a CPU matmul's summation order: equal up to float32 rounding
-    _close(ctx, ref_ctx)
-    _close(pooled, ref_pooled)
+    torch.testing.assert_close(ctx, ref_ctx, **ROUNDING)
+    torch.testing.assert_close(pooled, ref_pooled, **ROUNDING)
     ref_latent, ref_image = _run(high)
     latent, image = _run(pipe)
-    _close(latent, ref_latent)
-    diff = np.abs(np.asarray(image, np.int16) - np.asarray(ref_image, np.int16))
-    assert diff.max() <= 1
+    torch.testing.assert_close(latent, ref_latent, **ROUNDING)
+    assert pixel_diff(image, ref_image).max() <= 1
     for t in pipe.plan.text:
         assert not t.rest.on_device
 
@@ -328,12 +311,7 @@ def test_pipeline_modes_match_high(tiny, high, mode):
 def test_pipeline_modes_with_lora(tiny, high, tmp_path, mode):
     """Merge and runtime LoRAs on offloaded and streamed weights act as on resident ones, and unload exactly."""
     pipe = load_pipeline(tiny["diffusers"], device="cpu", memory=mode)
-    models = {
-        "mmditx": pipe.mmditx,
-        "clip_l": pipe.text.clip_l,
-        "clip_g": pipe.text.clip_g,
-        "t5": pipe.text.t5,
-    }
+    models = lora_models(pipe)
     snap = snapshot(models)
     from sd35.lora import save_lora
 
@@ -348,11 +326,11 @@ def test_pipeline_modes_with_lora(tiny, high, tmp_path, mode):
             p.unload_lora()
     (ctx_a, pooled_a), lat_a = results["high"]
     (ctx_b, pooled_b), lat_b = results[mode]
-    _close(ctx_b, ctx_a)
-    _close(pooled_b, pooled_a)
-    _close(lat_b, lat_a)
+    torch.testing.assert_close(ctx_b, ctx_a, **ROUNDING)
+    torch.testing.assert_close(pooled_b, pooled_a, **ROUNDING)
+    torch.testing.assert_close(lat_b, lat_a, **ROUNDING)
     assert_same(models, snap)  # every stored weight is back bit for bit
-    _close(_run(pipe)[0], _run(high)[0])
+    torch.testing.assert_close(_run(pipe)[0], _run(high)[0], **ROUNDING)
 
 
 def test_load_pipeline_validates_modes(tiny):

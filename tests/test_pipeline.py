@@ -13,10 +13,13 @@ from sd35 import TextOptions, load_pipeline
 from sd35.a1111 import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd35.errors import MissingComponentError, SD35Error, SD35Warning
 from sd35.loading.writers import write_diffusers, write_official, write_text_encoders
+from sd35.lora import save_lora
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.sampling.samplers import SAMPLERS
 from sd35.sampling.schedules import SCHEDULERS
 from sd35.testing import tiny_weights
+from tests.helpers import generate_with_latent, pixel_diff, rel_err, sd35_warnings
+from tests.lora.lora_helpers import lora_models, mixed_lora
 
 PROMPT = "a red circle on a blue background, photo"
 
@@ -43,10 +46,6 @@ def theirs(root):
     return StableDiffusion3Pipeline.from_pretrained(root).to("cpu")
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_prompt_embeddings_match_diffusers(ours, theirs):
     context, pooled = ours.encode_prompt(PROMPT)
     ref_ctx, _, ref_pooled, _ = theirs.encode_prompt(
@@ -57,26 +56,15 @@ def test_prompt_embeddings_match_diffusers(ours, theirs):
         max_sequence_length=77,
     )
     assert context.shape == ref_ctx.shape == (1, 154, 256)
-    assert _rel(context, ref_ctx) <= 1e-4
-    assert _rel(pooled, ref_pooled) <= 1e-4
+    assert rel_err(context, ref_ctx) <= 1e-4
+    assert rel_err(pooled, ref_pooled) <= 1e-4
 
 
 def _ours(pipe, **kw):
-    final = {}
-
-    def grab(progress):
-        final["x"] = progress.x.clone()
-
-    images = pipe.generate(
-        PROMPT,
-        width=64,
-        height=48,
-        sampler="euler",
-        text=TextOptions(t5_max_tokens=77),
-        on_progress=grab,
-        **kw,
+    """(image, final latent) at the settings _theirs gives diffusers."""
+    return generate_with_latent(
+        pipe, PROMPT, width=64, height=48, sampler="euler", text=TextOptions(t5_max_tokens=77), **kw
     )
-    return images[0], final["x"]
 
 
 def _theirs(pipe, steps, cfg, seed, **kw):
@@ -99,7 +87,7 @@ def _theirs(pipe, steps, cfg, seed, **kw):
 def test_image_matches_diffusers(ours, theirs, cfg):
     image, latents = _ours(ours, steps=4, cfg=cfg, seed=42)
     ref_image, ref_latents = _theirs(theirs, 4, cfg, 42)
-    assert _rel(latents, ref_latents) <= 1e-4
+    assert rel_err(latents, ref_latents) <= 1e-4
     ours_px = np.asarray(image).astype(np.float32) / 255.0
     assert ours_px.shape == ref_image.shape == (48, 64, 3)
     assert np.abs(ours_px - ref_image).max() <= 2 / 255
@@ -119,9 +107,9 @@ def test_skip_layer_guidance_matches_diffusers(ours, theirs):
         skip_layer_guidance_start=0.01,
         skip_layer_guidance_stop=0.2,
     )
-    assert _rel(latents, ref_latents) <= 1e-4
+    assert rel_err(latents, ref_latents) <= 1e-4
     _, plain = _ours(ours, steps=10, cfg=4.0, seed=3)
-    assert _rel(latents, plain) > 1e-3  # SLG really acted
+    assert rel_err(latents, plain) > 1e-3  # SLG really acted
 
 
 def test_same_seed_same_image_and_batch_seeds(ours):
@@ -165,7 +153,7 @@ def test_long_prompt_warns_for_t5_and_clip(ours):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         context, _ = ours.encode_prompt(long_prompt, TextOptions(t5_max_tokens=80))
-    messages = [str(w.message) for w in caught if issubclass(w.category, SD35Warning)]
+    messages = sd35_warnings(caught)
     assert any("T5 dropped" in m for m in messages) and any(
         "CLIP reads only the first 75" in m for m in messages
     )
@@ -186,7 +174,7 @@ def test_split_files_need_tokenizers_and_text_encoders(tmp_path, weights, root):
     # offset, and the weights are used where the file maps them; a CPU matmul's summation order can depend on
     # that alignment. tensor_to_image truncates, so rounding moves a value by at most 1/255 and only the rare
     # values that close to a step; one weight 1% off already moves 10% of them.
-    diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+    diff = pixel_diff(a, b)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
@@ -292,8 +280,8 @@ def test_prompt_cache_is_a_bounded_lru(fresh):
     fresh.prompt_cache.size = 2
     for p in ("a", "b", "a", "c"):  # "a" used again, so "b" is the least recently used
         fresh.encode_prompt(p)
-    keys = [k[0] for k in fresh.prompt_cache._entries]
-    assert keys == [("a",), ("c",)]
+    held = fresh.prompt_cache.keys()  # least recently used first
+    assert [k[0] for k in held] == [("a",), ("c",)]
 
 
 def test_cache_hit_repeats_truncation_warnings(fresh):
@@ -304,15 +292,7 @@ def test_cache_hit_repeats_truncation_warnings(fresh):
 
 
 def test_text_encoder_lora_clears_the_cache(fresh, tmp_path):
-    from sd35.lora import save_lora
-    from tests.lora.lora_helpers import mixed_lora
-
-    models = {
-        "mmditx": fresh.mmditx,
-        "clip_l": fresh.text.clip_l,
-        "clip_g": fresh.text.clip_g,
-        "t5": fresh.text.t5,
-    }
+    models = lora_models(fresh)
     sd = mixed_lora(models)
     both = save_lora(tmp_path / "both.safetensors", sd)
     dit_only = save_lora(
@@ -351,7 +331,7 @@ def test_vae_tiling_option(root, fresh):
     ref = off.generate(PROMPT, width=64, height=48, steps=2, seed=4)[0]
     on.tiling = Tiling(2)  # 16 px tiles: the 64x48 image is decoded in 4x3 tiles
     tiled = on.generate(PROMPT, width=64, height=48, steps=2, seed=4)[0]
-    diff = np.abs(np.asarray(tiled, np.int16) - np.asarray(ref, np.int16))
+    diff = pixel_diff(tiled, ref)
     assert diff.max() <= 1  # exact tiling: the same image up to float rounding
     with pytest.raises(SD35Error, match="auto, on, off"):
         load_pipeline(root, device="cpu", vae_tiling="yes")

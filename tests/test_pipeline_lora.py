@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 
 from sd35.lora import save_lora
-from tests.lora.lora_helpers import assert_same, mixed_lora, snapshot
+from tests.lora.lora_helpers import assert_same, lora_models, mixed_lora, snapshot
 
 
 def test_pipeline_load_and_unload(tiny_pipe, tmp_path):
     pipe = tiny_pipe
-    models = {
-        "mmditx": pipe.mmditx,
-        "clip_l": pipe.text.clip_l,
-        "clip_g": pipe.text.clip_g,
-        "t5": pipe.text.t5,
-    }
+    models = lora_models(pipe)
     snap = snapshot(models)
     path = save_lora(tmp_path / "style.safetensors", mixed_lora(models))
     ctx0, pooled0 = pipe.encode_prompt("a red cube")

@@ -9,6 +9,7 @@ import torch
 from sd35.models.configs import tiny_configs
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.random_init import random_state_dict
+from tests.helpers import mmditx_inputs
 
 
 @functools.cache
@@ -26,25 +27,5 @@ def make_model(
 
 
 def inputs(cfg: MMDiTXConfig, batch: int = 2, hw: tuple[int, int] = (8, 8), n_ctx: int = 11, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, *hw, generator=g)
-    t = torch.linspace(990.0, 15.0, batch)
-    y = torch.randn(batch, cfg.pooled_dim, generator=g)
-    ctx = torch.randn(batch, n_ctx, cfg.context_dim, generator=g)
-    return x, t, y, ctx
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|, in float32."""
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def plain(model: MMDiTX, *args, **kwargs) -> torch.Tensor:
-    """The model's output on the block-by-block adaLN path (the reference reading)."""
-    flag = model.fused_modulation
-    model.fused_modulation = False
-    try:
-        return model(*args, **kwargs)
-    finally:
-        model.fused_modulation = flag
+    """Seeded (x, t, y, context), timesteps evenly from 990 down to 15."""
+    return mmditx_inputs(cfg, torch.linspace(990.0, 15.0, batch), hw, n_ctx, seed)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sd35.testing import torch_threads
-
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+def _one_thread(one_thread):
+    """Every accel test runs on one torch thread (the suite's ``one_thread`` fixture)."""

@@ -13,9 +13,9 @@ from torch._dynamo.utils import counters
 
 from sd35.accel import compile_blocks, compiled_blocks, uncompile_blocks
 from sd35.errors import SD35Error
-from sd35.lora.adapters import LoRA
-from sd35.lora.patching import Patch, attach, detach
-from tests.accel.accel_helpers import inputs, make_model, rel_err
+from sd35.lora.patching import attach, detach
+from tests.accel.accel_helpers import inputs, make_model
+from tests.helpers import random_lora_patch, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +60,7 @@ def test_runtime_lora_added_after_compile_is_applied():
     x, t, y, ctx = inputs(model.config)
     compile_blocks(model, backend="eager")
     lin = model.joint_blocks[1].x_block.attn.qkv
-    g = torch.Generator().manual_seed(0)
-    patch = Patch(
-        "r", LoRA(torch.randn(lin.out_features, 2, generator=g), torch.randn(2, lin.in_features, generator=g))
-    )
+    patch = random_lora_patch(lin, seed=0)
     with torch.no_grad():
         base = model(x, t, y, ctx)
         attach(lin, patch, "runtime")

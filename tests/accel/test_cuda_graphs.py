@@ -13,20 +13,11 @@ import torch
 from sd35.accel.cuda_graphs import GraphCache, GraphedDenoiser, ModelSnapshot, graph_key, model_fingerprint
 from sd35.errors import SD35Error, SD35Warning
 from sd35.lora import load_lora, set_lora_strength, unload_lora
-from tests.accel.accel_helpers import inputs, make_model, rel_err
+from sd35.models.modulation import fused_cache
+from tests.accel.accel_helpers import inputs, make_model
+from tests.helpers import kohya_lora, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _lora(model, names, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in names:
-        lin = model.get_submodule(name)
-        key = "lora_unet_" + name.replace(".", "_")
-        sd[f"{key}.lora_down.weight"] = torch.randn(2, lin.in_features, generator=g) * 0.2
-        sd[f"{key}.lora_up.weight"] = torch.randn(lin.out_features, 2, generator=g) * 0.2
-    return sd
 
 
 # --- GraphCache with a fake capture (plain Python) ------------------------------------------------------
@@ -73,7 +64,9 @@ def test_model_fingerprint_sees_what_graphs_bake_in():
         model(*args)
         model.joint_blocks[0].x_block.attn.qkv.weight.mul_(1.1)  # in place: graphs read it where it is
     assert model_fingerprint(model) == fp
-    load_lora({"mmditx": model}, _lora(model, ["joint_blocks.1.x_block.mlp.fc1"]), mode="runtime", name="r")
+    load_lora(
+        {"mmditx": model}, kohya_lora(model, ["joint_blocks.1.x_block.mlp.fc1"]), mode="runtime", name="r"
+    )
     with_lora = model_fingerprint(model)
     assert with_lora != fp  # a new hook
     set_lora_strength({"mmditx": model}, "r", 0.5)
@@ -110,7 +103,7 @@ class FakeGraphs(GraphedDenoiser):
         return True
 
     def _capture(self, key):
-        *args, skip = self._pending
+        *args, skip = self._pending  # what GraphedDenoiser stages for its capture (the real one reads it too)
         self.captured.append(key)
         model = self.model
         model(*args, skip_layers=skip)  # the warm-up call the real capture makes
@@ -143,14 +136,17 @@ def test_bookkeeping_recaptures_only_on_new_keys_or_model_changes():
         assert len(runner.captured) == 3
         lin = model.final_layer.adaLN_modulation[1]
         lin.weight.mul_(0.5)  # in place: no recapture, the fused adaLN copy is refreshed in place
-        before = model._adaln.weight.data_ptr()
+        before = fused_cache(model).weight.data_ptr()
         out = runner(*cond)
-        assert len(runner.captured) == 3 and model._adaln.weight.data_ptr() == before
+        assert len(runner.captured) == 3 and fused_cache(model).weight.data_ptr() == before
         model.fused_modulation = False
         assert rel_err(out, model(*cond)) <= 1e-6
         model.fused_modulation = True
         load_lora(
-            {"mmditx": model}, _lora(model, ["joint_blocks.0.x_block.attn.qkv"]), mode="runtime", name="r"
+            {"mmditx": model},
+            kohya_lora(model, ["joint_blocks.0.x_block.attn.qkv"]),
+            mode="runtime",
+            name="r",
         )
         runner(*cond)
         assert len(runner.captured) == 4 and len(runner.cache) == 1  # all graphs dropped, one captured
@@ -192,7 +188,7 @@ def test_cuda_graphs_replay_the_eager_result(dtype):
         assert runner.cache.captures == 3
         args = [a.cuda() for a in inputs(model.config)]
         load_lora(
-            {"mmditx": model}, _lora(model, ["joint_blocks.0.x_block.adaLN_modulation.1"]), mode="merge"
+            {"mmditx": model}, kohya_lora(model, ["joint_blocks.0.x_block.adaLN_modulation.1"]), mode="merge"
         )
         model.cpu().cuda()  # the round trip changes every address: the graphs are captured again
         assert rel_err(runner(*args), model(*args)) <= (1e-5 if dtype == torch.float32 else 1e-2)
@@ -208,7 +204,7 @@ def test_cuda_graphs_follow_an_in_place_lora_merge():
         runner(*args)
         load_lora(
             {"mmditx": model},
-            _lora(model, ["final_layer.adaLN_modulation.1", "joint_blocks.1.x_block.attn.qkv"]),
+            kohya_lora(model, ["final_layer.adaLN_modulation.1", "joint_blocks.1.x_block.attn.qkv"]),
             mode="merge",
         )
         out = runner(*args)

@@ -1,4 +1,5 @@
-"""Tokenization against transformers (and SentencePiece) applied the reference's way (REFERENCE.md 4.2).
+"""Tokenization against transformers (and SentencePiece) applied the reference's way (Stability-AI/sd3.5
+``other_impls.py`` ``SD3Tokenizer``, ``SDTokenizer.tokenize_with_weights``).
 
 The reference tokenizes each word on its own with transformers' tokenizers, strips BOS/EOS, then
 builds ``BOS + tokens + EOS + padding``. transformers 5 has no pure-Python CLIPTokenizer any more; its

@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from sd35.models.clip import CLIPTextEncoder
 from sd35.models.configs import tiny_configs
-from sd35.models.mmditx import MMDiTX
-from sd35.models.t5 import T5Encoder
-from sd35.testing import tiny_weights
+from tests.helpers import COMPONENTS, mmditx_inputs, tiny_models
 
 D = 128  # tiny MMDiT-X hidden size (sd35.models.configs.tiny_configs)
 
 
-@functools.cache
-def _weights(attn2: tuple[int, ...] = (0, 1)):
-    return tiny_weights(seed=3, configs=tiny_configs(attn2_layers=attn2))
-
-
 def make_models(t5: bool = True, attn2: tuple[int, ...] = (0, 1)) -> dict:
-    """Fresh tiny models (each test may change them): mmditx (3 blocks, attn2 in 0-1, block 2 pre-only), clip_l/g, t5."""
-    w = _weights(attn2)
+    """Fresh tiny models (each test may change them): mmditx (3 blocks, attn2 in 0-1, block 2 pre-only), clip_l/g, t5
+    (None with ``t5=False``)."""
+    models = tiny_models(3, *COMPONENTS[: 4 if t5 else 3], attn2=attn2)
+    return models if t5 else {**models, "t5": None}
 
-    def fresh(sd):  # the loaders keep the given tensors; every model needs its own
-        return {k: v.clone() for k, v in sd.items()}
 
-    return {
-        "mmditx": MMDiTX.from_state_dict(fresh(w.mmditx)),
-        "clip_l": CLIPTextEncoder.from_state_dict(fresh(w.clip_l), "clip_l"),
-        "clip_g": CLIPTextEncoder.from_state_dict(fresh(w.clip_g), "clip_g"),
-        "t5": T5Encoder.from_state_dict(fresh(w.t5)) if t5 else None,
-    }
+def lora_models(pipe) -> dict:
+    """The networks of an SD3Pipeline a LoRA can change, by role (``SD3Pipeline.components`` without the VAE)."""
+    return {role: m for role, m in pipe.components.items() if role != "vae"}
 
 
 def snapshot(models: dict) -> dict[str, torch.Tensor]:
@@ -112,13 +99,8 @@ def dora(w, delta, m, axis):
 
 
 def inputs(seed: int = 1, batch: int = 2, hw: int = 8):
-    cfg = tiny_configs().mmditx
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, hw, hw, generator=g)
-    t = torch.tensor([700.0, 20.0][:batch])
-    y = torch.randn(batch, cfg.pooled_dim, generator=g)
-    ctx = torch.randn(batch, 7, cfg.context_dim, generator=g)
-    return x, t, y, ctx
+    """Seeded MMDiT-X inputs: an ``hw`` x ``hw`` latent at timesteps 700 and 20, 7 context tokens."""
+    return mmditx_inputs(tiny_configs().mmditx, torch.tensor([700.0, 20.0][:batch]), (hw, hw), 7, seed)
 
 
 def tokens(seed: int = 2):
@@ -138,10 +120,6 @@ def outputs(models: dict) -> list[torch.Tensor]:
         if models.get("t5") is not None:
             out.append(models["t5"](tok))
     return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def mixed_lora(models: dict, seed: int = 0, scale: float = 0.1) -> dict[str, torch.Tensor]:

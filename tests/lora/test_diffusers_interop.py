@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from sd35.lora import DEFAULT_TARGETS, add_lora, export_lora, export_metadata, save_lora
-from sd35.models.clip import CLIPTextEncoder
 from sd35.models.configs import tiny_configs
-from sd35.models.mmditx import MMDiTX
-from sd35.testing import tiny_weights
-from tests.lora.lora_helpers import rel_err
+from tests.helpers import mmditx_inputs, rel_err, tiny_models
 
 pytest.importorskip("peft")
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
@@ -26,12 +23,8 @@ TARGETS += ("t_embedder.mlp.0", "y_embedder.mlp.2")
 
 
 def _trained(rank=4, alpha=2.0):
-    w = tiny_weights()  # the weights sd35.testing.write_tiny_set (the `tiny` fixture) writes, seed 0
-    ours = {
-        "mmditx": MMDiTX.from_state_dict({k: v.clone() for k, v in w.mmditx.items()}),
-        "clip_l": CLIPTextEncoder.from_state_dict({k: v.clone() for k, v in w.clip_l.items()}, "clip_l"),
-        "clip_g": CLIPTextEncoder.from_state_dict({k: v.clone() for k, v in w.clip_g.items()}, "clip_g"),
-    }
+    # the weights sd35.testing.write_tiny_set (the `tiny` fixture) writes, seed 0
+    ours = tiny_models(0, "mmditx", "clip_l", "clip_g")
     g = torch.Generator().manual_seed(0)
     params = add_lora(ours["mmditx"], rank, alpha, targets=TARGETS, generator=g)
     params += add_lora(ours["clip_l"], rank, alpha, targets=("self_attn.q_proj", "mlp.fc2"), generator=g)
@@ -46,15 +39,7 @@ def _trained(rank=4, alpha=2.0):
 
 
 def _inputs():
-    cfg = tiny_configs().mmditx
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, cfg.in_channels, 8, 10, generator=g)
-    return (
-        x,
-        torch.tensor([900.0, 35.0]),
-        torch.randn(2, cfg.pooled_dim, generator=g),
-        torch.randn(2, 9, 256, generator=g),
-    )
+    return mmditx_inputs(tiny_configs().mmditx, torch.tensor([900.0, 35.0]), (8, 10), n_ctx=9)
 
 
 def _compare_transformer(ours, ref):

@@ -9,6 +9,8 @@ from torch import nn
 
 from sd35.errors import SD35Error, SD35Warning
 from sd35.lora import load_lora, loaded_loras, set_lora_strength, unload_lora
+from sd35.models.modulation import has_hooks
+from tests.helpers import rel_err
 from tests.lora.lora_helpers import (
     D,
     Rand,
@@ -16,16 +18,14 @@ from tests.lora.lora_helpers import (
     make_models,
     mixed_lora,
     outputs,
-    rel_err,
     snapshot,
     weight,
 )
 
 
 def _no_hooks(models) -> bool:
-    return all(
-        not m._forward_hooks for model in models.values() if model is not None for m in model.modules()
-    )
+    """No module does anything besides its forward: no hook, no LoRA state (sd35.models.modulation.has_hooks)."""
+    return not any(has_hooks(m) for model in models.values() if model is not None for m in model.modules())
 
 
 def test_runtime_equals_merge():
@@ -194,5 +194,6 @@ def test_failed_load_leaves_models_untouched(models):
     sd["lora_unet_joint_blocks_2_x_block_mlp_fc2.lora_down.weight"] = torch.zeros(2, 77)  # wrong width
     with pytest.raises(SD35Error, match="fc2"):
         load_lora(models, sd, name="bad")
-    assert_same(models, snap) and _no_hooks(models)
+    assert_same(models, snap)
+    assert _no_hooks(models)
     assert weight(models, "mmditx", "joint_blocks.2.x_block.mlp.fc2").shape == (D, 512)

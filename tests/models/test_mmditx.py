@@ -6,83 +6,40 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
 from sd35.errors import CheckpointError, SD35Error
 from sd35.models.configs import medium_mmditx_config, tiny_configs
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family, timestep_embedding
 from sd35.models.random_init import random_state_dict
-
-CONFIGS = {
-    "sd35m-like": dict(attn2_layers=(0, 1), qk_norm=True),
-    "sd3m-like": dict(attn2_layers=(), qk_norm=False),
-    "attn2-subset": dict(attn2_layers=(1, 3), qk_norm=True, depth=4),
-    "attn2-no-qknorm": dict(attn2_layers=(0,), qk_norm=False),
-}
-
-
-def _pair(name: str, seed: int = 0):
-    cfg = tiny_configs(**CONFIGS[name]).mmditx
-    sd = random_state_dict(MMDiTX(cfg), seed)
-    ours = MMDiTX.from_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()})
-    ref = SD3Transformer2DModel(
-        sample_size=cfg.pos_embed_max_size,
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        num_layers=cfg.depth,
-        attention_head_dim=64,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_dim,
-        caption_projection_dim=cfg.hidden_size,
-        pooled_projection_dim=cfg.pooled_dim,
-        out_channels=cfg.out_channels,
-        pos_embed_max_size=cfg.pos_embed_max_size,
-        dual_attention_layers=cfg.attn2_layers,
-        qk_norm="rms_norm" if cfg.qk_norm else None,
-    )
-    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
-    return cfg, ours, ref.eval()
-
-
-def _inputs(cfg: MMDiTXConfig, h: int, w: int, batch: int = 2, n_ctx: int = 11):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, cfg.in_channels, h, w, generator=g)
-    t = torch.tensor([991.0, 13.5][:batch])
-    y = torch.randn(batch, cfg.pooled_dim, generator=g)
-    ctx = torch.randn(batch, n_ctx, cfg.context_dim, generator=g)
-    return x, t, y, ctx
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tests.helpers import rel_err
+from tests.models.models_helpers import CONFIGS, diffusers_pair, inputs
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("hw", [(8, 8), (12, 6)])
 def test_matches_diffusers(name, hw):
-    cfg, ours, ref = _pair(name)
+    cfg, ours, ref = diffusers_pair(name)
     assert ours.config == cfg
-    x, t, y, ctx = _inputs(cfg, *hw)
+    x, t, y, ctx = inputs(cfg, *hw)
     with torch.no_grad():
         a = ours(x, t, y, ctx)
         b = ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
     assert a.shape == x.shape
-    assert _rel_err(a, b) <= 1e-5
+    assert rel_err(a, b) <= 1e-5
 
 
 @pytest.mark.parametrize("skip", [[1], [0, 2]])
 def test_skip_layers_match_diffusers(skip):
-    cfg, ours, ref = _pair("sd35m-like")
-    x, t, y, ctx = _inputs(cfg, 8, 10)
+    cfg, ours, ref = diffusers_pair("sd35m-like")
+    x, t, y, ctx = inputs(cfg, 8, 10)
     with torch.no_grad():
         a = ours(x, t, y, ctx, skip_layers=skip)
         b = ref(
             hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t, skip_layers=skip
         ).sample
         full = ours(x, t, y, ctx)
-    assert _rel_err(a, b) <= 1e-5
-    assert _rel_err(a, full) > 1e-3  # skipping really changes the result
+    assert rel_err(a, b) <= 1e-5
+    assert rel_err(a, full) > 1e-3  # skipping really changes the result
 
 
 def test_config_inferred_from_weights():
@@ -121,11 +78,11 @@ def test_bad_sizes_and_shapes_are_clear_errors():
     cfg = tiny_configs().mmditx
     sd = random_state_dict(MMDiTX(cfg))
     model = MMDiTX.from_state_dict(sd)
-    x, t, y, ctx = _inputs(cfg, 7, 8)
+    x, t, y, ctx = inputs(cfg, 7, 8)
     with pytest.raises(SD35Error, match="multiple of"):
         model(x, t, y, ctx)
     big = cfg.pos_embed_max_size * cfg.patch_size + 2
-    x, t, y, ctx = _inputs(cfg, big, 8)
+    x, t, y, ctx = inputs(cfg, big, 8)
     with pytest.raises(SD35Error, match="at most 512x512"):
         model(x, t, y, ctx)
     bad = dict(sd)
@@ -142,12 +99,12 @@ def test_bad_sizes_and_shapes_are_clear_errors():
 def test_bf16_close_to_fp32():
     cfg = tiny_configs().mmditx
     sd = random_state_dict(MMDiTX(cfg))
-    x, t, y, ctx = _inputs(cfg, 8, 8)
+    x, t, y, ctx = inputs(cfg, 8, 8)
     with torch.no_grad():
         a = MMDiTX.from_state_dict(sd)(x, t, y, ctx)
         b = MMDiTX.from_state_dict(sd, dtype=torch.bfloat16)(x, t, y, ctx)
     assert b.dtype == torch.float32  # returned in the input's dtype
-    assert _rel_err(b, a) < 0.05
+    assert rel_err(b, a) < 0.05
 
 
 def test_pos_offset_crop_and_gradient_checkpointing():
@@ -157,7 +114,7 @@ def test_pos_offset_crop_and_gradient_checkpointing():
     assert torch.equal(model.cropped_pos_embed(2, 3, (0, 5)).reshape(2, 3, -1), grid[0:2, 5:8])
     with pytest.raises(SD35Error, match="does not fit"):
         model.cropped_pos_embed(4, 4, (cfg.pos_embed_max_size - 3, 0))
-    x, t, y, ctx = _inputs(cfg, 8, 8)
+    x, t, y, ctx = inputs(cfg, 8, 8)
     centred = (cfg.pos_embed_max_size - 4) // 2
     with torch.no_grad():
         assert torch.equal(model(x, t, y, ctx), model(x, t, y, ctx, pos_offset=(centred, centred)))

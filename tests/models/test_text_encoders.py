@@ -10,18 +10,14 @@ from sd35.errors import CheckpointError
 from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
 from sd35.models.random_init import random_state_dict
 from sd35.models.t5 import T5Config, T5Encoder, relative_position_buckets
+from tests.helpers import assert_rel_close
 
 VOCAB, WIDTH, LAYERS, MLP, POSITIONS, PROJ = 1000, 128, 3, 256, 77, 96
+MATCH = 1e-5  # two float32 implementations of the same maths: rounding only
+BF16 = 0.05  # bf16 weights and activations against float32
 BOS, EOS = VOCAB - 2, VOCAB - 1
 T5_VOCAB, T5_LEN = 500, 80
 _EMBED, _SHARED = "encoder.embed_tokens.weight", "shared.weight"
-
-
-def _close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
-    assert ours.shape == ref.shape
-    err = (ours.float() - ref.float()).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * {scale:.3g}"
 
 
 def _clip_tokens(pad: int) -> torch.Tensor:
@@ -86,8 +82,8 @@ def test_clip_l_matches_transformers(clip_l_sd, pad):
     tokens = _clip_tokens(pad)
     hidden, pooled = ours(tokens)
     out = ref(input_ids=tokens, output_hidden_states=True)
-    _close(hidden, out.hidden_states[-2])
-    _close(pooled, out.pooler_output)
+    assert_rel_close(hidden, out.hidden_states[-2], MATCH)
+    assert_rel_close(pooled, out.pooler_output, MATCH)
     assert pooled.shape == (2, WIDTH)
 
 
@@ -101,8 +97,8 @@ def test_clip_g_matches_transformers(clip_g_sd, pad):
     tokens = _clip_tokens(pad)
     hidden, pooled = ours(tokens)
     out = ref(input_ids=tokens, output_hidden_states=True)
-    _close(hidden, out.hidden_states[-2])
-    _close(pooled, out.text_embeds)
+    assert_rel_close(hidden, out.hidden_states[-2], MATCH)
+    assert_rel_close(pooled, out.text_embeds, MATCH)
     assert pooled.shape == (2, PROJ)
 
 
@@ -139,8 +135,8 @@ def test_clip_bf16_close_to_fp32(clip_g_sd):
         h32, p32 = CLIPTextEncoder.from_state_dict(clip_g_sd, "clip_g")(tokens)
         h16, p16 = CLIPTextEncoder.from_state_dict(clip_g_sd, "clip_g", dtype=torch.bfloat16)(tokens)
     assert h16.dtype == torch.bfloat16
-    _close(h16, h32, rel=0.05)
-    _close(p16, p32, rel=0.05)
+    assert_rel_close(h16.float(), h32, BF16)
+    assert_rel_close(p16.float(), p32, BF16)
 
 
 # ---------------------------------------------------------------------------------------------------- T5
@@ -191,7 +187,7 @@ def test_t5_matches_transformers(t5_sd):
     ref.load_state_dict({**t5_sd, _SHARED: t5_sd[_EMBED]}, strict=True)
     tokens = _t5_tokens()
     expected = ref(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state
-    _close(ours(tokens), expected)
+    assert_rel_close(ours(tokens), expected, MATCH)
 
 
 @torch.no_grad()
@@ -220,7 +216,7 @@ def test_t5_bf16_close_to_fp32(t5_sd):
         out32 = T5Encoder.from_state_dict(t5_sd)(tokens)
         out16 = T5Encoder.from_state_dict(t5_sd, dtype=torch.bfloat16)(tokens)
     assert out16.dtype == torch.bfloat16
-    _close(out16, out32, rel=0.05)
+    assert_rel_close(out16.float(), out32, BF16)
 
 
 def test_t5_buckets_match_transformers_beyond_max_distance():
@@ -228,6 +224,7 @@ def test_t5_buckets_match_transformers_beyond_max_distance():
 
     n = 300  # past max_distance 128, so the last bucket is shared
     pos = torch.arange(n)
+    # transformers keeps its bucket function private; it is the reference all the same
     expected = T5Attention._relative_position_bucket(
         pos[None, :] - pos[:, None], bidirectional=True, num_buckets=32, max_distance=128
     )

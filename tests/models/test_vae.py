@@ -20,10 +20,13 @@ from sd35.models.vae import (
     latent_to_model,
     model_to_latent,
 )
+from tests.helpers import assert_rel_close
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+
+MATCH = 1e-5  # diffusers' AutoencoderKL and ours, both float32: rounding only
 
 CONFIGS = {
     "two_levels": VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=16),
@@ -59,13 +62,6 @@ def case(request):
     return cfg, sd, ours, theirs
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype
-    err = (a - b).abs().max().item()
-    scale = b.abs().max().item()
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * {scale:.3g}"
-
-
 # ------------------------------------------------------------------ numerics vs diffusers
 
 
@@ -78,7 +74,7 @@ def test_encode_matches_diffusers(case, hw):
     got = ours.encode(image)
     f = cfg.downscale
     assert got.shape == (2, cfg.z_channels, hw[0] // f, hw[1] // f)
-    assert_close(got, expected)
+    assert_rel_close(got, expected, MATCH)
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (6, 10)])
@@ -89,7 +85,7 @@ def test_decode_matches_diffusers(case, hw):
         expected = theirs.decode(z).sample
     got = ours.decode(z)
     assert got.shape == (2, 3, hw[0] * cfg.downscale, hw[1] * cfg.downscale)
-    assert_close(got, expected)
+    assert_rel_close(got, expected, MATCH)
 
 
 def test_loads_diffusers_own_state_dict(case):
@@ -101,8 +97,8 @@ def test_loads_diffusers_own_state_dict(case):
     z = torch.randn(1, cfg.z_channels, 4, 6, generator=torch.Generator().manual_seed(5))
     image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(6)) * 2 - 1
     with torch.no_grad():
-        assert_close(ours.decode(z), theirs.decode(z).sample)
-        assert_close(ours.encode(image), theirs.encode(image).latent_dist.mean)
+        assert_rel_close(ours.decode(z), theirs.decode(z).sample, MATCH)
+        assert_rel_close(ours.encode(image), theirs.encode(image).latent_dist.mean, MATCH)
 
 
 # ------------------------------------------------------------------ layouts

@@ -33,14 +33,11 @@ from sd35.errors import SD35Error
 from sd35.models.configs import tiny_configs
 from sd35.models.random_init import random_state_dict
 from sd35.models.vae import VAE
+
+# _ramp_weights (private) is what run_blended multiplies the tiles by: the partition-of-unity test reads it directly
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling, _ramp_weights, group_norm, run_blended
-from sd35.testing import torch_threads
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,17 +28,13 @@ from sd35.train.data import (
     plan_crop,
     scan_dataset,
 )
+from tests.helpers import noise_image, sd35_warnings
 
 
 def _png(path, width, height, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
+    noise_image(width, height, seed).save(path)
     return path
-
-
-def _sd35_warnings(record):
-    return [str(w.message) for w in record if issubclass(w.category, SD35Warning)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def test_missing_captions_one_warning(tmp_path):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         samples = scan_dataset(tmp_path)
-    messages = _sd35_warnings(record)
+    messages = sd35_warnings(record)
     assert len(messages) == 1
     assert "2 of 3" in messages[0] and "a.png" in messages[0] and "c.png" in messages[0]
     assert [s.caption for s in samples] == ["", "bee", ""]
@@ -180,7 +176,7 @@ def test_assign_picks_closest_ratio():
 def test_crops():
     crop = plan_crop(300, 200, (128, 128))
     assert crop == Crop((300, 200), (192, 128), (128, 128), 32, 0)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    image = noise_image(300, 200, seed=0)
     expected = image.resize((192, 128), Image.LANCZOS).crop((32, 0, 160, 128))
     assert np.array_equal(np.asarray(apply_crop(image, crop)), np.asarray(expected))
 
@@ -394,7 +390,7 @@ def test_cache_skips_broken_images(counted, tmp_path):
     cache = tmp_path / "cache"
     with pytest.warns(SD35Warning, match=r"2 of 3 image\(s\) cannot be read") as record:
         ds = build_cache(pipe, samples, make_buckets(128, 64), cache, progress=False)
-    assert len(_sd35_warnings(record)) == 1
+    assert len(sd35_warnings(record)) == 1
     assert [e.sample.image.name for e in ds.entries] == ["good.png"]
     assert sorted(p.name for p, _ in ds.skipped) == ["garbage.png", "truncated.png"]
     assert calls["vae"] == 1

@@ -4,7 +4,6 @@ global batch size, for LoRA under DDP and for full fine-tuning under FSDP (whose
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,19 +16,15 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
-import sd35
 from sd35.cli.train import main_train
-from sd35.testing import torch_threads
+from tests.helpers import subprocess_env
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
+    pytest.mark.usefixtures("one_thread_per_module"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +46,7 @@ def common(tiny, tmp_path_factory):
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> None:
-    # the workers import the sd35 this test imported, whatever the current folder holds
-    path = os.pathsep.join(filter(None, [str(Path(sd35.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    env = subprocess_env(OMP_NUM_THREADS="1")  # the workers import the sd35 this test imported
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

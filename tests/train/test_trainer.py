@@ -17,17 +17,12 @@ from sd35 import load_pipeline
 from sd35.cli.train import main_train
 from sd35.errors import SD35Error
 from sd35.models.mmditx import MMDiTX
-from sd35.testing import torch_threads
 from sd35.train.checkpoint import list_checkpoints
 from sd35.train.config import TrainConfig, parse_config
 from sd35.train.loss import FlowLoss, draw, loss_weights, pos_offset, sample_sigmas, shift_sigmas
 from sd35.train.trainer import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +362,9 @@ def test_text_encoders_offloaded_with_validation_prompts_remembered(tiny, tmp_pa
                       validation_negative_prompt="blurry")  # fmt: skip
     pipe = _pipe(tiny)
     before = pipe.generate("a cat", "blurry", width=64, height=64, steps=2, seed=1)[0]
-    Trainer(cfg)._offload_text_encoders(pipe)
+    Trainer(cfg)._offload_text_encoders(
+        pipe
+    )  # one private step of Trainer.run, which has no public seam for it
     calls = []
     forward = pipe.text.forward
     pipe.text.forward = lambda tokens: calls.append(1) or forward(tokens)
