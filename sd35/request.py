@@ -168,7 +168,8 @@ class TextOptions:
     """How the prompt becomes text embeddings (defaults: the reference's)."""
 
     t5_max_tokens: int = field(
-        default=T5_MAX_TOKENS, metadata=_meta("T5 prompt limit in tokens; longer prompts are cut with a warning")
+        default=T5_MAX_TOKENS,
+        metadata=_meta("T5 prompt limit in tokens; longer prompts are cut with a warning"),
     )
     weighting: Weighting = field(
         default="none",
