@@ -12,7 +12,6 @@ import datetime
 import importlib
 import json
 import math
-import os
 import platform
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sd35.bench.options import BATCH, TEXT_TOKENS, BenchOptions
+from sd35.files import write_atomic
 
 # Diffusers 0.42.1 on one H100 80GB HBM3, bf16, random weights (our anchor run, unpublished; the diffusers
 # rows of ``sd35 bench --device cuda``, as benchmarks/gpu_run.sh runs them, measure the same things):
@@ -108,9 +108,8 @@ class Report:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(self.data, indent=2, allow_nan=True) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(self.data, indent=2, allow_nan=True) + "\n"
+        write_atomic(path, lambda tmp: tmp.write_text(text), "replace")
 
     def add(self, key: str, row: dict) -> None:
         self.data[key].append(row)

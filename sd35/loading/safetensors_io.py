@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sd35.errors import CheckpointError, SD35Error
+from sd35.errors import CheckpointError
+from sd35.files import write_atomic
 from sd35.loading.tensors import LazyTensor
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -203,36 +204,14 @@ def save_file_atomic(
     *,
     overwrite: bool = True,
 ) -> Path:
-    """Write a safetensors file whole or not at all, through a temp file unique to this call.
+    """Write a safetensors file whole or not at all (:func:`sd35.files.write_atomic`).
 
-    ``overwrite=True`` renames the temp file over ``path``. ``overwrite=False`` hard-links it into place, which
-    fails rather than replaces if the name exists or appears meanwhile (an SD35Error naming the file).
+    ``overwrite=True`` replaces ``path``; ``overwrite=False`` refuses an existing name, even one that
+    appears while writing (an SD35Error naming the file).
     """
-    import tempfile
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise SD35Error(f"{path} already exists; sd35 never overwrites a file. Move it or pick another name.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        if overwrite:
-            os.replace(tmp, path)
-            return path
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise SD35Error(
-                f"{path} already exists (it appeared while being written); not replaced."
-            ) from None
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise SD35Error(f"{path} already exists; not replaced.") from None
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+    return write_atomic(path, write, "replace" if overwrite else "refuse")

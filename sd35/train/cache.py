@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from sd35.conditioning.tokenize import T5_MAX_TOKENS
 from sd35.errors import CheckpointError, SD35Error, SD35Warning
+from sd35.files import write_atomic
 from sd35.image_io import read_image
 from sd35.imaging import image_to_tensor
 from sd35.loading.safetensors_io import read_header, save_file_atomic
@@ -96,17 +97,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().float().cpu().contiguous()
     b = t.to(torch.bfloat16)
     return b if torch.equal(b.float(), t) else t
-
-
-def _temp(path: Path) -> Path:
-    # unique per process: ranks of a distributed run may write the same entry at once
-    return path.with_name(f"{path.name}.{os.getpid()}.partial")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = _temp(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _valid(path: Path, keys: tuple[str, ...], shape: tuple[int, ...] | None = None) -> bool:
@@ -337,7 +327,10 @@ def _encode_latents(pipe, todo: list[tuple[Sample, Crop, Path]], batch_size: int
                     pixels.append(image_to_tensor(apply_crop(read_image(sample.image), crop), bw, bh))
                     files.append(file)
                 except SD35Error as e:
-                    _write_atomic(file.with_suffix(".skip"), str(e).removeprefix(f"{sample.image}: ") + "\n")
+                    reason = str(e).removeprefix(f"{sample.image}: ") + "\n"
+                    write_atomic(
+                        file.with_suffix(".skip"), lambda tmp, r=reason: tmp.write_text(r), "replace"
+                    )
             if pixels:
                 batch = torch.cat(pixels).to(pipe.device)
                 latents = latent_to_model(pipe.vae.encode(batch).float())
