@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sd35.loading.writers import diffusers_transformer_config
 from sd35.lora import add_lora
 from sd35.models.configs import medium_mmditx_config
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
@@ -141,21 +142,8 @@ def run_diffusers(cfg, sd, data, args, device, autocast_dtype):
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from peft import LoraConfig
 
-    model = SD3Transformer2DModel(
-        sample_size=cfg.pos_embed_max_size,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=cfg.depth,
-        attention_head_dim=64,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_dim,
-        caption_projection_dim=cfg.hidden_size,
-        pooled_projection_dim=cfg.pooled_dim,
-        pos_embed_max_size=cfg.pos_embed_max_size,
-        dual_attention_layers=cfg.attn2_layers,
-        qk_norm="rms_norm",
-    )
+    config = {k: v for k, v in diffusers_transformer_config(cfg).items() if not k.startswith("_")}
+    model = SD3Transformer2DModel(**config)
     model.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)))
     model.to(device).requires_grad_(False)
     if args.checkpointing:
