@@ -124,10 +124,3 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
 def replace_png(image: Image.Image, path: Path) -> None:
     """Write ``path`` whole, replacing our own earlier version (for the live preview file only)."""
     write_atomic(path, _png_writer(image, None), "replace")
-
-
-def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
-    """The PNG encoding of ``image`` with its ``parameters`` chunk (for responses that carry images inline)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=_png_info(parameters))
-    return buf.getvalue()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,7 +31,6 @@ from sd35.imaging import (
     image_to_tensor,
     latent_mask,
     mask_to_tensor,
-    outpaint_canvas,
     tensor_to_image,
 )
 from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
@@ -43,7 +41,7 @@ from sd35.presets import ModelDefaults, defaults_for
 from sd35.prompt_cache import PromptCache
 from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
-from sd35.sampling.guidance import GuidedDenoiser
+from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
 from sd35.sampling.samplers import get_sampler
 from sd35.sampling.schedules import get_sigmas, img2img_sigmas
@@ -116,21 +114,6 @@ def _step_callback(
 
 def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return abs(a[0] / a[1] - b[0] / b[1]) > ASPECT_SLACK * (b[0] / b[1])
-
-
-@dataclass(frozen=True)
-class _EditInputs:
-    """An edit turned into what sampling needs: the canvas to start from and the pixel mask (or None)."""
-
-    canvas: Image.Image
-    mask: Image.Image | None
-
-
-def _edit_inputs(edit: Edit) -> _EditInputs:
-    if edit.outpaint is not None:
-        canvas, mask = outpaint_canvas(edit.image, *edit.outpaint)
-        return _EditInputs(canvas, mask)
-    return _EditInputs(edit.image, edit.mask)
 
 
 class SD3Pipeline:
@@ -282,36 +265,32 @@ class SD3Pipeline:
         """
         req = request.resolved(self.defaults)
         notes: list[str] = []
-        cfg = self.mmditx.config
-        sizes = [("width", req.width, "height", req.height)]
+        self._check_size(req.width, req.height, ("width", "height"), notes)
         if req.hires is not None:
-            w2, h2 = req.hires.size(req.width, req.height)
-            sizes.append(("hires.scale", w2, "hires.scale", h2))
-        for wparam, w, hparam, h in sizes:
-            for param, side in ((wparam, w), (hparam, h)):
-                if side > cfg.max_image_size:
-                    what = "the hires pass's size" if param.startswith("hires") else param
-                    raise InvalidRequest(
-                        f"{what} {side} is larger than this model's position grid allows "
-                        f"(at most {cfg.max_image_size} px).",
-                        param=param,
-                    )
-            if max(w, h) > self.defaults.trained_size:
-                notes.append(
-                    f"{w}x{h} is beyond the {self.defaults.trained_size} px this model ({self.defaults.name}) was "
-                    "trained at; expect repeated or broken shapes."
-                )
-        if req.slg is not None and max(req.slg.layers) >= cfg.depth:
-            raise InvalidRequest(
-                f"Skip Layer Guidance layers {list(req.slg.layers)} do not exist: this model has joint blocks "
-                f"0..{cfg.depth - 1}.",
-                param="slg.layers",
-            )
+            self._check_size(*req.hires.size(req.width, req.height), ("hires.scale", "hires.scale"), notes)
+        if req.slg is not None:
+            check_slg_layers(req.slg, self.mmditx.config.depth)
         if req.edit is not None:
             notes += self._check_edit(req.edit, req.width, req.height)
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
         return CheckedRequest(req, tuple(notes))
+
+    def _check_size(self, width: int, height: int, params: tuple[str, str], notes: list[str]) -> None:
+        """A pass's size must fit the position grid; beyond the trained size it runs, with a note."""
+        largest = self.mmditx.config.max_image_size
+        for param, side in zip(params, (width, height), strict=True):
+            if side > largest:
+                what = "the hires pass's size" if param.startswith("hires") else param
+                raise InvalidRequest(
+                    f"{what} {side} is larger than this model's position grid allows (at most {largest} px).",
+                    param=param,
+                )
+        if max(width, height) > self.defaults.trained_size:
+            notes.append(
+                f"{width}x{height} is beyond the {self.defaults.trained_size} px this model ({self.defaults.name}) "
+                "was trained at; expect repeated or broken shapes."
+            )
 
     def _check_edit(self, edit: Edit, width: int, height: int) -> list[str]:
         if not self.vae.config.has_encoder:
@@ -389,13 +368,9 @@ class SD3Pipeline:
 
         width, height = req.width, req.height
         latent_shape = (1, self.mmditx.config.in_channels, height // 8, width // 8)
-        edit = _edit_inputs(req.edit) if req.edit is not None else None
-        init_latent = self.encode_image(edit.canvas, width, height) if edit is not None else None
-        pixel_mask = (
-            mask_to_tensor(edit.mask, width, height, req.edit.mask_blur)
-            if edit and edit.mask is not None
-            else None
-        )
+        canvas, mask = req.edit.canvas() if req.edit is not None else (None, None)
+        init_latent = self.encode_image(canvas, width, height) if canvas is not None else None
+        pixel_mask = mask_to_tensor(mask, width, height, req.edit.mask_blur) if mask is not None else None
         lmask = latent_mask(pixel_mask, *latent_shape[2:]).to(self.device) if pixel_mask is not None else None
         strength = req.edit.strength if req.edit is not None else 1.0
         sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
@@ -424,7 +399,7 @@ class SD3Pipeline:
             t1 = time.perf_counter()
             image = self.decode_latent(latent)
             if pixel_mask is not None:
-                image = composite(image, edit.canvas, pixel_mask)
+                image = composite(image, canvas, pixel_mask)
             text = self.infotext(req, seed, image.width, image.height)
             image.info["parameters"] = text
             images.append(image)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from PIL import Image
 
 from sd35.conditioning.tokenize import T5_MAX_TOKENS, Weighting
 from sd35.errors import InvalidRequest
+from sd35.imaging import outpaint_canvas
 from sd35.presets import ModelDefaults
 from sd35.sampling.guidance import APG, SkipLayerGuidance
 from sd35.sampling.samplers import SamplerName
@@ -118,6 +119,13 @@ class Edit:
                 )
             if self.mask is not None:
                 _fail("outpainting makes its own mask; leave the mask out.", "edit.mask")
+
+    def canvas(self) -> tuple[Image.Image, Image.Image | None]:
+        """The image that is edited and its mask: the init image and ``mask``, or the outpainted canvas and
+        its border mask (:func:`sd35.imaging.outpaint_canvas`)."""
+        if self.outpaint is None:
+            return self.image, self.mask
+        return outpaint_canvas(self.image, *self.outpaint)
 
     @property
     def canvas_size(self) -> tuple[int, int]:
@@ -228,13 +236,13 @@ class GenerateRequest:
         default=None, metadata=_meta("sigma schedule (ComfyUI's names)", preset="scheduler")
     )
     shift: float | None = field(default=None, metadata=_meta("flow shift", preset="shift"))
-    seed: int | None = field(
-        default=None, metadata=_meta("random if omitted or -1; image i uses seed+i", metavar="SEED")
-    )
+    seed: int | None = field(default=None, metadata=_meta("random if omitted or -1; image i uses seed+i"))
     num_images: int = field(default=1, metadata=_meta("images to make (seeds seed, seed+1, ...)"))
     slg: SkipLayerGuidance | None = field(
         default=None,
-        metadata=_meta("Skip Layer Guidance with the model's settings", switch="--slg", prefix="slg"),
+        metadata=_meta(
+            "Skip Layer Guidance with the model's settings", switch="--slg", prefix="slg", preset="slg"
+        ),
     )
     apg: APG | None = field(
         default=None,
@@ -355,6 +363,3 @@ class GenerateRequest:
         """The seed of each image (a resolved request's)."""
         assert self.seed is not None and self.seed != RANDOM_SEED
         return [self.seed + i for i in range(self.num_images)]
-
-
-REQUEST_FIELDS = tuple(f.name for f in fields(GenerateRequest))

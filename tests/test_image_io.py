@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from sd35.errors import InvalidRequest, NotFound
-from sd35.image_io import image_size, png_bytes, read_image, read_mask
+from sd35.image_io import image_size, read_image, read_mask
 
 ORIENTATION = 0x0112
 
@@ -67,8 +65,3 @@ def test_missing_and_broken_inputs(tmp_path):
         read_mask(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(InvalidRequest, match="cannot be read as an image"):
         image_size(tmp_path / "bad.png")
-
-
-def test_png_bytes_carry_the_parameters():
-    data = png_bytes(Image.new("RGB", (4, 4)), "a cat\nSteps: 4")
-    assert Image.open(io.BytesIO(data)).text["parameters"] == "a cat\nSteps: 4"

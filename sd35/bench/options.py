@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from sd35.devices import resolve_device
+from sd35.devices import DTYPES, resolve_device, resolve_dtype
 from sd35.errors import SD35Error
 from sd35.models.configs import medium_mmditx_config, scaled_mmditx_config, tiny_configs
 from sd35.models.mmditx import MMDiTXConfig
 
 BATCH = 2  # cond + uncond: one CFG step is one batch-2 forward
 TEXT_TOKENS = 77 + 256  # CLIP (L and G side by side) + T5 padded to diffusers' default 256
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FULL_SIZES = (512, 1024, 1440)
 SCALED_SIZES = (128, 256)
 OUR_VARIANTS = ("eager", "compile", "fp8", "cuda_graphs")
@@ -129,9 +128,7 @@ def make_options(
     on_gpu = dev.type == "cuda"
     full = on_gpu if full is None else full
     cfg = medium_mmditx_config() if full else scaled_mmditx_config()
-    if dtype is not None and dtype not in DTYPES:
-        raise SD35Error(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}.")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    torch_dtype = resolve_dtype(dtype, dev)
     warmup = (5 if on_gpu else 1) if warmup is None else warmup
     iters = (20 if on_gpu else 3) if iters is None else iters
     if warmup < 0:

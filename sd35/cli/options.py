@@ -51,7 +51,8 @@ class Option:
     flag: str
     hint: Any  # the field's type, None stripped
     help: str
-    preset: str | None  # the ModelDefaults field that fills it when not given
+    preset: tuple[str, ...] | None  # the ModelDefaults attribute path that fills it when not given
+    default: Any  # the field's own default (dataclasses.MISSING for a required field)
 
     @property
     def dest(self) -> str:
@@ -85,12 +86,22 @@ def _dataclass_of(hint: Any) -> type | None:
     return hint if dataclasses.is_dataclass(hint) else None
 
 
-def _option(f: dataclasses.Field, hint: Any, prefix: tuple[str, ...], flag_prefix: str | None) -> Option:
+def _option(
+    f: dataclasses.Field,
+    hint: Any,
+    prefix: tuple[str, ...],
+    flag_prefix: str | None,
+    group_preset: str | None,
+) -> Option:
     name = f.name.replace("_", "-")
     flag = f.metadata.get("flag") or (f"--{flag_prefix}-{name}" if flag_prefix else f"--{name}")
-    return Option(
-        prefix + (f.name,), flag, _strip_none(hint), f.metadata.get("help", ""), f.metadata.get("preset")
-    )
+    if (
+        group_preset is not None
+    ):  # every field of a group the model presets (slg: ModelDefaults.slg.layers ...)
+        preset: tuple[str, ...] | None = (group_preset, f.name)
+    else:
+        preset = (f.metadata["preset"],) if "preset" in f.metadata else None
+    return Option(prefix + (f.name,), flag, _strip_none(hint), f.metadata.get("help", ""), preset, f.default)
 
 
 def request_groups() -> tuple[list[Option], list[Group]]:
@@ -99,18 +110,19 @@ def request_groups() -> tuple[list[Option], list[Group]]:
     groups: list[Group] = []
     hints = typing.get_type_hints(GenerateRequest)
     for f in dataclasses.fields(GenerateRequest):
-        if f.name in (
-            "prompt",
-            "loras",
-        ):  # --prompt/--prompt-file and --lora FILE[:STRENGTH] are parsed by hand
+        # --prompt/--prompt-file and --lora FILE[:STRENGTH] are parsed by hand
+        if f.name in ("prompt", "loras"):
             continue
         cls = _dataclass_of(hints[f.name])
         if cls is None:
-            top.append(_option(f, hints[f.name], (), None))
+            top.append(_option(f, hints[f.name], (), None, None))
             continue
         prefix = f.metadata.get("prefix", f.name) or None
         sub_hints = typing.get_type_hints(cls)
-        options = tuple(_option(sf, sub_hints[sf.name], (f.name,), prefix) for sf in dataclasses.fields(cls))
+        group_preset = f.metadata.get("preset")
+        options = tuple(
+            _option(sf, sub_hints[sf.name], (f.name,), prefix, group_preset) for sf in dataclasses.fields(cls)
+        )
         groups.append(Group(f.name, cls, f.metadata.get("switch"), f.metadata.get("help", ""), options))
     return top, groups
 
@@ -161,29 +173,29 @@ def _add(group: argparse._ArgumentGroup, option: Option, defaults_text: str) -> 
     elif get_origin(hint) is tuple:
         kwargs.update(type=_ints(option.flag), metavar="N,N,...")
     elif hint in (int, float, str):
-        kwargs["type"] = hint
+        kwargs.update(type=hint, metavar=option.path[-1].upper())  # not the namespaced dest
     else:
         raise TypeError(f"no command-line form for {option.param}: {hint!r}")
     group.add_argument(option.flag, **kwargs)
 
 
-def _defaults_text(option: Option, group_cls: type | None, presets: dict[str, Any]) -> str:
+def _defaults_text(option: Option, presets: dict[str, Any]) -> str:
     """``" (default: ...)"`` from the presets (model-dependent) or the field's own default."""
 
     def show(v: Any) -> str:
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
     if option.preset is not None:
-        values = ", ".join(f"{name} {show(getattr(d, option.preset))}" for name, d in presets.items())
-        return f" (default: the model's: {values})"
-    if group_cls is not None and group_cls.__name__ == "SkipLayerGuidance":
-        values = ", ".join(f"{name} {show(getattr(d.slg, option.path[-1]))}" for name, d in presets.items())
-        return f" (default: the model's: {values})"
-    cls = group_cls or GenerateRequest
-    f = next(f for f in dataclasses.fields(cls) if f.name == option.path[-1])
-    if f.default is dataclasses.MISSING or f.default is None or f.default is False:
+        values = []
+        for name, defaults in presets.items():
+            value = defaults
+            for attr in option.preset:
+                value = getattr(value, attr)
+            values.append(f"{name} {show(value)}")
+        return f" (default: the model's: {', '.join(values)})"
+    if option.default in (dataclasses.MISSING, None, False):
         return ""
-    return f" (default: {show(f.default)})"
+    return f" (default: {show(option.default)})"
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
@@ -191,7 +203,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, presets: dict[str, An
     top, groups = request_groups()
     gen = parser.add_argument_group("generation")
     for option in top:
-        _add(gen, option, _defaults_text(option, None, presets))
+        _add(gen, option, _defaults_text(option, presets))
     gen.add_argument(
         "--lora",
         dest="request__loras",
@@ -205,7 +217,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, presets: dict[str, An
         if g.switch:
             arg_group.add_argument(g.switch, dest=f"request__{g.name}", action="store_true", help=g.help)
         for option in g.options:
-            _add(arg_group, option, _defaults_text(option, g.cls, presets))
+            _add(arg_group, option, _defaults_text(option, presets))
 
 
 def parse_lora(value: str) -> LoraRef:

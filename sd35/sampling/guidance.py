@@ -116,6 +116,15 @@ class SkipLayerGuidance:
 _SLG_FIELDS = ("layers", "scale", "start", "end")
 
 
+def check_slg_layers(slg: SkipLayerGuidance, depth: int) -> None:
+    """Refuse SLG blocks a model of ``depth`` joint blocks does not have (they would skip nothing)."""
+    if max(slg.layers) >= depth:
+        raise InvalidRequest(
+            f"Skip Layer Guidance layers {list(slg.layers)} do not exist: this model has joint blocks 0..{depth - 1}.",
+            param="slg.layers",
+        )
+
+
 @dataclass(frozen=True)
 class APG:
     """Adaptive projected guidance (Sadat, Hilliges & Weber 2024, "Eliminating Oversaturation and Artifacts
@@ -279,10 +288,8 @@ class GuidedDenoiser:
                 f"the guidance needs the full 1-D sigma schedule, got shape {tuple(sigmas.shape)}."
             )
         depth = getattr(getattr(mmditx, "config", None), "depth", None)
-        if slg is not None and depth is not None and max(slg.layers) >= depth:
-            raise SD35Error(
-                f"Skip Layer Guidance layers {list(slg.layers)} do not exist: this model has joint blocks 0..{depth - 1}."
-            )
+        if slg is not None and depth is not None:
+            check_slg_layers(slg, depth)
         self.mmditx = mmditx
         self.denoise = flow_denoiser(mmditx)
         self.cond = cond

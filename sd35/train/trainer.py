@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sd35.devices import DTYPES
 from sd35.errors import SD35Error, SD35Warning
 from sd35.train import checkpoint as ckpt
 from sd35.train.config import TrainConfig, validation_error
@@ -62,7 +63,6 @@ from sd35.train.distributed import (
 from sd35.train.ema import EMA
 from sd35.train.loss import FlowLoss, NoiseDraw, draw, flow_loss, pos_offset
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MMDITX_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SAMPLES = "samples"
