@@ -13,10 +13,12 @@ writes (``modules/sd_samplers_kdiffusion.py`` ``samplers_k_diffusion``, ``module
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from sd35._version import __version__
-from sd35.request import GenerateRequest, TextOptions
+from sd35.errors import InvalidRequest
+from sd35.request import GenerateRequest, LoraRef, TextOptions
 from sd35.sampling.samplers import SAMPLERS
 from sd35.sampling.schedules import SCHEDULERS
 
@@ -116,3 +118,84 @@ def request_infotext(
         info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in loras.items())
     info["Version"] = f"sd35 {__version__}"
     return infotext(request.prompt, request.negative_prompt, info)
+
+
+SAMPLERS_BY_A1111_NAME: dict[str, str] = {v.lower(): k for k, v in SAMPLER_NAMES.items()}
+SCHEDULERS_BY_A1111_NAME: dict[str, str] = {v.lower(): k for k, v in SCHEDULER_NAMES.items()}
+
+
+def sampler_from_a1111(name: str) -> tuple[str, str | None]:
+    """(our sampler, our scheduler or None) for an A1111 sampler name.
+
+    Accepts A1111's names ("Euler a", "DPM++ 2M"), ours ("euler_ancestral"), and the pre-1.9 names that
+    carry their schedule ("DPM++ 2M Karras" = DPM++ 2M with the Karras schedule). Raises ``InvalidRequest``
+    naming A1111's choices for anything else.
+    """
+    key = name.strip().lower()
+    if key in SAMPLERS_BY_A1111_NAME:
+        return SAMPLERS_BY_A1111_NAME[key], None
+    if key in SAMPLERS:
+        return key, None
+    for label, scheduler in SCHEDULERS_BY_A1111_NAME.items():
+        if key.endswith(" " + label) and key[: -len(label) - 1] in SAMPLERS_BY_A1111_NAME:
+            return SAMPLERS_BY_A1111_NAME[key[: -len(label) - 1]], scheduler
+    raise InvalidRequest(
+        f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES.values())}.", param="sampler_name"
+    )
+
+
+def scheduler_from_a1111(label: str) -> str | None:
+    """Our scheduler for an A1111 schedule label ("Karras") or our name; None for "Automatic" (the model's)."""
+    key = label.strip().lower()
+    if key in ("", "automatic"):
+        return None
+    if key in SCHEDULERS_BY_A1111_NAME:
+        return SCHEDULERS_BY_A1111_NAME[key]
+    if key in SCHEDULERS:
+        return key
+    raise InvalidRequest(
+        f"unknown scheduler {label!r}; choose one of: Automatic, {', '.join(SCHEDULER_NAMES.values())}.",
+        param="scheduler",
+    )
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+"""A1111's prompt tag ``<lora:NAME>`` or ``<lora:NAME:WEIGHT>`` (a third ``:te:unet`` part is ignored)."""
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, tuple[LoraRef, ...]]:
+    """The prompt without its ``<lora:name:weight>`` tags, and the LoRAs they name (A1111's
+    ``extra_networks.parse_prompt``). A name given twice keeps its weights summed, as A1111 applies both."""
+    strengths: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), match.group(2)
+        try:
+            strength = 1.0 if weight in (None, "") else float(weight)
+        except ValueError:
+            raise InvalidRequest(
+                f"{match.group(0)}: the LoRA weight must be a number, e.g. <lora:{name}:0.8>.", param="prompt"
+            ) from None
+        strengths[name] = strengths.get(name, 0.0) + strength
+    cleaned = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip()
+    return cleaned, tuple(LoraRef(name, s) for name, s in strengths.items())
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) read back from a ``parameters`` text (the inverse of
+    :func:`infotext`: quoted values unquoted)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines and re.match(r"^\s*\w[\w ]*: ", lines[-1]) and len(lines) > 1 else ""
+    body = lines[:-1] if last else lines
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].lstrip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    settings: dict[str, str] = {}
+    for match in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last):
+        key, value = match.group(1).strip(), match.group(2).strip()
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        settings[key] = value
+    return "\n".join(prompt_lines), "\n".join(negative_lines), settings

@@ -45,6 +45,11 @@ class Busy(SD35Error):
     """The work queue is full; the same request may succeed later."""
 
 
+class Conflict(SD35Error):
+    """A request that contradicts the state it acts on (a finished job cancelled, an idempotency key reused
+    for another request)."""
+
+
 class Cancelled(SD35Error):
     """The run was cancelled by its caller before it finished."""
 

@@ -121,6 +121,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
     return write_atomic(path, _png_writer(image, parameters), "number")
 
 
-def replace_png(image: Image.Image, path: Path) -> None:
-    """Write ``path`` whole, replacing our own earlier version (for the live preview file only)."""
-    write_atomic(path, _png_writer(image, None), "replace")
+def replace_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:
+    """Write ``path`` whole, replacing our own earlier version (the live preview file, a server's outputs)."""
+    write_atomic(path, _png_writer(image, parameters), "replace")
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The PNG file of ``image`` in memory, with the ``parameters`` text chunk when given."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()

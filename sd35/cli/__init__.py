@@ -20,7 +20,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sd35.cli import bench, generate, inspect
+    from sd35.cli import bench, generate, inspect, serve
 
     parser = Parser(prog="sd35", description="Stable Diffusion 3.5 Medium engine.")
     parser.add_argument("--version", action="version", version=f"sd35 {__version__}")
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(sub)
     generate.add_parser(sub)
     bench.add_parser(sub)
+    serve.add_parser(sub)
     sub.add_parser(
         "train",
         help="fine-tune (LoRA, DoRA or full) on a folder of captioned images; see `sd35 train --help`",

@@ -1,0 +1,158 @@
+"""The HTTP server: one FastAPI app over one :class:`~sd35.server.engine.Engine`, for every API family.
+
+Each route family (native jobs, OpenAI, A1111) maps its own field names onto one
+:class:`~sd35.request.GenerateRequest` and hands it to the engine; nothing here checks a generation
+setting. This module adds what every route shares: credentials (``Authorization: Bearer KEY``, or A1111's
+HTTP basic ``--api-auth``; ``/health`` is open), a cap on body size (413), and the error table of
+:mod:`sd35.server.errors`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from sd35._version import __version__
+from sd35.server import errors
+from sd35.server.engine import Engine
+from sd35.server.routes import a1111, native, openai
+from sd35.server.routes.common import JobFailed, job_error
+from sd35.server.settings import ServerSettings
+
+OPEN_PATHS = ("/health",)
+
+
+def _authorized(settings: ServerSettings, header: str | None) -> bool:
+    if not header:
+        return False
+    scheme, _, credentials = header.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer" and settings.api_key is not None:
+        return hmac.compare_digest(credentials.encode(), settings.api_key.encode())
+    if scheme.lower() == "basic" and settings.api_auth is not None:
+        try:
+            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except ValueError:
+            return False
+        want_user, want_password = settings.api_auth
+        return hmac.compare_digest(user.encode(), want_user.encode()) & hmac.compare_digest(
+            password.encode(), want_password.encode()
+        )
+    return False
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with a 413, by Content-Length or while they stream in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        too_large = errors.error_response(
+            path,
+            413,
+            f"the request body is larger than this server takes ({self.limit} bytes).",
+            kind="TooLarge",
+        )
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await too_large(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
+    """The app; its lifespan starts the engine's worker (after requeueing interrupted jobs) and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="sd35",
+        version=__version__,
+        description="Stable Diffusion 3.5 Medium: native jobs, OpenAI Images and A1111 APIs.",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    errors.install(app)
+
+    @app.exception_handler(JobFailed)
+    async def job_failed(request: Request, exc: JobFailed) -> JSONResponse:
+        error = job_error(exc.job)
+        path = request.url.path
+        if error is None:
+            return errors.error_response(path, 500, exc.job.error["message"], kind="InternalError")
+        return errors.error_response(
+            path, errors.status_of(type(error)), error.message, kind=type(error).__name__, param=error.param
+        )
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        open_path = request.url.path in OPEN_PATHS
+        if (
+            settings.protected
+            and not open_path
+            and not _authorized(settings, request.headers.get("authorization"))
+        ):
+            return errors.error_response(
+                request.url.path,
+                401,
+                "this server needs an API key: send the header Authorization: Bearer KEY"
+                + (" (or HTTP basic credentials)" if settings.api_auth else "")
+                + ".",
+                kind="Unauthorized",
+            )
+        return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+
+    @app.get("/health", tags=["server"])
+    async def health() -> JSONResponse:
+        """200 once the model is loaded and the worker runs (no key needed)."""
+        ready = engine.ready
+        body = {"status": "ok" if ready else "starting", "model": engine.model, "version": __version__}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
+    return app

@@ -1,0 +1,83 @@
+"""The models and LoRAs a server's clients may pick, by name only.
+
+Clients never send a file path: they send a name that a list endpoint returned, and this catalog, which
+alone knows the files, turns it back into a path. Checkpoints are the ``.safetensors`` files at the top of
+``models_dir``; LoRAs are those in its ``loras/`` (or A1111's ``Lora/``) folder. A name is the file's stem.
+The model the server started with is always listed, under its own name.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sd35.errors import NotFound
+
+WEIGHT_SUFFIXES = (".safetensors",)
+LORA_FOLDERS = ("loras", "Lora", "lora")
+
+
+def _scan(folder: Path | None) -> dict[str, Path]:
+    if folder is None or not folder.is_dir():
+        return {}
+    return {
+        p.stem: p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith(".")
+    }
+
+
+class ModelCatalog:
+    """Names to files, rescanned by :meth:`refresh` (A1111's refresh-checkpoints / refresh-loras)."""
+
+    def __init__(self, default_name: str, default_path: Path | None, models_dir: Path | None):
+        self.default_name = default_name
+        self.default_path = default_path
+        self.models_dir = models_dir
+        self._lock = threading.Lock()
+        self._checkpoints: dict[str, Path] = {}
+        self._loras: dict[str, Path] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the folders again (new files appear, removed ones go)."""
+        checkpoints = _scan(self.models_dir)
+        loras: dict[str, Path] = {}
+        if self.models_dir is not None:
+            for name in LORA_FOLDERS:
+                loras.update(_scan(self.models_dir / name))
+        checkpoints.pop(self.default_name, None)
+        with self._lock:
+            self._checkpoints = {self.default_name: self.default_path, **checkpoints}  # type: ignore[dict-item]
+            self._loras = loras
+
+    @property
+    def checkpoints(self) -> list[str]:
+        with self._lock:
+            return list(self._checkpoints)
+
+    @property
+    def loras(self) -> list[str]:
+        with self._lock:
+            return list(self._loras)
+
+    def checkpoint(self, name: str) -> Path | None:
+        """The file of checkpoint ``name`` (None: the model the server started with, as it was loaded)."""
+        with self._lock:
+            if name not in self._checkpoints:
+                raise NotFound(
+                    f"no model named {name!r}; the server has: {', '.join(self._checkpoints)}.", param="model"
+                )
+            return self._checkpoints[name]
+
+    def lora(self, name: str) -> Path:
+        """The file of LoRA ``name``; the pipeline's ``lora_source``."""
+        with self._lock:
+            path = self._loras.get(name)
+            known = list(self._loras)
+        if path is None:
+            listing = (
+                f"the server has: {', '.join(known)}" if known else "the server has none (see --models-dir)"
+            )
+            raise NotFound(f"no LoRA named {name!r}; {listing}.", param="loras")
+        return path
