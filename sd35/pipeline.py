@@ -6,15 +6,21 @@ sample with CFG and optional Skip Layer Guidance, decode), as the official refer
 (:data:`sd35.presets.SD35_MEDIUM`) a request with only a prompt makes the image the reference makes for the
 same seed, up to floating-point rounding (the reference runs fp16 on GPUs).
 
+:meth:`SD3Pipeline.run_batch` samples several txt2img requests that differ only in prompts, seeds and image
+counts (one :func:`batch_key`) as one batch, for a server's throughput; each image equals its :meth:`run`
+image up to the rounding of batched matrix products.
+
 Loading lives in :mod:`sd35.loading.assemble`; defaults in :mod:`sd35.presets`; the request and its
 model-independent checks in :mod:`sd35.request`; the A1111 infotext in :mod:`sd35.a1111`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -43,7 +49,7 @@ from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
-from sd35.sampling.samplers import get_sampler
+from sd35.sampling.samplers import Generators, get_sampler
 from sd35.sampling.schedules import get_sigmas, img2img_sigmas
 
 if TYPE_CHECKING:
@@ -51,6 +57,9 @@ if TYPE_CHECKING:
 
 Conditioning = tuple[torch.Tensor, torch.Tensor]
 ProgressCallback = Callable[[Progress], None]
+BatchProgressCallback = Callable[[int, Progress], None]
+"""``on_progress(request_index, progress)`` of :meth:`SD3Pipeline.run_batch`."""
+WarningCallback = Callable[[str], None]
 VAE_TILING = ("auto", "on", "off")
 # "auto" tiles the VAE above this many pixels on CUDA (or always in the "low" memory mode): at 1024^2 the
 # untiled decode's activations (~2 GB in bf16) are the pipeline's memory peak, and they grow with the area
@@ -90,6 +99,50 @@ def hires_schedule_steps(steps: int, strength: float) -> int:
     return n
 
 
+PER_REQUEST_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "num_images"})
+"""The :class:`~sd35.request.GenerateRequest` fields that may differ between the requests of one sampling
+batch (:func:`batch_key`); every other field must be equal."""
+
+
+def batch_key(request: GenerateRequest) -> tuple | None:
+    """What must be equal for resolved requests to share one sampling batch (:meth:`SD3Pipeline.run_batch`).
+
+    A hashable tuple of ``(field, value)`` pairs of every request field but :data:`PER_REQUEST_FIELDS`
+    (the size, steps, cfg, sampler, scheduler, shift, SLG, APG, LoRAs and text options; a field added to
+    the request later joins the key by itself). None for a request that is never batched: img2img,
+    inpainting and outpainting (``edit``) and ``hires`` run one by one with :meth:`SD3Pipeline.run`.
+    ``request`` must be resolved (:meth:`SD3Pipeline.check` gives that), else ``ValueError``.
+    """
+    if not request.is_resolved:
+        raise ValueError("batch_key needs a resolved request: pass SD3Pipeline.check(request).request.")
+    if request.edit is not None or request.hires is not None:
+        return None
+    return tuple(
+        (f.name, getattr(request, f.name)) for f in fields(request) if f.name not in PER_REQUEST_FIELDS
+    )
+
+
+def check_batch(requests: Sequence[GenerateRequest]) -> None:
+    """Refuse resolved ``requests`` that cannot share one sampling batch, with an :class:`InvalidRequest`
+    naming the first request (by index) and setting that stops it."""
+    keys = [batch_key(req) for req in requests]
+    for i, (req, key) in enumerate(zip(requests, keys, strict=True)):
+        if key is None:
+            param = "edit" if req.edit is not None else "hires"
+            raise InvalidRequest(
+                f"request {i} cannot share a sampling batch: img2img, inpainting, outpainting and hires fix "
+                "requests run one by one (SD3Pipeline.run).",
+                param=param,
+            )
+        if key != keys[0]:
+            differ = [name for (name, a), (_, b) in zip(keys[0], key, strict=True) if a != b]
+            raise InvalidRequest(
+                f"the requests of one batch may differ only in {', '.join(sorted(PER_REQUEST_FIELDS))}; "
+                f"request {i} differs from request 0 in {', '.join(differ)}.",
+                param=differ[0],
+            )
+
+
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -106,10 +159,56 @@ def _step_callback(
     def callback(step: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
         if on_progress is not None:
             on_progress(Progress(image, images, stage, stages, step, total, x, denoised))
-        if cancel is not None and cancel():
-            raise Cancelled("the request was cancelled.")
+        _check_cancel(cancel)
 
     return callback
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    """Raise :class:`Cancelled` if ``cancel()`` says so."""
+    if cancel is not None and cancel():
+        raise Cancelled("the request was cancelled.")
+
+
+def _tell(on_warning: WarningCallback | None, notes: Sequence[str]) -> None:
+    if on_warning is not None:
+        for note in notes:
+            on_warning(note)
+
+
+def _stack(conds: Sequence[Conditioning]) -> Conditioning:
+    """One ``(context, pooled)`` batch of per-row conditionings of equal context length."""
+    return torch.cat([c[0] for c in conds]), torch.cat([c[1] for c in conds])
+
+
+def _context_groups(conds: Sequence[tuple[Conditioning, Conditioning | None]]) -> list[list[int]]:
+    """The indices of ``conds`` grouped by context shape (contexts of other lengths cannot share a batch),
+    groups and members in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (cond, _) in enumerate(conds):
+        groups.setdefault(tuple(cond[0].shape[1:]), []).append(i)
+    return list(groups.values())
+
+
+def _row_spans(group: Sequence[int], reqs: Sequence[GenerateRequest]) -> list[tuple[int, int, int]]:
+    """``(request index, first row, end row)`` of each request of a group in its sampling batch."""
+    spans, row = [], 0
+    for r in group:
+        spans.append((r, row, row + reqs[r].num_images))
+        row += reqs[r].num_images
+    return spans
+
+
+def _fan_out(
+    on_progress: BatchProgressCallback, spans: Sequence[tuple[int, int, int]], progress: Progress
+) -> None:
+    """Report a batch's step to each request of it: its rows, as all of its images advancing together."""
+    for r, lo, hi in spans:
+        n = hi - lo
+        rows = replace(
+            progress, image=0, images=n, batch=n, x=progress.x[lo:hi], denoised=progress.denoised[lo:hi]
+        )
+        on_progress(r, rows)
 
 
 def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -344,30 +443,13 @@ class SD3Pipeline:
         start = time.perf_counter()
         checked = self.check(request)
         req, notes = checked.request, list(checked.warnings)
-        if on_warning is not None:
-            for note in notes:
-                on_warning(note)
+        _tell(on_warning, notes)
         self._apply_request_loras(req.loras)
-
-        guided = req.cfg != 1.0
-        encode_notes: list[str] = []
-        context, pooled = self._encode(
-            [req.prompt] + ([req.negative_prompt] if guided else []), req.text, encode_notes
-        )
-        for note in encode_notes:
-            notes.append(note)
-            if on_warning is not None:
-                on_warning(note)
-        context, pooled = (
-            context.to(self.device, self.mmditx.dtype),
-            pooled.to(self.device, self.mmditx.dtype),
-        )
-        cond = (context[:1], pooled[:1])
-        uncond = (context[1:], pooled[1:]) if guided else None
+        cond, uncond = self._conditioning(req, notes, on_warning)
         timings["encode"] = time.perf_counter() - start
 
         width, height = req.width, req.height
-        latent_shape = (1, self.mmditx.config.in_channels, height // 8, width // 8)
+        latent_shape = self._latent_shape(width, height)
         canvas, mask = req.edit.canvas() if req.edit is not None else (None, None)
         init_latent = self.encode_image(canvas, width, height) if canvas is not None else None
         pixel_mask = mask_to_tensor(mask, width, height, req.edit.mask_blur) if mask is not None else None
@@ -379,11 +461,9 @@ class SD3Pipeline:
         images, infotexts = [], []
         sample_time = decode_time = 0.0
         for i, seed in enumerate(req.seeds):
-            if cancel is not None and cancel():
-                raise Cancelled("the request was cancelled.")
+            _check_cancel(cancel)
             t0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(latent_shape, generator=generator).to(self.device)
+            noise, generator = self._initial_noise(seed, latent_shape)
 
             def report(stage: Stage, image: int = i) -> StepCallback:
                 return _step_callback(on_progress, cancel, image, req.num_images, stage, stages)
@@ -400,14 +480,131 @@ class SD3Pipeline:
             image = self.decode_latent(latent)
             if pixel_mask is not None:
                 image = composite(image, canvas, pixel_mask)
-            text = self.infotext(req, seed, image.width, image.height)
-            image.info["parameters"] = text
-            images.append(image)
-            infotexts.append(text)
+            images.append(self._labelled(image, req, seed))
+            infotexts.append(image.info["parameters"])
             sample_time += t1 - t0
             decode_time += time.perf_counter() - t1
         timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - start)
         return GenerateResult(images, req.seeds, req, infotexts, notes, timings)
+
+    @torch.no_grad()
+    def run_batch(
+        self,
+        requests: Sequence[GenerateRequest],
+        on_progress: BatchProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+        on_warning: Callable[[int, str], None] | None = None,
+    ) -> list[GenerateResult]:
+        """The results of several txt2img requests sampled together: one per request, as :meth:`run` gives.
+
+        Each request is checked as :meth:`run` checks it; together they must have one :func:`batch_key`
+        (only prompts, seeds and image counts differ), else :class:`~sd35.errors.InvalidRequest`. Every
+        image of every request (request r's image i from seed ``r.seed + i``, its own generator as in
+        :meth:`run`) is a row of one sampling batch, conditioned on its request's prompts, encoded for that
+        request alone as :meth:`run` encodes them. Requests whose contexts differ in length (a prompt past
+        T5's 77 tokens) cannot share a batch: each context length is sampled as its own batch, in order.
+        An image equals :meth:`run`'s up to the rounding of batched matrix products.
+
+        ``on_progress(r, progress)`` is called for each request r of the batch after every step, with all
+        of r's images in one :class:`~sd35.result.Progress` (``image=0``, ``batch=num_images``, ``x`` and
+        ``denoised`` their rows), so ``progress.fraction`` goes from 0 to 1 for every request.
+        ``cancel()`` is asked after every step and before each batch; a true answer stops the whole batch
+        with :class:`~sd35.errors.Cancelled`. ``on_warning(r, note)`` gets each note of request r as it
+        arises (they are also in its result). Per result, ``timings`` are the request's own encode and
+        decode seconds, its batch's sample seconds, and the seconds from the call until its images were
+        done (``total``).
+        """
+        start = time.perf_counter()
+        if not requests:
+            return []
+        checked = [self.check(request) for request in requests]
+        reqs = [c.request for c in checked]
+        check_batch(reqs)
+        notes = [list(c.warnings) for c in checked]
+        tell = [None if on_warning is None else functools.partial(on_warning, r) for r in range(len(reqs))]
+        for r in range(len(reqs)):
+            _tell(tell[r], notes[r])
+        first = reqs[0]  # the settings of all
+        self._apply_request_loras(first.loras)
+        conds, encode_times = [], []
+        for r, req in enumerate(reqs):
+            t0 = time.perf_counter()
+            conds.append(self._conditioning(req, notes[r], tell[r]))
+            encode_times.append(time.perf_counter() - t0)
+
+        results: dict[int, GenerateResult] = {}
+        for group in _context_groups(conds):
+            _check_cancel(cancel)
+            t0 = time.perf_counter()
+            spans = _row_spans(group, reqs)
+            report = None if on_progress is None else functools.partial(_fan_out, on_progress, spans)
+            callback = _step_callback(report, cancel, 0, spans[-1][2], "base", 1)
+            rows = [(seed, conds[r]) for r in group for seed in reqs[r].seeds]
+            latents = self._sample_rows(first, rows, callback)
+            sample_time = time.perf_counter() - t0
+            for r, lo, _ in spans:
+                t1 = time.perf_counter()
+                req = reqs[r]
+                images = [
+                    self._labelled(self.decode_latent(latents[lo + i : lo + i + 1]), req, seed)
+                    for i, seed in enumerate(req.seeds)
+                ]
+                end = time.perf_counter()
+                timings = dict(encode=encode_times[r], sample=sample_time, decode=end - t1, total=end - start)
+                infotexts = [image.info["parameters"] for image in images]
+                results[r] = GenerateResult(images, req.seeds, req, infotexts, notes[r], timings)
+        return [results[r] for r in range(len(reqs))]  # every request is in one group
+
+    def _sample_rows(
+        self,
+        req: GenerateRequest,
+        rows: Sequence[tuple[int, tuple[Conditioning, Conditioning | None]]],
+        callback: StepCallback,
+    ) -> torch.Tensor:
+        """The latents of one txt2img batch at ``req``'s settings, a row per ``(seed, (cond, uncond))``:
+        each row starts from its seed's noise and draws on from its own generator, as in :meth:`run`."""
+        shape = self._latent_shape(req.width, req.height)
+        noises, generators = zip(*(self._initial_noise(seed, shape) for seed, _ in rows), strict=True)
+        cond = _stack([c for _, (c, _) in rows])
+        uncond = None if rows[0][1][1] is None else _stack([u for _, (_, u) in rows])
+        sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
+        noise = torch.cat(noises)
+        return self._sample(req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback)
+
+    def _conditioning(
+        self, req: GenerateRequest, notes: list[str], on_warning: WarningCallback | None
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """``(cond, uncond)`` of a resolved request on the compute device (uncond None without CFG);
+        encoding notes are appended to ``notes`` and told to ``on_warning``."""
+        guided = req.cfg != 1.0
+        encode_notes: list[str] = []
+        context, pooled = self._encode(
+            [req.prompt] + ([req.negative_prompt] if guided else []), req.text, encode_notes
+        )
+        notes += encode_notes
+        _tell(on_warning, encode_notes)
+        context, pooled = (
+            context.to(self.device, self.mmditx.dtype),
+            pooled.to(self.device, self.mmditx.dtype),
+        )
+        cond = (context[:1], pooled[:1])
+        uncond = (context[1:], pooled[1:]) if guided else None
+        return cond, uncond
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The shape of one image's latent."""
+        return (1, self.mmditx.config.in_channels, height // 8, width // 8)
+
+    def _initial_noise(self, seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
+        """An image's starting noise on the compute device and the seeded CPU generator that drew it (its
+        sampler draws on from it)."""
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=generator).to(self.device), generator
+
+    def _labelled(self, image: Image.Image, req: GenerateRequest, seed: int) -> Image.Image:
+        """``image`` with its infotext in ``info["parameters"]``."""
+        image.info["parameters"] = self.infotext(req, seed, image.width, image.height)
+        return image
 
     def generate(
         self,
@@ -439,12 +636,13 @@ class SD3Pipeline:
         sigmas: torch.Tensor,
         strength: float,
         noise: torch.Tensor,
-        generator: torch.Generator,
+        generator: Generators,
         init_latent: torch.Tensor | None,
         mask: torch.Tensor | None,
         callback: StepCallback,
     ) -> torch.Tensor:
-        """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img)."""
+        """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
+        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
         denoiser = GuidedDenoiser(self.runner, cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg)
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0

@@ -20,6 +20,10 @@ class Progress:
     ``step`` is the 0-based index of the step just taken in this ``stage`` of image ``image`` (``step + 1``
     of ``steps`` are done); ``x`` is the current sample and ``denoised`` the model's x0 prediction, both in
     the model's latent space (:func:`sd35.preview.latent_preview` turns one into a picture).
+
+    ``batch`` is how many of the request's images, from ``image`` on, this step advanced together: 1 when
+    images are made one by one (:meth:`~sd35.pipeline.SD3Pipeline.run`), all of a request's images in
+    :meth:`~sd35.pipeline.SD3Pipeline.run_batch`, where ``x`` and ``denoised`` then hold those ``batch`` rows.
     """
 
     image: int
@@ -30,13 +34,14 @@ class Progress:
     steps: int
     x: torch.Tensor
     denoised: torch.Tensor
+    batch: int = 1
 
     @property
     def fraction(self) -> float:
         """How much of the whole request is done, in [0, 1] (stages of one image count alike)."""
         stage = 0 if self.stage == "base" else 1
         per_image = (stage + (self.step + 1) / self.steps) / self.stages
-        return (self.image + per_image) / self.images
+        return (self.image + self.batch * per_image) / self.images
 
 
 @dataclass

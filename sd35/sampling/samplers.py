@@ -26,6 +26,13 @@ maths follow ComfyUI (``comfy/samplers.py`` ``KSAMPLER_NAMES``; ``comfy/k_diffus
   ``generator=None`` a fresh CPU generator is seeded from torch's global RNG (so ``torch.manual_seed``
   still makes runs repeat).
 
+``generator`` is a :data:`Generators`: one ``torch.Generator`` for the whole batch (the draw above), None,
+or a sequence of generators, one per row of ``x``, for a batch that samples several independent images
+at once. Then row i's noise is ``torch.randn((1, *x.shape[1:]), generator=generators[i], dtype=float32)``
+on that generator's device, and the rows are concatenated on ``x``'s device: row i of a batched run draws
+exactly the noise that a run of row i alone with ``generators[i]`` draws. A sequence whose length is not
+the batch size is an :class:`~sd35.errors.SD35Error`.
+
 The loop runs in float32 whatever the model's dtype: ``x``, ``sigmas`` and every ``denoised`` are cast
 to float32 (the reference's x becomes float32 after its first update, which mixes in the float32
 denoised: ``sd3_impls.py`` ``sample_dpmpp_2m``). Step
@@ -37,7 +44,7 @@ no sampler takes ``log(0)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import numpy as np
@@ -53,6 +60,10 @@ Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 taken (``step + 1`` of ``total`` are done), ``x`` the new sample and ``denoised`` the prediction it used."""
 
 Sampler = Callable[..., torch.Tensor]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""A sampler's ``generator``: one generator for the whole batch, one per row of ``x``, or None (see the
+module docstring)."""
 
 
 def _prepare(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,18 +84,52 @@ def _denoise(
     return model(x, sigma * s_in).to(torch.float32)
 
 
-def _noise_source(x: torch.Tensor, generator: torch.Generator | None) -> Callable[[], torch.Tensor]:
+def _noise_source(x: torch.Tensor, generator: Generators) -> Callable[[], torch.Tensor]:
     """A function drawing standard normal noise shaped like ``x``: float32 on the generator's device,
-    then moved to ``x``'s device. ``generator=None`` seeds a fresh CPU generator from torch's global RNG."""
+    then moved to ``x``'s device. ``generator=None`` seeds a fresh CPU generator from torch's global RNG.
+
+    A sequence of generators, one per row of ``x``, draws row i from ``generator[i]`` alone (shaped
+    ``(1, *x.shape[1:])``), so each row gets exactly the noise a batch-of-one run with that generator gets.
+    """
     if generator is None:
         seed = int(torch.randint(0, 2**63 - 1, ()).item())
         generator = torch.Generator().manual_seed(seed)
+    if isinstance(generator, torch.Generator):
+        single = generator
 
-    def draw() -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=generator.device)
-        return noise.to(x.device)
+        def draw() -> torch.Tensor:
+            noise = torch.randn(x.shape, generator=single, dtype=torch.float32, device=single.device)
+            return noise.to(x.device)
 
-    return draw
+        return draw
+    rows = _row_generators(generator, x.shape[0])
+    row_shape = (1, *x.shape[1:])
+
+    def draw_rows() -> torch.Tensor:
+        noise = [torch.randn(row_shape, generator=g, dtype=torch.float32, device=g.device) for g in rows]
+        return torch.cat([n.to(x.device) for n in noise])
+
+    return draw_rows
+
+
+def _row_generators(generators: Sequence[torch.Generator], batch: int) -> list[torch.Generator]:
+    """``generators`` as a list of one ``torch.Generator`` per row of a batch of ``batch``, else an error."""
+    if not isinstance(generators, Sequence):
+        raise SD35Error(
+            f"generator must be a torch.Generator, a sequence of them (one per row) or None, "
+            f"got {type(generators).__name__}."
+        )
+    rows = list(generators)
+    if len(rows) != batch:
+        raise SD35Error(
+            f"{len(rows)} generators were given for a batch of {batch} rows; give exactly one per row."
+        )
+    bad = [type(g).__name__ for g in rows if not isinstance(g, torch.Generator)]
+    if bad:
+        raise SD35Error(
+            f"every per-row generator must be a torch.Generator, got {', '.join(sorted(set(bad)))}."
+        )
+    return rows
 
 
 def _flow_lambda(sigma: float) -> float:
@@ -123,7 +168,7 @@ def sample_euler(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Euler's method on ``dx/dsigma = (x - denoised) / sigma`` (sd3.5 ``sd3_impls.py`` ``sample_euler``).
 
@@ -151,7 +196,7 @@ def sample_heun(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 2 without churn; k-diffusion/ComfyUI ``sample_heun``).
 
@@ -185,7 +230,7 @@ def sample_dpm_2(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """DPM-Solver-2 style midpoint method (k-diffusion/ComfyUI ``sample_dpm_2`` without churn).
 
@@ -219,7 +264,7 @@ def sample_dpmpp_2m(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), the SD3.5 default (Stability-AI/sd3.5 ``sd3_impls.py`` ``sample_dpmpp_2m``).
 
@@ -281,7 +326,7 @@ def sample_lms(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     order: int = 4,
 ) -> torch.Tensor:
     """Linear multistep (variable-step Adams-Bashforth in sigma; k-diffusion/ComfyUI ``sample_lms``).
@@ -329,7 +374,7 @@ def sample_ipndm(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     max_order: int = 4,
 ) -> torch.Tensor:
     """Improved PNDM (Zhang & Chen 2022, the DEIS paper; ComfyUI ``sample_ipndm``, from zju-pi/diff-sampler).
@@ -379,7 +424,7 @@ def sample_deis(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     max_order: int = 3,
 ) -> torch.Tensor:
     """DEIS, the time-based Adams-Bashforth form "tAB" (Zhang & Chen 2022; ComfyUI ``sample_deis``,
@@ -450,7 +495,7 @@ def sample_uni_pc(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     order: int = 3,
     variant: str = "bh1",
 ) -> torch.Tensor:
@@ -540,7 +585,7 @@ def sample_euler_ancestral(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
@@ -579,7 +624,7 @@ def sample_dpmpp_2s_ancestral(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
@@ -647,7 +692,7 @@ def sample_dpmpp_2m_sde(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
@@ -699,7 +744,7 @@ def sample_dpmpp_3m_sde(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
@@ -763,7 +808,7 @@ def sample_lcm(
     sigmas: torch.Tensor,
     *,
     callback: Callback | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Latent Consistency Model sampling (ComfyUI ``sample_lcm``, ``comfy/k_diffusion/sampling.py``).

@@ -23,6 +23,7 @@ from sd35.sampling import reference_sigmas
 from sd35.sampling.samplers import (
     SAMPLERS,
     STOCHASTIC_SAMPLERS,
+    _noise_source,
     get_sampler,
     sample_deis,
     sample_dpmpp_2m,
@@ -685,3 +686,50 @@ def test_eta_zero_is_deterministic_and_converges(name):
         assert torch.equal(g.get_state(), _gen(1).get_state())
         errors.append((out - data.exact_output(noise, sigmas)).pow(2).mean().sqrt().item())
     assert errors[1] < errors[0] / 1.8 and errors[1] < 0.1, errors
+
+
+# --------------------------------------------------------------------------------- one generator per row
+
+
+def test_a_generator_per_row_draws_each_rows_own_noise():
+    x = torch.zeros(3, 4, 5, 6)
+    draw = _noise_source(x, [_gen(10), _gen(11), _gen(12)])
+    first, second = draw(), draw()
+    assert first.shape == x.shape and first.dtype == torch.float32
+    for row, seed in enumerate((10, 11, 12)):
+        alone = _gen(seed)
+        # the very operations a batch-of-one draw makes, so equal to the bit
+        assert torch.equal(
+            first[row : row + 1], torch.randn((1, 4, 5, 6), generator=alone, dtype=torch.float32)
+        )
+        assert torch.equal(
+            second[row : row + 1], torch.randn((1, 4, 5, 6), generator=alone, dtype=torch.float32)
+        )
+    # a single generator keeps the one draw of the whole batch
+    assert torch.equal(_noise_source(x, _gen(10))(), torch.randn(x.shape, generator=_gen(10)))
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_a_batch_with_a_generator_per_row_equals_each_row_alone(name):
+    data = GaussianData()  # elementwise, so a row's result cannot depend on the others
+    x = seeded_randn((3, 4, 3, 3))
+    sigmas = reference_sigmas(6)
+    sampler = get_sampler(name)
+    batch = sampler(data.denoiser, x, sigmas, generator=(_gen(1), _gen(2), _gen(3)))
+    for row, seed in enumerate((1, 2, 3)):
+        alone = sampler(data.denoiser, x[row : row + 1], sigmas, generator=_gen(seed))
+        assert torch.equal(batch[row : row + 1], alone)
+    # a list of one generator for a batch of one is that generator
+    assert torch.equal(
+        sampler(data.denoiser, x[:1], sigmas, generator=[_gen(1)]),
+        sampler(data.denoiser, x[:1], sigmas, generator=_gen(1)),
+    )
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_a_generator_list_of_the_wrong_length_is_refused(name):
+    x = seeded_randn((3, 4, 2, 2))
+    with pytest.raises(SD35Error, match="2 generators were given for a batch of 3 rows"):
+        get_sampler(name)(GaussianData().denoiser, x, reference_sigmas(3), generator=[_gen(1), _gen(2)])
+    with pytest.raises(SD35Error, match="must be a torch.Generator, got int"):
+        get_sampler(name)(GaussianData().denoiser, x, reference_sigmas(3), generator=[_gen(1), 2, _gen(3)])
