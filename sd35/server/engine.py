@@ -40,7 +40,9 @@ PURGE_EVERY_S = 600.0
 
 
 def check_limits(request: GenerateRequest, limits: Limits) -> None:
-    """A resolved request against a deployment's limits; each failure names its field."""
+    """A request against a deployment's limits; each failure names its field. Settings left unset (a
+    request for a model that is not loaded yet) are checked when its job runs, by the model's own
+    checks; its defaults are the model's, which a deployment trusts."""
     for name in ("prompt", "negative_prompt"):
         if len(getattr(request, name)) > limits.max_prompt_chars:
             raise InvalidRequest(
@@ -49,17 +51,17 @@ def check_limits(request: GenerateRequest, limits: Limits) -> None:
                 param=name,
             )
     sizes = [("width", request.width), ("height", request.height)]
-    if request.hires is not None:
+    if request.hires is not None and request.width is not None and request.height is not None:
         sizes += [("hires.scale", side) for side in request.hires.size(request.width, request.height)]
     for param, side in sizes:
-        if side > limits.max_size:
+        if side is not None and side > limits.max_size:
             raise InvalidRequest(
                 f"{param}: {side} px is larger than this server allows (at most {limits.max_size} px a side).",
                 param=param,
             )
     steps = [("steps", request.steps)] + ([("hires.steps", request.hires.steps)] if request.hires else [])
     for param, value in steps:
-        if value > limits.max_steps:
+        if value is not None and value > limits.max_steps:
             raise InvalidRequest(
                 f"{param}: {value} steps is more than this server allows (at most {limits.max_steps}).",
                 param=param,
@@ -116,8 +118,10 @@ class Engine:
     ):
         self.settings = settings
         self.catalog = catalog
-        self.pipe = pipe
-        self.model = model  # the loaded model's name
+        self._loaded: tuple[str, SD3Pipeline | None] = (
+            model,
+            pipe,
+        )  # one value: read together, swapped whole
         self.default_model = model  # what a request that names none gets
         self._load = load
         self.store = store or JobStore(settings.data_dir)
@@ -151,6 +155,16 @@ class Engine:
         self.store.close()
 
     @property
+    def model(self) -> str:
+        """The name of the model loaded (or being loaded)."""
+        return self._loaded[0]
+
+    @property
+    def pipe(self) -> SD3Pipeline:
+        """The loaded pipeline (the worker's; None only while a model switch loads the next one)."""
+        return self._loaded[1]  # type: ignore[return-value]
+
+    @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -170,8 +184,9 @@ class Engine:
         """
         model = model or self.default_model
         self.catalog.checkpoint(model)  # NotFound for a name the server does not have
-        if model == self.model:
-            check_limits(self.pipe.check(request).request, self.settings.limits)
+        loaded, pipe = self._loaded
+        ready = pipe is not None and model == loaded
+        check_limits(pipe.check(request).request if ready else request, self.settings.limits)
         if request.seed is None or request.seed == RANDOM_SEED:
             request = replace(request, seed=random.randrange(2**32))  # drawn once: a rerun repeats it
         body = JobCreate.from_request(request).model_dump(exclude_none=True)
@@ -262,16 +277,16 @@ class Engine:
 
     def _switch(self, name: str) -> None:
         """Make ``name`` the loaded model (the caller holds the model lock)."""
-        if name == self.model:
+        if name == self.model and self.pipe is not None:
             return
         log.info("loading model %s", name)
-        self.pipe = None  # type: ignore[assignment]  # free the old weights before loading the new ones
+        old = self.model
+        self._loaded = (name, None)  # free the old weights before loading the new ones
         gc.collect()
         try:
-            self.pipe = self._load(name)
-            self.model = name
+            self._loaded = (name, self._load(name))
         except BaseException:
-            self.pipe = self._load(self.model)  # the old one again, so the server keeps serving
+            self._loaded = (old, self._load(old))  # the old one again, so the server keeps serving
             raise
 
     def _fail(self, job_id: str, e: BaseException) -> None:
