@@ -183,7 +183,7 @@ def extract_lora_tags(prompt: str) -> tuple[str, tuple[LoraRef, ...]]:
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative prompt, settings) read back from a ``parameters`` text (the inverse of
     :func:`infotext`: quoted values unquoted)."""
-    lines = text.strip().split("\n")
+    lines = text.rstrip().split("\n")  # a leading empty line is an empty prompt
     last = lines[-1] if lines and re.match(r"^\s*\w[\w ]*: ", lines[-1]) and len(lines) > 1 else ""
     body = lines[:-1] if last else lines
     prompt_lines, negative_lines, in_negative = [], [], False

@@ -66,32 +66,37 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_large(scope, receive, send)
         received = 0
-        started = False
+        exceeded = started = False
 
         async def counting_receive():
-            nonlocal received
+            # Past the limit the app is told the client left: an exception raised here would reach the
+            # route's body parsing wrapped in an exception group (middleware task groups): a 400.
+            nonlocal received, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    exceeded = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to a body it never got whole: the 413 below replaces it
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await too_large(scope, receive, send)
 
 
 def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
