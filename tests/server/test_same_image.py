@@ -6,7 +6,9 @@ Why equality is exact, not within a tolerance: every route maps its fields onto 
 fp32 on the CPU. Each request here is sent alone, so the server never batches it with another
 (``run_batch`` rows could round differently); a single request's image is a batch of one from a CPU
 generator seeded with its seed, whatever the process. The same operations on the same inputs give the
-same floats, and the same floats the same 8-bit pixels.
+same floats, and the same floats the same 8-bit pixels. All five run torch on one intra-op thread (the
+server and the CLI by OMP_NUM_THREADS, this process by ``torch_threads``): the split of a CPU reduction
+over threads is part of "the same operations", and one thread is also the fastest on a busy machine.
 
 OpenAI's API has no steps, cfg or sampler fields, so that route runs the demo model's defaults (20 steps,
 CFG 4.0, euler, simple schedule, 64x64); the other four send those values explicitly. webuiapi in
@@ -29,7 +31,8 @@ import webuiapi
 from PIL import Image
 
 from sd35.demo import DEMO_DEFAULTS
-from tests.server.server_helpers import REPO
+from sd35.testing import torch_threads
+from tests.server.server_helpers import REPO, ServerProcess
 
 PROMPT = "a green triangle at the top right on a purple background"
 SEED = 7
@@ -37,6 +40,16 @@ STEPS = DEMO_DEFAULTS.steps  # what OpenAI's route gets; sent explicitly everywh
 CFG = DEMO_DEFAULTS.cfg
 SIZE = DEMO_DEFAULTS.width
 assert (DEMO_DEFAULTS.sampler, DEMO_DEFAULTS.scheduler, DEMO_DEFAULTS.height) == ("euler", "simple", SIZE)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """This module's own ``sd35 serve`` on the demo model, on one intra-op thread (see the docstring)."""
+    with ServerProcess(tmp_path_factory.mktemp("serve") / "data", env=ONE_THREAD) as proc:
+        yield proc
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -55,6 +68,7 @@ def cli_image(tmp_path_factory, server):
     command = [sys.executable, "-m", "sd35.cli", "generate", "--prompt", PROMPT, "--seed", str(SEED),
                "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler", "--scheduler", "simple",
                "--width", str(SIZE), "--height", str(SIZE), "-o", str(out)]  # fmt: skip
+    # the server's environment: PYTHONPATH and one intra-op thread
     done = subprocess.run(command, cwd=REPO, env=server.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return from_bytes(out.read_bytes())
@@ -67,7 +81,8 @@ def python_image() -> Image.Image:
     pipe = load_demo_pipeline()
     request = GenerateRequest(prompt=PROMPT, seed=SEED, steps=STEPS, cfg=CFG, sampler="euler", scheduler="simple",
                               width=SIZE, height=SIZE)  # fmt: skip
-    [image] = pipe.run(request).images
+    with torch_threads(1):
+        [image] = pipe.run(request).images
     return image
 
 
