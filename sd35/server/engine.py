@@ -344,16 +344,17 @@ class Engine:
                     self._live[job.id] = LiveState(images=req.num_images, started=now)
             for job_id in ids:
                 self._emit(job_id, {"event": "running"})
+            error: BaseException | None = None
             try:
                 results = self._generate([req for _, req in batch], ids)
             except BaseException as e:
+                results, error = [], e
+            with self._lock:  # no longer running before anyone hears that it ended
                 for job_id in ids:
-                    self._fail(job_id, e)
-                results = []
-            finally:
-                with self._lock:
-                    for job_id in ids:
-                        self._live.pop(job_id, None)
+                    self._live.pop(job_id, None)
+            if error is not None:
+                for job_id in ids:
+                    self._fail(job_id, error)
             for job_id, result in zip(ids, results, strict=False):
                 self._save(job_id, result)
             with self._lock:
