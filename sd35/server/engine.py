@@ -172,10 +172,13 @@ class Engine:
         self.catalog.checkpoint(model)  # NotFound for a name the server does not have
         if model == self.model:
             check_limits(self.pipe.check(request).request, self.settings.limits)
-        if request.seed is None or request.seed == RANDOM_SEED:
+        seed_drawn = request.seed is None or request.seed == RANDOM_SEED
+        if seed_drawn:
             request = replace(request, seed=random.randrange(2**32))  # drawn once: a rerun repeats it
         body = JobCreate.from_request(request).model_dump(exclude_none=True)
-        job, created = self.store.enqueue(api, model, body, self.settings.queue_limit, idempotency_key)
+        job, created = self.store.enqueue(
+            api, model, body, self.settings.queue_limit, idempotency_key, seed_drawn=seed_drawn
+        )
         if created:
             self._wake.set()
         return job
