@@ -227,7 +227,10 @@ class JobStore:
     # ------------------------------------------------------------------------------ the worker's side
 
     def recover(self) -> list[str]:
-        """After a crash: requeue jobs that were running, or fail those that have crashed too often."""
+        """After a crash: requeue jobs that were running, or fail those that have crashed too often, and
+        delete the temporary files of images whose writing the crash cut short."""
+        for leftover in self.images_dir.glob(".*.partial"):
+            leftover.unlink(missing_ok=True)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
