@@ -66,28 +66,33 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_large(scope, receive, send)
         received = 0
-        started = False
+        started = refused = False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    refused = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused and not started:
+                return  # the app's answer to the body it could not read (FastAPI makes it a 400): the 413 below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+        except Exception:  # _TooLarge, or what the app made of it
+            if not refused:
+                raise
+        if refused and not started:
+            await too_large(scope, receive, send)
 
 
 class _TooLarge(Exception):
