@@ -98,6 +98,8 @@ def test_a_random_seed_is_drawn_once_and_reported(client):
 def test_unknown_job_is_404(client):
     assert_native_error(client.get("/v1/jobs/0123456789abcdef01234567"), 404)
     assert_native_error(client.delete("/v1/jobs/0123456789abcdef01234567"), 404)
+    assert_native_error(client.get("/v1/jobs/0123456789abcdef01234567/events"), 404)
+    assert_native_error(client.get("/v1/images/0123456789abcdef01234567-0.png"), 404)
 
 
 def test_events_stream_in_order(client, server):
