@@ -187,10 +187,13 @@ class Engine:
         loaded, pipe = self._loaded
         ready = pipe is not None and model == loaded
         check_limits(pipe.check(request).request if ready else request, self.settings.limits)
-        if request.seed is None or request.seed == RANDOM_SEED:
+        seed_drawn = request.seed is None or request.seed == RANDOM_SEED
+        if seed_drawn:
             request = replace(request, seed=random.randrange(2**32))  # drawn once: a rerun repeats it
         body = JobCreate.from_request(request).model_dump(exclude_none=True)
-        job, created = self.store.enqueue(api, model, body, self.settings.queue_limit, idempotency_key)
+        job, created = self.store.enqueue(
+            api, model, body, self.settings.queue_limit, idempotency_key, seed_drawn=seed_drawn
+        )
         if created:
             self._wake.set()
         return job

@@ -139,13 +139,21 @@ class JobStore:
     # ------------------------------------------------------------------------------ admission
 
     def enqueue(
-        self, api: str, model: str, request: dict[str, Any], limit: int, idempotency_key: str | None = None
+        self,
+        api: str,
+        model: str,
+        request: dict[str, Any],
+        limit: int,
+        idempotency_key: str | None = None,
+        seed_drawn: bool = False,
     ) -> tuple[Job, bool]:
         """Store a new queued job, or return the job already stored under ``idempotency_key``.
 
         Returns ``(job, created)``. Raises :class:`Busy` when ``limit`` jobs are already waiting or running,
-        and :class:`Conflict` when the key was used for a different request. The count and the insert are
-        one transaction, so concurrent admissions never overshoot the limit.
+        and :class:`Conflict` when the key was used for a different request. ``seed_drawn`` says the server
+        drew ``request``'s seed (the client left it random): a retry then draws another, so the seeds are
+        not compared. The count and the insert are one transaction, so concurrent admissions never
+        overshoot the limit.
         """
         text = json.dumps(request, sort_keys=True)
         with self._lock:
@@ -157,6 +165,9 @@ class JobStore:
                     ).fetchone()
                     if row is not None:
                         self._db.execute("COMMIT")
+                        if seed_drawn:
+                            stored_seed = json.loads(row["request"]).get("seed")
+                            text = json.dumps({**request, "seed": stored_seed}, sort_keys=True)
                         if row["request"] != text or row["api"] != api or row["model"] != model:
                             raise Conflict(
                                 "this Idempotency-Key was already used for a different request; "
@@ -216,7 +227,10 @@ class JobStore:
     # ------------------------------------------------------------------------------ the worker's side
 
     def recover(self) -> list[str]:
-        """After a crash: requeue jobs that were running, or fail those that have crashed too often."""
+        """After a crash: requeue jobs that were running, or fail those that have crashed too often, and
+        delete the temporary files of images whose writing the crash cut short."""
+        for leftover in self.images_dir.glob(".*.partial"):
+            leftover.unlink(missing_ok=True)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(

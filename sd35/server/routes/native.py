@@ -64,7 +64,7 @@ async def create_job(
     request: Request,
     idempotency_key_header: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    """Queue a generation; 202 with the job's id (200 with the same job for a repeated Idempotency-Key)."""
+    """Queue a generation; 202 with the job's id (the same job again for a repeated Idempotency-Key)."""
     engine = engine_of(request)
     req = await run_in_threadpool(body.to_request)
     job = await run_in_threadpool(engine.submit, req, "native", body.model, idempotency_key(request))
