@@ -148,13 +148,14 @@ def run(args: argparse.Namespace) -> int:
     from sd35.server.app import create_app
     from sd35.server.catalog import ModelCatalog
     from sd35.server.engine import Engine
-    from sd35.server.jobs import JobStore
+    from sd35.server.jobs import JobStore, lock_data_dir
     from sd35.server.settings import check_bind
 
     settings = settings_from_args(args)
     check_bind(settings)
     _check_port(settings.host, settings.port)
     store = JobStore(settings.data_dir)  # a bad data folder is refused before loading
+    lock = lock_data_dir(settings.data_dir)  # noqa: F841 (held while serving)
     loras = [parse_lora(v) for v in args.lora]
     for ref in loras:
         if not Path(ref.name).is_file():

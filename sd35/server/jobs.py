@@ -101,6 +101,26 @@ def error_record(e: BaseException) -> dict[str, Any]:
     }
 
 
+def lock_data_dir(data_dir: Path) -> object:
+    """Hold ``data_dir`` for this process (two servers on one queue would run every job twice); the lock
+    goes when the returned file is closed or the process ends, crashes included."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks through fcntl; one server per folder is on the user
+        return None
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(data_dir) / "server.lock", "a")  # noqa: SIM115 (held for the process's life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SD35Error(
+            f"another sd35 server is using {data_dir}; give each server its own data folder.",
+            param="data_dir",
+        ) from None
+    return handle
+
+
 class JobStore:
     """Jobs in ``data_dir/jobs.sqlite3`` and their images in ``data_dir/images/``. Thread-safe."""
 

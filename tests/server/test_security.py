@@ -74,6 +74,19 @@ def test_refusals_at_start(tmp_path):
         assert not (tmp_path / "b" / "data").exists()
 
 
+def test_a_data_folder_serves_one_server(server, tmp_path):
+    """A second server on a running server's data folder would run every job twice: refused."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "sd35.cli", "serve", "--data-dir", str(server.data_dir)]
+    command += ["--port", str(free_port()), "--api-key", KEY]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"sd35: error: another sd35 server is using {server.data_dir}; give each server its own data folder."
+    )
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 # every family's routes, each with a body it would accept
 ROUTES = [
     ("GET", "/v1/jobs", None, "native"),
