@@ -33,6 +33,7 @@ INSTALL = (
 )
 WAIT_MS = 30_000
 API_KEY = "page-test-key-0123"
+UPLOAD_MB = 0.25  # the server with a key takes small bodies, so an image can be too large for it
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,10 @@ def test_tokenize_counts_each_encoders_tokens(server):
 
 def test_page_and_its_files_load_without_a_key_but_the_api_does_not(protected):
     for path in ("/", "/static/app.js", "/static/style.css", "/static/favicon.svg", "/health"):
-        assert httpx.get(protected.url + path).status_code == 200, path
+        r = httpx.get(protected.url + path)
+        assert r.status_code == 200, path
+        if path != "/health":  # revalidated on each load: a new version of the page is seen at once
+            assert r.headers["cache-control"] == "no-cache", path
     assert httpx.get(protected.url + "/v1/info").status_code == 401
     # a path under /static/ that climbs out reaches no API route
     assert httpx.get(protected.url + "/static/../v1/jobs").status_code != 200
@@ -479,12 +483,14 @@ def test_desktop_and_phone_layouts(server, browser, page, shots):
 
 @pytest.fixture(scope="module")
 def protected(tmp_path_factory):
-    """A server with --api-key, and a copy of the demo model named ``demo_copy`` to pick on the page."""
+    """A server with --api-key, a copy of the demo model named ``demo_copy`` to pick on the page, and a
+    small --max-upload-mb."""
     model, tokenizers = demo_files()
     models = tmp_path_factory.mktemp("page-models")
     shutil.copy(model, models / "demo_copy.safetensors")
     data = tmp_path_factory.mktemp("serve-key") / "data"
-    args = ("--api-key", API_KEY, "--models-dir", str(models), "--tokenizers", str(tokenizers))
+    args = ("--api-key", API_KEY, "--models-dir", str(models), "--tokenizers", str(tokenizers),
+            "--max-upload-mb", str(UPLOAD_MB))  # fmt: skip
     with ServerProcess(data, *args) as proc:
         yield proc
 
@@ -558,3 +564,24 @@ def test_picking_another_model_leaves_its_settings_to_its_defaults(protected, pa
         and page.input_value("#sampler") == defaults["sampler"]
     )
     page.screenshot(path=shots / "17-other-model.png")
+
+
+def test_an_image_too_large_for_the_server_is_said_so_by_the_image(protected, page):
+    page.context.add_init_script(f"sessionStorage.setItem('sd35.apiKey', {API_KEY!r})")
+    page.console.allow(r"status of 413")
+    open_page(page, protected.url)
+    noise = Image.frombytes("RGB", (384, 384), os.urandom(384 * 384 * 3))  # does not compress
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    assert len(buffer.getvalue()) > UPLOAD_MB * 2**20
+    page.click("#edit-section summary")
+    page.set_input_files(
+        "#init-file", files=[{"name": "big.png", "mimeType": "image/png", "buffer": buffer.getvalue()}]
+    )
+    page.wait_for_selector("#editor:not([hidden])")
+    page.fill("#prompt", "too large")
+    page.click("#generate")
+    page.wait_for_selector("#err-edit-image:not([hidden])")
+    assert f"too large for this server (at most {UPLOAD_MB} MB)" in page.inner_text("#err-edit-image")
+    assert page.is_hidden("#err-general")
+    assert page.is_enabled("#generate")

@@ -18,15 +18,23 @@ STATIC = Path(__file__).resolve().parents[1] / "static"
 STATIC_PREFIX = "/static"
 
 router = APIRouter(tags=["page"])
+NO_CACHE = {"Cache-Control": "no-cache"}  # revalidated (ETag) on each load, so an upgrade is seen at once
+
+
+class _StaticFiles(StaticFiles):
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(NO_CACHE)
+        return response
 
 
 @router.get("/", include_in_schema=False)
 async def page() -> FileResponse:
     """The generation page."""
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=NO_CACHE)
 
 
 def mount(app) -> None:
     """The page's route and its files under ``/static``."""
     app.include_router(router)
-    app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC), name="static")
+    app.mount(STATIC_PREFIX, _StaticFiles(directory=STATIC), name="static")

@@ -80,7 +80,7 @@
     }
     const retry = Number(res.headers.get("Retry-After")) || null;
     if (res.status === 413) {
-      const mb = state.info ? (state.info.limits.max_body_bytes / 2 ** 20).toFixed(0) : "?";
+      const mb = state.info ? Number((state.info.limits.max_body_bytes / 2 ** 20).toPrecision(3)) : "?";
       message = `The request is too large for this server (at most ${mb} MB): use a smaller image.`;
       param = param || (state.init ? "edit.image" : null);
     } else if (res.status === 429) {
@@ -716,7 +716,10 @@
       dropFile(e.dataTransfer.files[0], { toEditor });
     });
     window.addEventListener("paste", (e) => {
-      const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((i) => i.type.startsWith("image/"));
+      if (!e.clipboardData) return;
+      const typing = e.target.matches && e.target.matches("textarea, input");
+      if (typing && e.clipboardData.types.includes("text/plain")) return; // text into a text field
+      const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
       if (!item) return;
       e.preventDefault();
       loadInitImage(item.getAsFile(), "pasted image");
@@ -1143,7 +1146,8 @@
           setConnection(e.message, "error");
           return;
         }
-        setConnection(`Cannot reach the server (${e.message}); retrying…`, "error");
+        const why = e instanceof ApiError ? e.message : `Cannot reach the server (${e.message}).`;
+        setConnection(`${why} Retrying…`, "error");
         await sleep(Math.min(1000 * 2 ** attempt, 10000));
       }
     }
