@@ -3,8 +3,8 @@
 Each route family (native jobs, OpenAI, A1111) maps its own field names onto one
 :class:`~sd35.request.GenerateRequest` and hands it to the engine; nothing here checks a generation
 setting. This module adds what every route shares: credentials (``Authorization: Bearer KEY``, or A1111's
-HTTP basic ``--api-auth``; ``/health`` is open), a cap on body size (413), and the error table of
-:mod:`sd35.server.errors`.
+HTTP basic ``--api-auth``; ``/health``, the web page ``/`` and its ``/static/`` files are open), a cap on
+body size (413), and the error table of :mod:`sd35.server.errors`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse
 from sd35._version import __version__
 from sd35.server import errors
 from sd35.server.engine import Engine
-from sd35.server.routes import a1111, native, openai
+from sd35.server.routes import a1111, native, openai, page
 from sd35.server.routes.common import JobFailed, job_error
 from sd35.server.settings import ServerSettings
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/")
+OPEN_PREFIXES = (page.STATIC_PREFIX + "/",)  # the page's files: a browser sends no key when loading them
 
 
 def _authorized(settings: ServerSettings, header: str | None) -> bool:
@@ -132,7 +133,8 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        open_path = request.url.path in OPEN_PATHS
+        path = request.url.path
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
         if (
             settings.protected
             and not open_path
@@ -160,4 +162,5 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)
+    page.mount(app)
     return app

@@ -10,18 +10,41 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Annotated
+from typing import Annotated, get_args
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from sd35._version import __version__
+from sd35.a1111 import SAMPLER_NAMES, SCHEDULER_NAMES
+from sd35.conditioning.prompt import prompt_words
+from sd35.conditioning.tokenize import CLIP_LENGTH, T5_MAX_TOKENS
+from sd35.errors import Busy, InvalidRequest
 from sd35.image_io import png_bytes
+from sd35.presets import ModelDefaults
 from sd35.preview import latent_preview
+from sd35.request import SIZE_MULTIPLE, Upscaler
 from sd35.result import Progress
+from sd35.sampling import SAMPLERS, SCHEDULERS
 from sd35.server.jobs import Job
 from sd35.server.routes.common import engine_of, idempotency_key, image_url
-from sd35.server.schemas.native import JobAccepted, JobCreate, JobError, JobList, JobView
+from sd35.server.schemas.native import (
+    JobAccepted,
+    JobCreate,
+    JobError,
+    JobList,
+    JobView,
+    LimitsView,
+    ModelDefaultsView,
+    NamedChoice,
+    ServerInfo,
+    SizePreset,
+    SLGDefaults,
+    TokenCount,
+    TokenCounts,
+    TokenizeBody,
+)
 from sd35.server.waiting import job_events
 
 router = APIRouter(tags=["jobs"])
@@ -143,3 +166,119 @@ async def get_image(name: str, request: Request) -> FileResponse:
 async def list_loras(request: Request) -> dict:
     """The LoRA names a request may use."""
     return {"loras": engine_of(request).catalog.loras}
+
+
+ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (21, 9), (9, 21))
+"""The aspect ratios offered as size presets (SD3.5 Medium's training buckets are these at about 1 MP)."""
+TRAINING_SIDES = (512, 768, 1024, 1440)
+"""Square sizes of SD3.5 Medium's progressive training stages (the model card: up to 1440 px)."""
+
+
+def size_presets(defaults: ModelDefaults, largest: int) -> list[SizePreset]:
+    """Sizes at the model's default pixel area for each of :data:`ASPECT_RATIOS` (multiples of 64 for
+    a model of 512 px or more, else of 16; kept where the rounding leaves the ratio within 10%), then
+    squares of the training stages up to its trained size; only those with both sides at most ``largest``."""
+    area = defaults.width * defaults.height
+    step = 64 if min(defaults.width, defaults.height) >= 512 else SIZE_MULTIPLE
+    sizes: list[SizePreset] = []
+    for a, b in ASPECT_RATIOS:
+        w = max(step, round((area * a / b) ** 0.5 / step) * step)
+        h = max(step, round((area * b / a) ** 0.5 / step) * step)
+        if abs(w / h - a / b) > 0.1 * a / b:
+            continue
+        sizes.append(SizePreset(label=f"{a}:{b}", width=w, height=h))
+    for side in TRAINING_SIDES:
+        if side <= defaults.trained_size:
+            sizes.append(SizePreset(label=f"1:1 ({side})", width=side, height=side))
+    seen: set[tuple[int, int]] = set()
+    presets = []
+    for p in sizes:
+        if (p.width, p.height) not in seen and max(p.width, p.height) <= largest:
+            seen.add((p.width, p.height))
+            presets.append(p)
+    return presets
+
+
+def _pipe(request: Request):
+    pipe = engine_of(request).pipe
+    if pipe is None:
+        raise Busy("the server is loading a model; try again in a moment.")
+    return pipe
+
+
+@router.get("/v1/info", response_model=ServerInfo, tags=["server"])
+async def info(request: Request) -> ServerInfo:
+    """The loaded model, its defaults, the sampler/scheduler names, this server's limits and size presets
+    (what a client needs to build a form; the web page at ``/`` reads it)."""
+    engine = engine_of(request)
+    settings = request.app.state.settings
+    model, pipe = engine.model, _pipe(request)
+    d: ModelDefaults = pipe.defaults
+    grid = pipe.mmditx.config.max_image_size
+    limits = settings.limits
+    largest = min(grid, limits.max_size)
+    return ServerInfo(
+        version=__version__,
+        model=model,
+        default_model=engine.default_model,
+        models=engine.catalog.checkpoints,
+        loras=engine.catalog.loras,
+        defaults=ModelDefaultsView(
+            preset=d.name,
+            width=d.width,
+            height=d.height,
+            steps=d.steps,
+            cfg=d.cfg,
+            sampler=d.sampler,
+            scheduler=d.scheduler,
+            shift=d.shift,
+            slg=SLGDefaults(layers=list(d.slg.layers), scale=d.slg.scale, start=d.slg.start, end=d.slg.end),
+            trained_size=d.trained_size,
+            max_image_size=grid,
+            depth=pipe.mmditx.config.depth,
+            img2img=pipe.vae.config.has_encoder,
+        ),
+        samplers=[NamedChoice(name=n, label=SAMPLER_NAMES[n]) for n in SAMPLERS],
+        schedulers=[NamedChoice(name=n, label=SCHEDULER_NAMES[n]) for n in SCHEDULERS],
+        upscalers=list(get_args(Upscaler)),
+        limits=LimitsView(
+            max_size=limits.max_size,
+            max_steps=limits.max_steps,
+            max_batch=limits.max_batch,
+            max_prompt_chars=limits.max_prompt_chars,
+            max_body_bytes=limits.max_body_bytes,
+        ),
+        size_presets=size_presets(d, largest),
+        clip_max_tokens=CLIP_LENGTH - 2,
+        t5_max_tokens=T5_MAX_TOKENS,
+        protected=settings.protected,
+    )
+
+
+@router.post("/v1/tokenize", response_model=TokenCounts, tags=["server"])
+async def tokenize(body: TokenizeBody, request: Request) -> TokenCounts:
+    """How many tokens CLIP and T5 get from ``prompt`` (as the model tokenizes it: emphasis brackets
+    removed, each word on its own), and how many fall past each limit: CLIP reads 75, T5 ``t5_max_tokens``
+    (the model card's 256 unless given)."""
+    limit_chars = request.app.state.settings.limits.max_prompt_chars
+    if len(body.prompt) > limit_chars:
+        raise InvalidRequest(
+            f"prompt is {len(body.prompt)} characters long; this server takes at most {limit_chars}.",
+            param="prompt",
+        )
+    tokenizer = _pipe(request).tokenizer
+    t5_limit = body.t5_max_tokens or T5_MAX_TOKENS
+
+    def count() -> TokenCounts:
+        words = [w for w, _ in prompt_words(body.prompt)]
+        clip = max(sum(map(len, t.encode_words(words))) for t in (tokenizer.clip_l, tokenizer.clip_g))
+        tokens = tokenizer([body.prompt], t5_max_tokens=t5_limit)
+        clip_count = TokenCount(tokens=clip, limit=CLIP_LENGTH - 2, dropped=tokens.clip_dropped[0])
+        if tokenizer.t5 is None:
+            return TokenCounts(clip=clip_count)
+        t5 = sum(map(len, tokenizer.t5.encode_words(words))) + 1  # + its end token
+        return TokenCounts(
+            clip=clip_count, t5=TokenCount(tokens=t5, limit=t5_limit, dropped=tokens.t5_dropped[0])
+        )
+
+    return await run_in_threadpool(count)
