@@ -2,7 +2,8 @@
 # a stamp file per step remembers what is installed, so a second run installs nothing.
 #
 #   make demo    torch + sd35, then one image from the built-in demo model (demo.png, never overwritten)
-#   make test    + the test references (diffusers, transformers, k-diffusion, ...), then ruff and the suite
+#   make test    + the test references (diffusers, transformers, k-diffusion, ...) and clients (webuiapi,
+#                openai, Playwright with the system's Chromium), then ruff and the suite
 #
 # TORCH picks the torch build: the default is the CPU/CUDA wheel pip finds for torch==2.13.0; for another
 # build, e.g. `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
@@ -17,12 +18,12 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 KDIFFUSION := k-diffusion==0.1.1.post1
 DEMO_PROMPT := a green square at the bottom right on a yellow background
 
-.PHONY: demo test clean-venv
+.PHONY: demo test chromium clean-venv
 
 demo: $(VENV)/.sd35
 	$(BIN)/sd35 generate --prompt "$(DEMO_PROMPT)" --seed 1 -o demo.png
 
-test: $(VENV)/.sd35-test
+test: $(VENV)/.sd35-test chromium
 	$(BIN)/ruff check . && $(BIN)/python -m pytest
 
 $(BIN)/python:
@@ -38,6 +39,16 @@ $(VENV)/.sd35-test: pyproject.toml $(VENV)/.sd35
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps $(KDIFFUSION)
 	@touch $@
+
+# the web page's tests drive the system's Chromium (Debian's package; Playwright's browser download is not used)
+chromium:
+	@if [ -z "$$SD35_CHROMIUM" ] && ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq chromium; \
+		else \
+			echo "the web page's tests need Chromium: sudo apt-get install chromium (or set SD35_CHROMIUM)"; exit 1; \
+		fi; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)
