@@ -29,7 +29,9 @@ class ServerProcess:
     ``start()`` again reuses the port and data folder (a restart after a crash).
     """
 
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self, data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ):
         self.data_dir = Path(data_dir)
         self.args = list(args)
         self.port = port or free_port()
@@ -47,9 +49,10 @@ class ServerProcess:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
