@@ -38,6 +38,11 @@ from sd35.sampling.schedules import SchedulerName
 SIZE_MULTIPLE = 16  # 8x VAE downsampling times the patch size 2
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed, as ComfyUI's seed widget
 RANDOM_SEED = -1  # A1111's "random"
+MAX_MASK_BLUR = 1024.0  # pixels; wider is a flat mask anyway, and PIL's blur fails on huge radii
+MAX_CANVAS_PIXELS = (
+    89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: an outpainted canvas no larger than an image we read
+)
+MIN_HIRES_STRENGTH = 0.01  # the hires schedule is steps / strength long; A1111's finest denoise step
 Upscaler = Literal["latent", "lanczos"]
 
 
@@ -106,8 +111,11 @@ class Edit:
             _fail("the mask must be an image.", "edit.mask")
         if self.strength is not None and not (_is_number(self.strength) and 0 <= self.strength <= 1):
             _fail(f"strength must be between 0 and 1, got {self.strength!r}.", "edit.strength")
-        if not (_is_number(self.mask_blur) and self.mask_blur >= 0):
-            _fail(f"mask blur must be a number of pixels >= 0, got {self.mask_blur!r}.", "edit.mask_blur")
+        if not (_is_number(self.mask_blur) and 0 <= self.mask_blur <= MAX_MASK_BLUR):
+            _fail(
+                f"mask blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, got {self.mask_blur!r}.",
+                "edit.mask_blur",
+            )
         if self.outpaint is not None:
             borders = tuple(self.outpaint)
             object.__setattr__(self, "outpaint", borders)
@@ -119,6 +127,13 @@ class Edit:
                 )
             if self.mask is not None:
                 _fail("outpainting makes its own mask; leave the mask out.", "edit.mask")
+            width, height = self.canvas_size
+            if width * height > MAX_CANVAS_PIXELS:
+                _fail(
+                    f"outpainting makes a {width}x{height} canvas, more than {MAX_CANVAS_PIXELS} pixels; "
+                    "use smaller borders.",
+                    "edit.outpaint",
+                )
 
     def canvas(self) -> tuple[Image.Image, Image.Image | None]:
         """The image that is edited and its mask: the init image and ``mask``, or the outpainted canvas and
@@ -158,8 +173,11 @@ class HiresFix:
             _fail(f"unknown hires upscaler {self.upscaler!r}; choose latent or lanczos.", "hires.upscaler")
         if not (_is_number(self.scale) and 1.0 < self.scale <= 4.0):
             _fail(f"hires scale must be above 1 and at most 4, got {self.scale!r}.", "hires.scale")
-        if not (_is_number(self.strength) and 0.0 < self.strength <= 1.0):
-            _fail(f"hires strength must be in (0, 1], got {self.strength!r}.", "hires.strength")
+        if not (_is_number(self.strength) and MIN_HIRES_STRENGTH <= self.strength <= 1.0):
+            _fail(
+                f"hires strength must be from {MIN_HIRES_STRENGTH} to 1, got {self.strength!r}.",
+                "hires.strength",
+            )
         if self.steps is not None and not (_is_int(self.steps) and self.steps >= 1):
             _fail(f"hires steps must be a positive integer, got {self.steps!r}.", "hires.steps")
 

@@ -53,12 +53,19 @@ BAD = [
     ("apg momentum", lambda: dict(apg=APG(momentum=2.0)), "apg.momentum", "[-1, 1]"),
     ("strength above 1", lambda: dict(edit=_edit(strength=1.5)), "edit.strength", "between 0 and 1"),
     ("mask without image", lambda: dict(edit=Edit(image=None, mask=IMAGE)), "edit.image", "init image"),
-    ("negative mask blur", lambda: dict(edit=_edit(mask_blur=-1.0)), "edit.mask_blur", ">= 0"),
+    ("negative mask blur", lambda: dict(edit=_edit(mask_blur=-1.0)), "edit.mask_blur", "from 0 to"),
+    ("huge mask blur", lambda: dict(edit=_edit(mask_blur=1e20)), "edit.mask_blur", "from 0 to 1024"),
     (
         "outpaint with mask",
         lambda: dict(edit=_edit(outpaint=(8, 0, 0, 0), mask=IMAGE)),
         "edit.mask",
         "its own mask",
+    ),
+    (
+        "outpaint canvas too large",  # np.pad would need 10**20 pixel columns
+        lambda: dict(edit=_edit(outpaint=(0, 0, 10**20, 0))),
+        "edit.outpaint",
+        "smaller borders",
     ),
     ("outpaint all zero", lambda: dict(edit=_edit(outpaint=(0, 0, 0, 0))), "edit.outpaint", "not all 0"),
     (
@@ -74,7 +81,9 @@ BAD = [
         "cannot be combined",
     ),
     ("hires scale", lambda: dict(hires=HiresFix(scale=5.0)), "hires.scale", "at most 4"),
-    ("hires strength", lambda: dict(hires=HiresFix(strength=0.0)), "hires.strength", "(0, 1]"),
+    ("hires strength", lambda: dict(hires=HiresFix(strength=0.0)), "hires.strength", "from 0.01 to 1"),
+    # a tiny strength would stretch the hires schedule to steps / strength sigmas (1e-9: billions)
+    ("tiny hires strength", lambda: dict(hires=HiresFix(strength=1e-9)), "hires.strength", "from 0.01 to 1"),
     (
         "hires upscaler",
         lambda: dict(hires=HiresFix(upscaler="esrgan")),

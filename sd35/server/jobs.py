@@ -13,6 +13,7 @@ request cannot take the server down forever.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ from sd35.files import check_writable_folder
 MAX_ATTEMPTS = 3
 FINAL = ("done", "failed", "cancelled")
 CANCELLED = {"type": "Cancelled", "message": "the job was cancelled.", "param": None}
+IMAGE_NAME = re.compile(r"[0-9a-f]{1,64}-[0-9]{1,6}\.png")  # image_path's names (a longer name fails stat)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -304,8 +306,7 @@ class JobStore:
     def image_file(self, name: str) -> Path:
         """The file of an output name as a job lists it; anything else (a path, ``..``) is not found."""
         path = self.images_dir / name
-        stem, dot, suffix = name.rpartition(".")
-        if not (dot and suffix == "png" and stem.replace("-", "").isalnum()) or not path.is_file():
+        if not IMAGE_NAME.fullmatch(name) or not path.is_file():
             raise NotFound(f"no image {name!r}.", param="name")
         return path
 
