@@ -16,6 +16,10 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # k-diffusion (a test-only reference for the samplers) without its dependency list, which pulls torchvision
 # and wandb; what its sampling module needs is in the project's [test] extra.
 KDIFFUSION := k-diffusion==0.1.1.post1
+# transformers 4.46's slow (pure Python) CLIPTokenizer, the official reference's, which transformers 5 no longer
+# has: installed apart (--target), only for tests/conditioning/slow_clip_reference.py, which runs it in a
+# subprocess with this folder first on PYTHONPATH.
+SLOW_CLIP_REF := transformers==4.46.3 tokenizers==0.20.3 huggingface_hub==0.26.5
 DEMO_PROMPT := a green square at the bottom right on a yellow background
 
 .PHONY: demo test chromium clean-venv
@@ -38,6 +42,7 @@ $(VENV)/.sd35: pyproject.toml | $(BIN)/python
 $(VENV)/.sd35-test: pyproject.toml $(VENV)/.sd35
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps $(KDIFFUSION)
+	$(PIP) --no-deps --upgrade --target $(VENV)/ref/transformers4 $(SLOW_CLIP_REF)
 	@touch $@
 
 # the web page's tests drive the system's Chromium (Debian's package; Playwright's browser download is not used)

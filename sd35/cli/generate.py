@@ -43,7 +43,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="clip_l/clip_g/t5xxl .safetensors files, or a folder holding them (any names)",
     )
     g.add_argument(
-        "--tokenizers", type=Path, default=None, help="folder with tokenizer/, tokenizer_2/, tokenizer_3/"
+        "--tokenizers",
+        type=Path,
+        default=None,
+        help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ (default: SD3's, which ship with sd35)",
+    )
+    g.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="a standalone SD3 VAE file or diffusers vae/ folder (for model files without one; replaces theirs)",
     )
     g.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     g.add_argument(
@@ -94,7 +103,7 @@ def load_from_args(args: argparse.Namespace):
             )
     pipe = load_pipeline(
         model, args.text_encoders, tokenizers, device=device, dtype=args.dtype, memory=args.memory,
-        vae_tiling=args.vae_tiling,
+        vae_tiling=args.vae_tiling, vae=args.vae,
     )  # fmt: skip
     pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
     return pipe

@@ -29,6 +29,7 @@ MODEL_FLAGS = {
     "model": "--model",
     "text_encoders": "--text-encoders",
     "tokenizers": "--tokenizers",
+    "vae": "--vae",
     "device": "--device",
     "dtype": "--dtype",
     "memory": "--memory",

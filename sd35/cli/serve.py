@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         path = catalog.checkpoint(name)
         pipe = load_pipeline(
             path, args.text_encoders, args.tokenizers, device=args.device, dtype=args.dtype, memory=args.memory,
-            vae_tiling=args.vae_tiling,
+            vae_tiling=args.vae_tiling, vae=args.vae,
         )  # fmt: skip
         pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
         return prepare(pipe)

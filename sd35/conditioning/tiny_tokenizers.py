@@ -32,7 +32,14 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
-from sd35.conditioning.tokenize import CLIP_BOS, CLIP_EOS, clip_normalizer, clip_pre_tokenizer
+from sd35.conditioning.tokenize import (
+    CLIP_BOS,
+    CLIP_EOS,
+    byte_symbols,
+    clip_normalizer,
+    clip_pre_tokenizer,
+    clip_vocab_from_merges,
+)
 
 _COLOURS = "red orange yellow green blue purple pink brown black white grey golden silver".split()  # noqa: SIM905
 _SHAPES = "circle square triangle star heart cube sphere cone spiral line".split()  # noqa: SIM905
@@ -107,18 +114,6 @@ def corpus() -> list[str]:
     return lines
 
 
-def byte_symbols() -> list[str]:
-    """GPT-2 / CLIP's printable stand-ins for the 256 bytes, in CLIP's vocabulary order (``"!"`` first)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    kept = set(printable)
-    others = [b for b in range(256) if b not in kept]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-
-
 def _pseudo_words():
     """Letter strings ("aa", "ab", ... "aaa", ...) to merge once the corpus has nothing left to merge."""
     for n in itertools.count(2):
@@ -175,18 +170,11 @@ def _merge(symbols: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
 
 
 def _clip_files(clip_vocab: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    base = byte_symbols()
-    tokens = base + [s + "</w>" for s in base]
-    if clip_vocab < len(tokens) + 2:
-        raise ValueError(f"clip_vocab must be at least {len(tokens) + 2} (the byte symbols and BOS/EOS).")
-    merges = train_clip_bpe(clip_vocab - len(tokens) - 2)
-    seen = set(tokens)
-    for a, b in merges:
-        if a + b not in seen:
-            seen.add(a + b)
-            tokens.append(a + b)
-    tokens += [CLIP_BOS, CLIP_EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    base = 2 * len(byte_symbols())
+    if clip_vocab < base + 2:
+        raise ValueError(f"clip_vocab must be at least {base + 2} (the byte symbols and BOS/EOS).")
+    merges = train_clip_bpe(clip_vocab - base - 2)
+    return clip_vocab_from_merges(merges), merges
 
 
 def _added(content: str, normalized: bool) -> dict:

@@ -2,7 +2,8 @@
 
 Only the ``tokenizers`` library is used at run time (no transformers, no sentencepiece). The files are
 the ones SD3's diffusers repository ships: ``tokenizer/`` and ``tokenizer_2/`` (CLIP: ``vocab.json`` +
-``merges.txt``) and ``tokenizer_3/`` (T5: ``tokenizer.json``).
+``merges.txt``) and ``tokenizer_3/`` (T5: ``tokenizer.json``); SD3's own copies ship inside the package
+(:mod:`sd35.conditioning.bundled`).
 
 What the reference does (Stability-AI/sd3.5 ``other_impls.py`` ``SD3Tokenizer``,
 ``SDTokenizer.tokenize_with_weights``), and so what :class:`SD3Tokenizer` does:
@@ -38,16 +39,19 @@ Two opt-in extensions, both off by default (then the ids are the reference's, as
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from sd35.conditioning.prompt import prompt_words
+from sd35.conditioning.spiece import tokenizer_from_spiece
 from sd35.errors import MissingComponentError, SD35Error
 
 CLIP_LENGTH = 77
@@ -74,15 +78,16 @@ _CJK = (
     "[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
     "\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f]"
 )
+_CJK_RE = re.compile(_CJK)
 
 SD35_REPO = "stabilityai/stable-diffusion-3.5-medium"
 _WHERE_FROM = (
     f"they are the tokenizer/ (CLIP-L), tokenizer_2/ (CLIP-G) and tokenizer_3/ (T5) folders of the diffusers "
     f"repository {SD35_REPO} (https://huggingface.co/{SD35_REPO}/tree/main): download those folders into one "
-    "folder and name that folder as the tokenizers"
+    "folder and name that folder as the tokenizers, or name none: SD3's own tokenizers ship with sd35"
 )
 _CLIP_NEEDS = "vocab.json and merges.txt (or tokenizer.json)"
-_T5_NEEDS = "tokenizer.json"
+_T5_NEEDS = "tokenizer.json (or spiece.model)"
 
 
 def clip_normalizer() -> normalizers.Normalizer:
@@ -108,12 +113,70 @@ def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
+_SPECIAL_SPLIT = re.compile(f"({re.escape(CLIP_BOS)}|{re.escape(CLIP_EOS)})")
+
+
+def _is_cjk(ch: str) -> bool:
+    return bool(_CJK_RE.match(ch))
+
+
+def slow_clean(text: str) -> str:
+    """The slow CLIPTokenizer's text cleaning without ftfy (BERT's BasicTokenizer, no accent stripping).
+
+    NUL, U+FFFD and every "C*" category character except tab/newline/return are dropped, tab/newline/
+    return and "Zs" spaces become spaces, CJK ideographs get spaces around them, NFC, then the text is
+    split on whitespace (``str.split``) and each piece lowercased with ``str.lower``.
+    """
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\t\n\r" or cat == "Zs":
+            out.append(" ")
+        elif ch in "\x00\ufffd" or cat.startswith("C"):
+            continue
+        elif _is_cjk(ch):
+            out.append(f" {ch} ")
+        else:
+            out.append(ch)
+    return " ".join(t.lower() for t in unicodedata.normalize("NFC", "".join(out)).split())
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2 / CLIP's printable stand-ins for the 256 bytes, in CLIP's vocabulary order (``"!"`` first)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    kept = set(printable)
+    others = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+def clip_vocab_from_merges(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary, which its merges determine: the 256 byte symbols, the same with ``</w>``, each
+    merge's result in merge order (a repeated result keeps its first id), then BOS and EOS (OpenAI CLIP
+    ``simple_tokenizer.py`` builds its table this way; ``vocab.json`` is that table written out)."""
+    base = byte_symbols()
+    tokens = base + [s + "</w>" for s in base]
+    seen = set(tokens)
+    for a, b in merges:
+        if a + b not in seen:
+            seen.add(a + b)
+            tokens.append(a + b)
+    tokens += [CLIP_BOS, CLIP_EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
 class ClipTokenizer:
     """CLIP's byte-level BPE (``</w>`` marks a word's last token), giving the slow CLIPTokenizer's ids.
 
     The slow (pure Python) tokenizer is what the reference uses; transformers' fast one skips its
-    control-character removal and CJK splitting, which we keep. Lowercasing uses Python's
-    ``str.lower`` (as the slow tokenizer does; it differs from the Rust one on a word-final capital sigma).
+    control-character removal and CJK splitting, which we keep (:func:`slow_clean`). Lowercasing uses
+    Python's ``str.lower`` (as the slow tokenizer does; it differs from the Rust one on a word-final capital
+    sigma). BOS/EOS are found as the slow tokenizer finds them: written exactly so anywhere, or in any case
+    where CLIP's regex cuts out exactly that string. Checked against transformers 4.46's slow tokenizer on a
+    corpus of 1,200 stress prompts (``tests/conditioning/test_bundled_tokenizers.py``).
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], source: str = "CLIP tokenizer"):
@@ -139,8 +202,16 @@ class ClipTokenizer:
         tok = Tokenizer(model)
         tok.normalizer = clip_normalizer()
         tok.pre_tokenizer = clip_pre_tokenizer()
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (CLIP_BOS, CLIP_EOS)])
+        # BOS/EOS written in a prompt are found here, case-sensitively (see encode_words), not by the Rust
+        # side, which would also take "<|STARTOFTEXT|>" once the text is lowercased.
         self._tokenizer = tok
+        self._specials = {CLIP_BOS: self.bos_id, CLIP_EOS: self.eos_id}
+
+    @classmethod
+    def from_merges_text(cls, text: str, source: str) -> ClipTokenizer:
+        """From the text of a ``merges.txt`` alone (the vocabulary follows from the merges)."""
+        merges = _parse_merges(text.split("\n"), source)[:_CLIP_MAX_MERGES]
+        return cls(clip_vocab_from_merges(merges), merges, source)
 
     @classmethod
     def from_folder(cls, folder: Path) -> ClipTokenizer:
@@ -172,7 +243,38 @@ class ClipTokenizer:
         """Each word's ids, without BOS/EOS (the reference's ``tokenizer(word)["input_ids"][1:-1]``)."""
         # One call per word (prompts are short): encode_batch would start the Rust thread pool, which
         # makes tokenizers warn if the process forks later.
-        return [self._tokenizer.encode(w.lower(), add_special_tokens=False).ids for w in words]
+        return [self._encode_word(w) for w in words]
+
+    def _encode_word(self, word: str) -> list[int]:
+        """The slow tokenizer's order: split off BOS/EOS written exactly so, clean and lowercase the rest.
+
+        Lowercasing (Python's, for the word-final sigma) comes after control characters are dropped, as in
+        BERT's BasicTokenizer, since a dropped character can stand between a sigma and the next letter.
+        """
+        ids: list[int] = []
+        for part in _SPECIAL_SPLIT.split(word):
+            if part in self._specials:
+                ids.append(self._specials[part])
+            elif part:
+                text = slow_clean(part)
+                if CLIP_BOS in text or CLIP_EOS in text:
+                    ids += self._encode_pieces(text)
+                else:
+                    ids += self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def _encode_pieces(self, text: str) -> list[int]:
+        """Text in which BOS/EOS appear only after lowercasing ("<|EndOfText|>"): the slow tokenizer gives
+        the special id where CLIP's regex cuts out exactly that string (its BPE cache holds both), and BPE
+        pieces where the string is part of a longer match (``"、<|endoftext|>"`` is one punctuation run)."""
+        tok = self._tokenizer
+        ids: list[int] = []
+        for piece, _span in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            if piece in self._specials:
+                ids.append(self._specials[piece])
+            else:
+                ids += [t.id for t in tok.model.tokenize(piece)]
+        return ids
 
 
 class T5Tokenizer:
@@ -184,22 +286,36 @@ class T5Tokenizer:
             raise SD35Error(f"{source}: the vocabulary has no {T5_EOS} token, so this is not a T5 tokenizer.")
         self.eos_id = eos
         self.pad_id = T5_PAD_ID
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._tokenizer = tokenizer
 
     @classmethod
+    def from_json_text(cls, text: str, source: str) -> T5Tokenizer:
+        """From the text of a ``tokenizer.json``."""
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as e:
+            raise SD35Error(f"{source}: cannot read this tokenizer file ({e}).") from e
+        return cls(tokenizer, source)
+
+    @classmethod
     def from_folder(cls, folder: Path) -> T5Tokenizer:
+        """From ``tokenizer.json``, else from a SentencePiece ``spiece.model`` (:mod:`sd35.conditioning.spiece`)."""
         path = Path(folder) / "tokenizer.json"
+        spiece = Path(folder) / "spiece.model"
+        if not path.is_file() and spiece.is_file():
+            try:
+                data = spiece.read_bytes()
+            except OSError as e:
+                raise SD35Error(f"{spiece}: cannot read this tokenizer file ({e}).") from e
+            return cls(tokenizer_from_spiece(data, str(spiece)), str(spiece))
         if not path.is_file():
             raise MissingComponentError(
                 f"{folder}: the T5 tokenizer needs {_T5_NEEDS}; {_WHERE_FROM}.", param="tokenizers"
             )
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise SD35Error(f"{path}: cannot read this tokenizer file ({e}).") from e
-        return cls(tokenizer, str(path))
+        return cls.from_json_text(_read_text(path), str(path))
 
     def encode_words(self, words: Sequence[str]) -> list[list[int]]:
         """Each word's ids without EOS (the reference's ``tokenizer(word)["input_ids"][:-1]``)."""
@@ -438,7 +554,7 @@ def _tensor(rows: list[list[int]], length: int) -> torch.Tensor:
 
 def _has_files(folder: Path, is_t5: bool) -> bool:
     if is_t5:
-        return (folder / "tokenizer.json").is_file()
+        return (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()
     has_pair = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
     return has_pair or (folder / "tokenizer.json").is_file()
 
@@ -464,7 +580,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _parse_merges(lines: list[str], path: Path) -> list[tuple[str, str]]:
+def _parse_merges(lines: list[str], path: Path | str) -> list[tuple[str, str]]:
     """``merges.txt``: an optional ``#version`` header, then one ``left right`` pair a line."""
     first = 1 if lines and lines[0].startswith("#") else 0
     merges = []

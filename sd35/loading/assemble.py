@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sd35.conditioning.bundled import bundled_tokenizer
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
 from sd35.devices import resolve_device, resolve_dtype
@@ -37,6 +38,7 @@ from sd35.memory import check_memory_mode
 from sd35.models.clip import CLIPTextConfig
 from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.t5 import T5Config
+from sd35.models.vae import VAEConfig
 from sd35.pipeline import SD3Pipeline, check_vae_tiling
 from sd35.presets import defaults_for
 
@@ -60,8 +62,16 @@ def find_tokenizer_root(candidates: Sequence[Path]) -> Path | None:
 
 
 def check_compatible(parts: dict[str, Component]) -> None:
-    """The text encoders' widths must fit the MMDiT-X (read from shapes, before anything is loaded)."""
+    """The VAE's latent channels and the text encoders' widths must fit the MMDiT-X (read from shapes, before
+    anything is loaded)."""
     cfg = MMDiTXConfig.from_state_dict(parts[MMDITX].tensors)
+    latent = VAEConfig.from_state_dict(parts[VAE].tensors).z_channels
+    if latent != cfg.in_channels:
+        raise CheckpointError(
+            f"{parts[VAE].source}: this VAE has {latent} latent channels but the MMDiT-X works on "
+            f"{cfg.in_channels}; use the SD3 VAE (16 channels).",
+            param="vae",
+        )
     l_width = CLIPTextConfig.from_state_dict(parts[CLIP_L].tensors, "quick_gelu").width
     g_width = CLIPTextConfig.from_state_dict(parts[CLIP_G].tensors, "gelu").projection_dim
     if l_width + g_width != cfg.pooled_dim:
@@ -80,6 +90,38 @@ def check_compatible(parts: dict[str, Component]) -> None:
             )
 
 
+def check_tokenizer_fits(tokenizer: SD3Tokenizer, parts: dict[str, Component], what: str) -> None:
+    """Every id the tokenizers can make must have a row in its encoder's embedding table (read from shapes).
+
+    Otherwise the first prompt fails deep inside an embedding lookup; a text encoder that is not SD3's
+    (a toy or a fine-tune with another vocabulary) needs its own tokenizer folder.
+    """
+    pairs = [
+        (
+            "CLIP-L",
+            tokenizer.clip_l.vocab_size,
+            CLIPTextConfig.from_state_dict(parts[CLIP_L].tensors, "quick_gelu"),
+        ),
+        (
+            "CLIP-G",
+            tokenizer.clip_g.vocab_size,
+            CLIPTextConfig.from_state_dict(parts[CLIP_G].tensors, "gelu"),
+        ),
+    ]
+    if tokenizer.t5 is not None and T5XXL in parts:
+        pairs.append(("T5", tokenizer.t5.vocab_size, T5Config.from_state_dict(parts[T5XXL].tensors)))
+    for name, ids, config in pairs:
+        if ids > config.vocab_size:
+            kind = {"CLIP-L": CLIP_L, "CLIP-G": CLIP_G, "T5": T5XXL}[name]
+            raise MissingComponentError(
+                f"{parts[kind].source}: this {name} encoder has {config.vocab_size} token embeddings, but "
+                f"{what} make {ids} token ids, so they do not belong together. Name the tokenizer folder "
+                "made for these encoders with --tokenizers (tokenizer/, tokenizer_2/, tokenizer_3/, as in "
+                "a diffusers folder).",
+                param="tokenizers",
+            )
+
+
 def _model_parts(model: Path) -> list[Component]:
     """The components of ``model``, which must hold the MMDiT-X (a text-encoder file there is a mix-up)."""
     found = scan([model])
@@ -93,6 +135,19 @@ def _model_parts(model: Path) -> list[Component]:
     return found
 
 
+def _vae_parts(vae: Path) -> list[Component]:
+    """The standalone VAE named by ``vae`` (a file or a diffusers ``vae/`` folder), and nothing else."""
+    found = scan([vae])
+    others = sorted({KIND_NAMES.get(c.kind, c.name) for c in found if c.kind != VAE})
+    if others or not found:
+        raise MissingComponentError(
+            f"{vae} holds {', '.join(others) or 'no weights'}, not a VAE alone. Give the SD3 VAE file "
+            "(ComfyUI's models/vae/, or a diffusers folder's vae/) as the VAE.",
+            param="vae",
+        )
+    return found
+
+
 def load_pipeline(
     model: PathLike,
     text_encoders: PathLike | Sequence[PathLike] | None = None,
@@ -101,11 +156,14 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     memory: str = "high",
     vae_tiling: str = "auto",
+    vae: PathLike | None = None,
 ) -> SD3Pipeline:
     """Load a pipeline from a single file or diffusers folder, plus text-encoder files or a folder of them.
 
-    Text encoders given in ``text_encoders`` take precedence over any embedded in ``model``. Tokenizer
-    files come from ``tokenizers``, else from ``tokenizer*/`` sub-folders of ``model`` or ``text_encoders``.
+    Text encoders given in ``text_encoders`` and a VAE given in ``vae`` (a standalone SD3 VAE file or a
+    diffusers ``vae/`` folder, for model files that carry none) take precedence over any in ``model``. Tokenizer
+    files come from ``tokenizers``, else from ``tokenizer*/`` sub-folders of ``model`` or ``text_encoders``,
+    else from the package itself (SD3's real tokenizers, :mod:`sd35.conditioning.bundled`).
     ``device`` (default: the best available) and ``dtype`` ("fp32", "fp16", "bf16" or a torch dtype; default
     bf16 on GPUs, fp32 on the CPU); ``memory`` ("high", "balanced", "low") and ``vae_tiling`` ("auto", "on",
     "off"): see :class:`~sd35.pipeline.SD3Pipeline` and :mod:`sd35.memory`. Weights that a mode keeps off
@@ -118,22 +176,22 @@ def load_pipeline(
     model = Path(model)
     te_paths = _paths(text_encoders)
 
-    parts = assemble(
-        _model_parts(model),
-        required=(MMDITX, VAE, CLIP_L, CLIP_G),
-        overrides=scan(te_paths) if te_paths else (),
-        hint="" if te_paths else " Give the text-encoder files too.",
-    )
+    overrides = scan(te_paths) if te_paths else []
+    if vae is not None:
+        overrides += _vae_parts(Path(vae))
+    found = _model_parts(model)
+    hint = "" if te_paths else " Give the text-encoder files too."
+    if vae is None and not any(c.kind == VAE for c in [*found, *overrides]):
+        hint += " This model file carries no VAE: name the SD3 VAE file with --vae."
+    parts = assemble(found, required=(MMDITX, VAE, CLIP_L, CLIP_G), overrides=overrides, hint=hint)
     check_compatible(parts)
     root = Path(tokenizers) if tokenizers is not None else find_tokenizer_root([model, *te_paths])
     if root is None:
-        raise MissingComponentError(
-            "tokenizer files are needed: name a folder holding tokenizer/ (vocab.json, merges.txt), "
-            "tokenizer_2/ (the same) and tokenizer_3/ (tokenizer.json), as in the diffusers repository "
-            "stabilityai/stable-diffusion-3.5-medium.",
-            param="tokenizers",
-        )
-    tokenizer = SD3Tokenizer.from_root(root, t5=T5XXL in parts)
+        tokenizer = bundled_tokenizer(t5=T5XXL in parts)
+        check_tokenizer_fits(tokenizer, parts, "SD3's tokenizers that ship with sd35")
+    else:
+        tokenizer = SD3Tokenizer.from_root(root, t5=T5XXL in parts)
+        check_tokenizer_fits(tokenizer, parts, f"the tokenizers in {root}")
     if T5XXL not in parts:
         warnings.warn(
             "no T5-XXL text encoder given: running with CLIP only, so prompt following and text rendering get worse. "

@@ -199,8 +199,13 @@ def _clip_hf_config(c: CLIPTextConfig, act: str) -> dict:
     }
 
 
-def write_diffusers(folder: Path, w: PipelineWeights, *, dtype: torch.dtype | None = None) -> Path:
-    """A diffusers folder with tokenizers; CLIP-L gets an identity ``text_projection`` (diffusers' text_encoder has one)."""
+def write_diffusers(
+    folder: Path, w: PipelineWeights, *, dtype: torch.dtype | None = None, tokenizers: bool = True
+) -> Path:
+    """A diffusers folder with tokenizers; CLIP-L gets an identity ``text_projection`` (diffusers' text_encoder has one).
+
+    ``tokenizers=False`` leaves the tokenizer folders out (the toy BPE trainer is slow at real vocabulary sizes;
+    SD3's real tokenizers ship with the package)."""
     configs = diffusers_configs(w.configs)
     _write_json(
         folder / "model_index.json",
@@ -217,7 +222,10 @@ def write_diffusers(folder: Path, w: PipelineWeights, *, dtype: torch.dtype | No
             "tokenizer_3": ["transformers", "T5TokenizerFast"],
         },
     )
-    write_tiny_tokenizers(folder, clip_vocab=w.configs.clip_l.vocab_size, t5_vocab=w.configs.t5.vocab_size)
+    if tokenizers:
+        write_tiny_tokenizers(
+            folder, clip_vocab=w.configs.clip_l.vocab_size, t5_vocab=w.configs.t5.vocab_size
+        )
     _write_json(
         folder / "scheduler" / "scheduler_config.json",
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},

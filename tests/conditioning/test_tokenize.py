@@ -287,13 +287,13 @@ def test_missing_files_are_named(tiny, tmp_path):
     for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(tiny[name], root / name)
     (root / "tokenizer_3").mkdir()
-    (root / "tokenizer_3" / "spiece.model").write_bytes(b"")
+    (root / "tokenizer_3" / "special_tokens_map.json").write_text("{}")
     (root / "tokenizer_2" / "merges.txt").unlink()
     with pytest.raises(SD35Error) as e:
         SD3Tokenizer.from_root(root)
     msg = str(e.value)
     assert "tokenizer_2 (CLIP-G) needs vocab.json and merges.txt" in msg
-    assert "tokenizer_3 (T5) needs tokenizer.json" in msg
+    assert "tokenizer_3 (T5) needs tokenizer.json (or spiece.model)" in msg
     assert "tokenizer (CLIP-L)" not in msg
 
     with pytest.raises(SD35Error, match="no such tokenizer folder"):
@@ -340,3 +340,30 @@ def test_prompt_words():
     assert prompt_words("a\nb  c") == [("a", 1.0), ("b", 1.0), ("c", 1.0)]
     assert prompt_words("x(y)z") == [("x", 1.0), ("y", 1.1), ("z", 1.0)]
     assert prompt_words("(big red:1.5) dog\t!") == [("big", 1.5), ("red", 1.5), ("dog\t!", 1.0)]
+
+
+def test_t5_from_spiece_model_alone_equals_transformers(spm_t5, tiny, tmp_path):
+    from tests.conditioning.prompt_corpus import prompt_corpus
+
+    hf, sp, folder = spm_t5  # hf: T5TokenizerFast converted from spiece.model by transformers
+    only = tmp_path / "t5_spiece_only"
+    only.mkdir()
+    shutil.copy(folder.parent / "src" / "spiece.model", only / "spiece.model")
+    ours = SD3Tokenizer.from_folders(tiny["tokenizer"], tiny["tokenizer_2"], only)
+    assert ours.t5.vocab_size == len(hf) and ours.t5.eos_id == hf.eos_token_id == 1
+    words = sorted({w for p in prompt_corpus() for w in _words(p)})
+    assert ours.t5.encode_words(words) == [hf(w)["input_ids"][:-1] for w in words]
+    plain = [w for w in words if w.isascii() and w.isalnum()]
+    assert len(plain) > 100 and ours.t5.encode_words(plain) == [sp.encode(w) for w in plain]
+    out = ours(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        assert out.t5[i].tolist() == _reference_t5(hf, p), p
+
+
+@pytest.mark.parametrize("content", [b"\x0a\xff\xff\xff\x0f", b"\x0a\x02\x08\x01", b"", b"\x12\x03abc"])
+def test_broken_spiece_model_is_one_clear_error(tiny, tmp_path, content):
+    only = tmp_path / "t5"
+    only.mkdir()
+    (only / "spiece.model").write_bytes(content)
+    with pytest.raises(SD35Error, match="spiece.model: not a readable SentencePiece model"):
+        SD3Tokenizer.from_folders(tiny["tokenizer"], tiny["tokenizer_2"], only)
