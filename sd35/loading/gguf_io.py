@@ -1,0 +1,234 @@
+"""Reading GGUF files: the header, lazy tensors, and torch dequantization of the block formats.
+
+GGUF (llama.cpp's format; ComfyUI-GGUF and stable-diffusion.cpp store SD3 models in it) is a header of
+key/value metadata and tensor descriptions followed by aligned tensor data. This module reads the header
+itself (nothing is loaded until asked) and turns one tensor's bytes into a float tensor in torch, so a
+caller can keep the bytes quantized in memory and dequantize a layer at a time on the compute device.
+
+Dequantized here: F32, F16, BF16 and the 32-value block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (llama.cpp's
+``ggml-quants.c`` layouts: an fp16 scale ``d``, for the ``_1`` types an fp16 minimum ``m``, for Q5 a 32-bit
+mask of fifth bits, then the packed values; value ``j`` of a block sits in the low nibble of byte ``j`` and
+value ``j + 16`` in its high nibble). Checked against the ``gguf`` package's numpy dequantizer in
+``tests/loading/test_gguf_io.py``. K-quants and the rest are named in :data:`TYPE_NAMES` and refused for
+now with one clear message (they come with the loader, see the project's issue on GGUF).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sd35.errors import CheckpointError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# ggml type id -> name (ggml.h's enum ggml_type)
+TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+}  # fmt: skip
+# name -> (values per block, bytes per block) for the types dequantized here
+BLOCKS = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+}
+
+# GGUF metadata value types: id -> struct format (strings and arrays are handled apart)
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: where its bytes are and what they hold. ``shape`` is torch order
+    (outermost first; GGUF stores the dimensions innermost first)."""
+
+    name: str
+    type_name: str
+    shape: tuple[int, ...]
+    offset: int  # from the start of the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's metadata and tensor table; :meth:`raw` and :meth:`dequantize` read one tensor."""
+
+    path: Path
+    version: int
+    metadata: dict[str, object]
+    tensors: dict[str, GGUFTensor]
+    _map: mmap.mmap
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 array over the mapped file (nothing copied)."""
+        t = self.tensors[name]
+        return np.frombuffer(self._map, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def dequantize(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """The tensor as ``dtype`` on ``device`` (the bytes move to the device quantized, then expand there)."""
+        t = self.tensors[name]
+        data = torch.from_numpy(self.raw(name).copy()).to(device)
+        return dequantize(data, t.type_name, t.shape).to(dtype)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class _Reader:
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise CheckpointError(f"{self.path}: the GGUF header is cut short; the file is truncated.")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise CheckpointError(f"{self.path}: the GGUF header is cut short; the file is truncated.")
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, n = self.take("<I"), self.take("<Q")
+            return [self.value(item) for _ in range(n)]
+        raise CheckpointError(
+            f"{self.path}: unknown GGUF metadata value type {kind}; the file may be damaged."
+        )
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse the header of ``path`` (memory-mapped; tensor data is read only when asked for)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read this file ({e}).") from e
+    if buf[:4] != MAGIC:
+        buf.close()
+        raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF').")
+    r = _Reader(buf, path)
+    r.pos = 4
+    version = r.take("<I")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are).")
+    n_tensors, n_kv = r.take("<Q"), r.take("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = r.string()
+        metadata[key] = r.value(r.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        dims = [r.take("<Q") for _ in range(r.take("<I"))]
+        infos.append((name, tuple(reversed(dims)), r.take("<I"), r.take("<Q")))
+    align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    start = -(-r.pos // align) * align
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        type_name = TYPE_NAMES.get(type_id, f"type {type_id}")
+        n = 1
+        for d in shape:
+            n *= d
+        per_block, block_bytes = BLOCKS.get(type_name, (1, 0))
+        nbytes = n // per_block * block_bytes
+        if start + offset + nbytes > len(buf):
+            raise CheckpointError(
+                f"{path}: tensor {name} runs past the end of the file; the file is truncated (download it again)."
+            )
+        tensors[name] = GGUFTensor(name, type_name, shape, start + offset, nbytes)
+    return GGUFFile(path, version, metadata, tensors, buf)
+
+
+def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 value stored at byte ``start`` of each block, as float32."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 packed bytes per block -> 32 values: low nibbles are values 0-15, high nibbles values 16-31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1).to(torch.int32)
+
+
+def _fifth_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Q5's 32-bit mask at byte ``start``: bit j is the fifth bit of value j, as 0 or 16 per value."""
+    qh = blocks[:, start : start + 4].to(torch.int64)
+    mask = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)
+    bits = (mask[:, None] >> torch.arange(32, device=blocks.device)) & 1
+    return (bits << 4).to(torch.int32)
+
+
+def dequantize(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 values of ``shape`` from the uint8 ``data`` of one tensor stored as ``type_name``."""
+    if type_name not in BLOCKS:
+        raise CheckpointError(
+            f"GGUF tensor type {type_name} is not supported (supported: {', '.join(BLOCKS)}); "
+            "convert the file to one of those."
+        )
+    if type_name == "F32":
+        return data.view(torch.float32).reshape(shape)
+    if type_name == "F16":
+        return data.view(torch.float16).to(torch.float32).reshape(shape)
+    if type_name == "BF16":
+        return data.view(torch.bfloat16).to(torch.float32).reshape(shape)
+    blocks = data.reshape(-1, BLOCKS[type_name][1])
+    d = _halves(blocks, 0)
+    if type_name == "Q8_0":
+        q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+        return (d * q).reshape(shape)
+    if type_name == "Q4_0":
+        q = _nibbles(blocks[:, 2:]) - 8
+        return (d * q).reshape(shape)
+    if type_name == "Q4_1":
+        q = _nibbles(blocks[:, 4:])
+        return (d * q + _halves(blocks, 2)).reshape(shape)
+    if type_name == "Q5_0":
+        q = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks, 2)) - 16
+        return (d * q).reshape(shape)
+    q = _nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4)  # Q5_1
+    return (d * q + _halves(blocks, 2)).reshape(shape)
