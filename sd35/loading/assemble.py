@@ -33,6 +33,7 @@ from sd35.loading.components import (
     load_component,
     scan,
 )
+from sd35.loading.gguf_io import is_gguf
 from sd35.loading.safetensors_io import read_metadata
 from sd35.memory import check_memory_mode
 from sd35.models.clip import CLIPTextConfig
@@ -201,7 +202,7 @@ def load_pipeline(
         )
 
     source = parts[MMDITX].source
-    metadata = read_metadata(source) if source.is_file() else {}
+    metadata = read_metadata(source) if source.is_file() and not is_gguf(source) else {}
     text_device = device if memory == "high" else torch.device("cpu")
     mmditx = load_component(parts[MMDITX], dtype, torch.device("cpu") if memory == "low" else device)
     vae = load_component(parts[VAE], dtype, device)

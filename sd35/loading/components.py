@@ -20,6 +20,7 @@ import torch
 from sd35.errors import CheckpointError, MissingComponentError
 from sd35.loading.diffusers_mmditx import is_diffusers_mmditx, mmditx_from_diffusers
 from sd35.loading.diffusers_vae import is_diffusers_vae, is_official_vae, vae_from_diffusers
+from sd35.loading.gguf_io import is_gguf, lazy_tensors, read_gguf
 from sd35.loading.safetensors_io import open_safetensors, shards_of
 from sd35.loading.tensors import LazyTensor, dtype_mix, shape_of
 
@@ -174,9 +175,45 @@ def _classify_bare(tensors: dict[str, LazyTensor], path: Path, layout: str) -> C
     return None
 
 
+GGUF_LAYOUT = "GGUF"
+
+
+def scan_gguf(path: Path) -> list[Component]:
+    """An MMDiT-X in a GGUF file: ComfyUI-GGUF's SD3 layout (architecture "sd3", the official keys without
+    ``model.diffusion_model.``), or stable-diffusion.cpp's (the official single file's prefixed keys, with the
+    VAE and text encoders when it converted them too). Other architectures are named and refused."""
+    f = read_gguf(path)
+    arch = str(f.metadata.get("general.architecture", "unknown"))
+    tensors = lazy_tensors(f)
+    keys = set(tensors)
+    foreign = foreign_model(keys)
+    if arch not in ("sd3", "unknown") or foreign:
+        what = foreign or f'a GGUF of architecture "{arch}"'
+        raise CheckpointError(
+            f"{path}: this is {what}, not an SD3/SD3.5 MMDiT-X. sd35 reads SD3-family GGUF files only."
+        )
+    # stable-diffusion.cpp converts whole checkpoints and keeps their prefixes (VAE, text encoders beside)
+    parts = _split_by_prefix(tensors) if _has_prefix(keys, "model.diffusion_model.") else {MMDITX: tensors}
+    if not _has_prefix(parts.get(MMDITX, {}), "joint_blocks."):
+        sample = ", ".join(sorted(keys)[:3])
+        raise CheckpointError(
+            f"{path}: a GGUF file, but not an SD3 MMDiT-X (no joint_blocks; first keys: {sample})."
+        )
+    out = []
+    for kind, sub in parts.items():
+        if kind in (CLIP_L, CLIP_G):
+            sub = {k: v for k, v in sub.items() if not k.endswith("position_ids")}
+        types = ", ".join(sorted({t.type_name for t in sub.values()}))
+        how = "kept quantized" if kind == MMDITX else "dequantized as it loads"
+        out.append(Component(kind, sub, path, GGUF_LAYOUT, [f"GGUF {types} ({how})"]))
+    return out
+
+
 def scan_file(path: str | Path) -> list[Component]:
-    """The components inside one safetensors file."""
+    """The components inside one safetensors (or GGUF) file."""
     path = Path(path)
+    if is_gguf(path):
+        return scan_gguf(path)
     tensors = open_safetensors(path)
     keys = set(tensors)
     notes: list[str] = []
@@ -333,7 +370,9 @@ def load_component(
 
     what = f"{c.name} in {c.source}"
     if c.kind == MMDITX:
-        return MMDiTX.from_state_dict(c.tensors, dtype=dtype, device=device, what=what)
+        return MMDiTX.from_state_dict(
+            c.tensors, dtype=dtype, device=device, what=what, quantized=c.layout == GGUF_LAYOUT
+        )
     if c.kind == VAE:
         return VAEModel.from_state_dict(c.tensors, dtype=dtype, device=device, what=what)
     if c.kind in (CLIP_L, CLIP_G):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from sd35.errors import CheckpointError
+from sd35.loading.tensors import LazyTensor
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -141,6 +143,15 @@ class _Reader:
         )
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether the file at ``path`` starts with GGUF's magic (False for folders and unreadable files)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse the header of ``path`` (memory-mapped; tensor data is read only when asked for)."""
     path = Path(path)
@@ -232,3 +243,42 @@ def dequantize(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> to
         return (d * q).reshape(shape)
     q = _nibbles(blocks[:, 8:]) | _fifth_bits(blocks, 4)  # Q5_1
     return (d * q + _halves(blocks, 2)).reshape(shape)
+
+
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GGUFLazyTensor(LazyTensor):
+    """A lazy tensor of a GGUF file: ``load()`` dequantizes it (float32, or its own float dtype), while
+    ``raw()`` gives the stored bytes, so a layer can keep them quantized (:mod:`sd35.models.gguf_linear`)."""
+
+    type_name: str = "F32"
+    raw: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.type_name not in FLOAT_TYPES
+
+
+def lazy_tensors(f: GGUFFile) -> dict[str, GGUFLazyTensor]:
+    """Every tensor of ``f`` as a :class:`GGUFLazyTensor`; an unsupported type is refused here, by name."""
+    bad = sorted({t.type_name for t in f.tensors.values() if t.type_name not in BLOCKS})
+    if bad:
+        raise CheckpointError(
+            f"{f.path}: holds tensors of GGUF type {', '.join(bad)}, which sd35 does not read yet (it reads "
+            f"{', '.join(BLOCKS)}); use a file of one of those types."
+        )
+    out = {}
+    for name, t in f.tensors.items():
+
+        def raw(name: str = name) -> torch.Tensor:
+            return torch.from_numpy(f.raw(name).copy())
+
+        def load(t: GGUFTensor = t, raw=raw) -> torch.Tensor:
+            value = dequantize(raw(), t.type_name, t.shape)
+            return value.to(FLOAT_TYPES[t.type_name]) if t.type_name in FLOAT_TYPES else value
+
+        dtype = FLOAT_TYPES.get(t.type_name, torch.float32)
+        out[name] = GGUFLazyTensor(t.shape, dtype, load, f"{f.path.name}:{name}", t.type_name, raw)
+    return out

@@ -52,7 +52,9 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def _sniff_foreign_format(path: Path, head: bytes) -> str | None:
     if head[:4] == b"GGUF":
-        return "a GGUF file (quantized GGUF checkpoints are not supported yet; use the .safetensors release)"
+        return (
+            "a GGUF file; only an MMDiT-X may be GGUF (give it as the model), this place reads .safetensors"
+        )
     if head[:2] == b"PK":
         return "a PyTorch pickle/zip checkpoint (.ckpt/.pt); convert it to .safetensors or use the .safetensors release"
     if head[:1] == b"\x80":

@@ -30,6 +30,7 @@ from torch import nn
 from sd35.errors import CheckpointError, SD35Error
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.gguf_linear import keep_quantized
 from sd35.models.modulation import FusedLinears
 
 PREFIX = "model.diffusion_model."
@@ -400,17 +401,23 @@ class MMDiTX(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         what: str = "MMDiT-X",
+        quantized: bool = False,
     ) -> MMDiTX:
-        """Build from official keys, with or without the ``model.diffusion_model.`` prefix."""
+        """Build from official keys, with or without the ``model.diffusion_model.`` prefix.
+
+        ``quantized``: linears whose weights are quantized GGUF tensors keep them so (:mod:`sd35.models.gguf_linear`).
+        """
         sd = strip_prefix(sd)
         config = MMDiTXConfig.from_state_dict(sd)
         with torch.device("meta"):
             model = cls(config)
+        if quantized:
+            sd = keep_quantized(model, sd)
         return load_weights(model, sd, what=what, dtype=dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.context_embedder.weight.dtype
+        return self.pos_embed.dtype  # a float buffer whatever the linears store (GGUF bytes, fp8)
 
     def _apply(self, fn, recurse: bool = True):
         """Moving or casting the model drops the fused-adaLN cache (it would otherwise stay behind on the old device)."""
