@@ -5,12 +5,12 @@ key/value metadata and tensor descriptions followed by aligned tensor data. This
 itself (nothing is loaded until asked) and turns one tensor's bytes into a float tensor in torch, so a
 caller can keep the bytes quantized in memory and dequantize a layer at a time on the compute device.
 
-Dequantized here: F32, F16, BF16 and the 32-value block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (llama.cpp's
+Dequantized here: F32, F16, BF16, the 32-value block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (llama.cpp's
 ``ggml-quants.c`` layouts: an fp16 scale ``d``, for the ``_1`` types an fp16 minimum ``m``, for Q5 a 32-bit
 mask of fifth bits, then the packed values; value ``j`` of a block sits in the low nibble of byte ``j`` and
 value ``j + 16`` in its high nibble). Checked against the ``gguf`` package's numpy dequantizer in
-``tests/loading/test_gguf_io.py``. K-quants and the rest are named in :data:`TYPE_NAMES` and refused for
-now with one clear message (they come with the loader, see the project's issue on GGUF).
+``tests/loading/test_gguf_io.py``; so are the K-quants Q4_K, Q5_K and Q6_K (the ``_K_M`` files' types).
+Q2_K, Q3_K and the IQ types are named in :data:`TYPE_NAMES` and refused with one clear message.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ BLOCKS = {
     "Q4_1": (32, 20),
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
 }
 
 # GGUF metadata value types: id -> struct format (strings and arrays are handled apart)
@@ -214,6 +217,51 @@ def _fifth_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return (bits << 4).to(torch.int32)
 
 
+def _k_scales(blocks: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 8 six-bit (scale, min) pairs packed in 12 bytes at ``start``, as float32 [blocks, 8] each.
+
+    Pairs 0-3: the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); pairs 4-7: the nibbles of bytes 8-11
+    with the top 2 bits of bytes 0-3 (scales) and 4-7 (mins) above them."""
+    q = blocks[:, start : start + 12].to(torch.int32)
+    lo_sc, lo_m = q[:, 0:4] & 63, q[:, 4:8] & 63
+    hi_sc = (q[:, 8:12] & 0x0F) | ((q[:, 0:4] >> 6) << 4)
+    hi_m = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], 1).float(), torch.cat([lo_m, hi_m], 1).float()
+
+
+def _k_4bit(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> 256 values in Q4_K/Q5_K order: each 32-byte group gives 32 low nibbles, then 32 high."""
+    g = qs.reshape(qs.shape[0], 4, 32).to(torch.int32)
+    return torch.stack([g & 0x0F, g >> 4], dim=2).reshape(qs.shape[0], 256)
+
+
+def _dequantize_k(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """llama.cpp's K-quants (256 values a block): Q4_K, Q5_K (8 sub-blocks of 32 with 6-bit scales and
+    mins) and Q6_K (16 sub-blocks of 16 with int8 scales)."""
+    n = blocks.shape[0]
+    if type_name == "Q6_K":
+        ql = blocks[:, 0:128].to(torch.int32).reshape(n, 2, 64)
+        qh = blocks[:, 128:192].to(torch.int32).reshape(n, 2, 32)
+        sc = blocks[:, 192:208].contiguous().view(torch.int8).float().reshape(n, 16)
+        d = _halves(blocks, 208)
+        q1 = (ql[:, :, :32] & 0x0F) | ((qh & 3) << 4)
+        q2 = (ql[:, :, 32:] & 0x0F) | (((qh >> 2) & 3) << 4)
+        q3 = (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4)
+        q4 = (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4)
+        q = (torch.stack([q1, q2, q3, q4], dim=2) - 32).float().reshape(n, 16, 16)  # [half, quarter, 32]
+        return (d[:, :, None] * sc[:, :, None] * q).reshape(n, 256)
+    d, dmin = _halves(blocks, 0), _halves(blocks, 2)
+    sc, m = _k_scales(blocks, 4)
+    if type_name == "Q4_K":
+        q = _k_4bit(blocks[:, 16:144])
+    else:  # Q5_K: bit j of qh[l] (bits 2g and 2g+1 for group g) is the fifth bit of values l of sub-block j
+        qh = blocks[:, 16:48].to(torch.int32)
+        bits = (qh[:, None, :] >> torch.arange(8, device=blocks.device)[None, :, None]) & 1  # [n, 8, 32]
+        q = _k_4bit(blocks[:, 48:176]) + (bits.reshape(n, 256) << 4)
+    q = q.float().reshape(n, 8, 32)
+    return ((d * sc)[:, :, None] * q - (dmin * m)[:, :, None]).reshape(n, 256)
+
+
 def dequantize(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Float32 values of ``shape`` from the uint8 ``data`` of one tensor stored as ``type_name``."""
     if type_name not in BLOCKS:
@@ -228,6 +276,8 @@ def dequantize(data: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> to
     if type_name == "BF16":
         return data.view(torch.bfloat16).to(torch.float32).reshape(shape)
     blocks = data.reshape(-1, BLOCKS[type_name][1])
+    if type_name.endswith("_K"):
+        return _dequantize_k(blocks, type_name).reshape(shape)
     d = _halves(blocks, 0)
     if type_name == "Q8_0":
         q = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)
