@@ -178,6 +178,39 @@ def _classify_bare(tensors: dict[str, LazyTensor], path: Path, layout: str) -> C
 GGUF_LAYOUT = "GGUF"
 
 
+# llama.cpp's names for a T5 encoder (architecture "t5encoder"; ComfyUI-GGUF reads them) -> HF's
+_T5_GGUF_NAMES = {
+    "attn_q": "layer.0.SelfAttention.q",
+    "attn_k": "layer.0.SelfAttention.k",
+    "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "attn_norm": "layer.0.layer_norm",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo",
+    "ffn_norm": "layer.1.layer_norm",
+}
+
+
+def _t5_from_llama_names(tensors: dict, path: Path) -> dict:
+    """A llama.cpp T5 encoder's tensors under HF T5 names (``enc.blk.3.attn_q.weight`` ->
+    ``encoder.block.3.layer.0.SelfAttention.q.weight``)."""
+    out = {}
+    for key, t in tensors.items():
+        if key == "token_embd.weight":
+            out["encoder.embed_tokens.weight"] = t
+        elif key == "enc.output_norm.weight":
+            out["encoder.final_layer_norm.weight"] = t
+        elif (m := re.fullmatch(r"enc\.blk\.(\d+)\.(\w+)\.weight", key)) and m.group(2) in _T5_GGUF_NAMES:
+            out[f"encoder.block.{m.group(1)}.{_T5_GGUF_NAMES[m.group(2)]}.weight"] = t
+        elif not key.startswith("dec."):  # a full T5's decoder is not needed
+            raise CheckpointError(
+                f"{path}: a T5 GGUF with an unknown tensor '{key}'; the file is of another model."
+            )
+    return out
+
+
 def scan_gguf(path: Path) -> list[Component]:
     """An MMDiT-X in a GGUF file: ComfyUI-GGUF's SD3 layout (architecture "sd3", the official keys without
     ``model.diffusion_model.``), or stable-diffusion.cpp's (the official single file's prefixed keys, with the
@@ -187,6 +220,10 @@ def scan_gguf(path: Path) -> list[Component]:
     tensors = lazy_tensors(f)
     keys = set(tensors)
     foreign = foreign_model(keys)
+    if arch in ("t5encoder", "t5") and "token_embd.weight" in keys:
+        t5 = _t5_from_llama_names(tensors, path)
+        types = ", ".join(sorted({t.type_name for t in t5.values()}))
+        return [Component(T5XXL, t5, path, GGUF_LAYOUT, [f"GGUF {types} (kept quantized)"])]
     if arch not in ("sd3", "unknown") or foreign:
         what = foreign or f'a GGUF of architecture "{arch}"'
         raise CheckpointError(
@@ -204,7 +241,7 @@ def scan_gguf(path: Path) -> list[Component]:
         if kind in (CLIP_L, CLIP_G):
             sub = {k: v for k, v in sub.items() if not k.endswith("position_ids")}
         types = ", ".join(sorted({t.type_name for t in sub.values()}))
-        how = "kept quantized" if kind == MMDITX else "dequantized as it loads"
+        how = "kept quantized" if kind in (MMDITX, T5XXL) else "dequantized as it loads"
         out.append(Component(kind, sub, path, GGUF_LAYOUT, [f"GGUF {types} ({how})"]))
     return out
 
@@ -378,7 +415,9 @@ def load_component(
     if c.kind in (CLIP_L, CLIP_G):
         return CLIPTextEncoder.from_state_dict(c.tensors, kind=c.kind, dtype=dtype, device=device, what=what)
     if c.kind == T5XXL:
-        return T5Encoder.from_state_dict(c.tensors, dtype=dtype, device=device, what=what)
+        return T5Encoder.from_state_dict(
+            c.tensors, dtype=dtype, device=device, what=what, quantized=c.layout == GGUF_LAYOUT
+        )
     raise CheckpointError(f"{c.source}: cannot build a model for an unresolved {c.name}.")
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from sd35.errors import CheckpointError
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.gguf_linear import keep_quantized
 
 _EMBED = "encoder.embed_tokens.weight"
 _SHARED = "shared.weight"
@@ -203,14 +204,18 @@ class T5Encoder(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         what: str = "T5",
+        quantized: bool = False,
     ) -> T5Encoder:
         """Build from an HF-layout state dict holding the embedding as ``encoder.embed_tokens.weight``,
-        ``shared.weight`` or both (then identical; ``shared.weight`` is ignored)."""
+        ``shared.weight`` or both (then identical; ``shared.weight`` is ignored). ``quantized``: linears whose
+        weights are quantized GGUF tensors keep them so (:mod:`sd35.models.gguf_linear`)."""
         config = T5Config.from_state_dict(sd, what)
         if _EMBED not in sd:
             sd = {**sd, _EMBED: sd[_SHARED]}
         with torch.device("meta"):
             model = cls(config)
+        if quantized:
+            sd = keep_quantized(model, sd)
         load_weights(model, sd, what=what, dtype=dtype, device=device, ignore=[re.escape(_SHARED)])
         return model
 

@@ -162,3 +162,36 @@ def test_stable_diffusion_cpp_layout_carries_its_vae(tmp_path, weights):
     a = ours.generate("a red circle", width=32, height=32, steps=2, seed=4)[0]
     b = theirs.generate("a red circle", width=32, height=32, steps=2, seed=4)[0]
     assert pixel_diff(a, b).max() <= 1
+
+
+LLAMA_T5 = {v: k for k, v in {
+    "attn_q": "layer.0.SelfAttention.q", "attn_k": "layer.0.SelfAttention.k", "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o", "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "attn_norm": "layer.0.layer_norm", "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_up": "layer.1.DenseReluDense.wi_1", "ffn_down": "layer.1.DenseReluDense.wo", "ffn_norm": "layer.1.layer_norm",
+}.items()}  # fmt: skip
+
+
+def _llama_name(key):
+    if key == "encoder.embed_tokens.weight":
+        return "token_embd.weight"
+    if key == "encoder.final_layer_norm.weight":
+        return "enc.output_norm.weight"
+    _, _, n, rest = key.split(".", 3)
+    return f"enc.blk.{n}.{LLAMA_T5[rest.removesuffix('.weight')]}.weight"
+
+
+def test_t5_gguf_in_llama_names_encodes_as_its_dequantized_weights(tmp_path, weights):
+    from sd35.models.t5 import T5Encoder
+
+    named = {_llama_name(k): v for k, v in weights.t5.items()}
+    reference = write_gguf(tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf", named, "Q8_0", arch="t5encoder")
+    (comp,) = scan([tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf"])
+    assert comp.kind == "t5xxl"
+    ours = load_component(comp, torch.float32)
+    assert any(isinstance(m, GGUFLinear) for m in ours.modules())
+    back = {v: k for k, v in {k: _llama_name(k) for k in weights.t5}.items()}
+    theirs = T5Encoder.from_state_dict({back[k]: v for k, v in reference.items()})
+    tokens = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(ours(tokens), theirs(tokens)) <= 1e-5
