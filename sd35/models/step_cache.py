@@ -11,7 +11,9 @@ away unnoticed: the difference grows until a call runs in full again.
 Opt-in (``--cache fbcache:THRESHOLD``): with it off nothing here runs and the image is the reference's.
 A threshold of 0 never skips (a difference is never below 0), so it runs the bookkeeping and gives the
 uncached image bit for bit, which the tests use. One cache lives for one sampling run; calls that see
-different inputs (the CFG batch, the Skip Layer Guidance pass) keep separate entries.
+different inputs (the CFG batch, the Skip Layer Guidance pass) keep separate entries. The decision is taken
+for a whole batch at once (its mean difference), so with the cache on, an image sampled in a batch with
+others (``num_images``, the server's batching) may differ slightly from the same image sampled alone.
 """
 
 from __future__ import annotations
