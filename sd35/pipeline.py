@@ -51,7 +51,7 @@ from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
 from sd35.sampling.samplers import Generators, get_sampler
-from sd35.sampling.schedules import get_sigmas, img2img_sigmas
+from sd35.sampling.schedules import get_sigmas, img2img_sigmas, img2img_start
 
 if TYPE_CHECKING:
     from sd35.accel import GraphedDenoiser
@@ -372,6 +372,8 @@ class SD3Pipeline:
             check_slg_layers(req.slg, self.mmditx.config.depth)
         if req.edit is not None:
             notes += self._check_edit(req.edit, req.width, req.height)
+            if req.edit.strength > 0:  # 0 is a VAE round trip, with no sampling
+                img2img_start(req.steps, req.edit.strength, param="edit.strength")
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
         return CheckedRequest(req, tuple(notes))
