@@ -2,7 +2,7 @@
 measured matmul rate the step reaches.
 
     python benchmarks/cpu_profile.py                     # SD3.5 Medium's width (1536, depth 24), 512 px, bf16
-    python benchmarks/cpu_profile.py --scaled --size 256 # the scaled config (hidden 512, depth 8)
+    python benchmarks/cpu_profile.py --scaled --size 256 # the scaled config (hidden 256, depth 4)
     python benchmarks/cpu_profile.py --dtype fp32 --rows 30
 
 The step's FLOPs are counted from the shapes (every linear and the attention's two matmuls; the
