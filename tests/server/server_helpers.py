@@ -72,12 +72,12 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
 
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), killed if it takes too long."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """A clean shutdown (SIGTERM), killed if it takes longer than ``timeout``."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
 
