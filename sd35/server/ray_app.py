@@ -165,6 +165,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, shared_queue=True)
     check_bind(settings)
+    deployment_options(args)  # bad replica counts are refused before Ray starts
     local = args.ray_address is None
     if local:
         check_port(settings.host, settings.port)

@@ -12,7 +12,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.server.http_helpers import open_png, wait_final, wait_until
-from tests.server.server_helpers import ServerProcess
+from tests.server.server_helpers import ServerProcess, free_port
+from tests.server.test_security import assert_one_line_error, refused_start
 
 JOBS = 12
 STEPS = 8
@@ -105,3 +106,13 @@ def test_two_servers_share_a_queue_and_survive_a_kill(pair):
             job = client.get(f"/v1/jobs/{job_id}").json()
             assert job["status"] == "done"
             assert client.get(job["images"][0]).content == downloaded[job_id]
+
+
+def test_a_bad_job_database_is_refused_at_start_in_one_line(tmp_path):
+    """Not a PostgreSQL URL, and a server that is not there (its password never printed): one line each,
+    before the model is read."""
+    line = assert_one_line_error(refused_start(tmp_path / "a", "--jobs-db", "mysql://u:hunter2@h/db"))
+    assert "--jobs-db" in line and "postgresql://" in line and "hunter2" not in line
+    url = f"postgresql://sd35:hunter2@127.0.0.1:{free_port()}/jobs"
+    line = assert_one_line_error(refused_start(tmp_path / "b", "--jobs-db", url))
+    assert "cannot connect" in line and "--jobs-db" in line and "hunter2" not in line, line
