@@ -5,9 +5,10 @@
 
 Both servers run at once, each with its own data folder; requests are sequential (one client), so the
 difference is the per-request cost of Ray's HTTP proxy, its router and the hop to the replica process, not
-of queueing. Blocks of ``--requests`` requests alternate between the servers, ``--repeats`` times. Three
-requests: ``GET /health`` (no model work: the proxy's cost alone), A1111 ``txt2img`` with 2 steps (a short
-job) and with 20 steps (the model's default run on the demo model). Also reported: the time from starting
+of queueing. Blocks of ``--requests`` requests alternate between the servers, ``--repeats`` times. The
+requests: ``GET /sdapi/v1/samplers`` (no model work: the proxy's cost alone), ``GET /health`` (on Ray it
+also asks Serve's controller for every replica's state), A1111 ``txt2img`` with 2 steps (a short job) and
+with 20 steps (the model's default run on the demo model). Also reported: the time from starting
 each server to its first healthy ``/health``.
 """
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import Server  # noqa: E402 (the benchmark folder is not a package)
 
 REQUESTS = {
+    "GET /sdapi/v1/samplers": ("GET", "/sdapi/v1/samplers", None),
     "GET /health": ("GET", "/health", None),
     "txt2img, 2 steps": ("POST", "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 2, "seed": 1}),
     "txt2img, 20 steps": ("POST", "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 20, "seed": 1}),
@@ -77,15 +79,19 @@ def main() -> None:
         plain.stop()
 
     rows = {}
-    print(f"{platform.node()}: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"{platform.node()}: {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
     print(f"start to healthy: plain {plain_start:.1f} s, ray (Ray + 1 replica) {ray_start:.1f} s")
-    print(f"{'request':<20} {'plain p50 ms':>13} {'ray p50 ms':>11} {'overhead ms':>12}")
+    print(f"{'request':<24} {'plain p50 ms':>13} {'ray p50 ms':>11} {'overhead ms':>12}")
     for name, by in samples.items():
         a, b = statistics.median(by["plain"]) * 1e3, statistics.median(by["ray"]) * 1e3
         rows[name] = {"plain_p50_ms": a, "ray_p50_ms": b, "overhead_ms": b - a, "n": len(by["ray"])}
-        print(f"{name:<20} {a:>13.1f} {b:>11.1f} {b - a:>12.1f}")
+        print(f"{name:<24} {a:>13.1f} {b:>11.1f} {b - a:>12.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"start_s": {"plain": plain_start, "ray": ray_start}, "p50": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"start_s": {"plain": plain_start, "ray": ray_start}, "p50": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

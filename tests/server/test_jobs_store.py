@@ -452,3 +452,28 @@ def test_purge_deletes_old_finished_jobs_and_their_files_only(store):
     # unfinished jobs are never purged, however old
     assert store.purge(time.time() + 3600) == 1
     assert {j.id for j in store.recent()} == {still_running.id, still_queued.id}
+
+
+def test_a_database_from_before_leases_gains_their_columns(tmp_path):
+    """A SQLite queue made by an earlier version (no worker or lease columns) opens, keeps its jobs, and
+    runs them under leases."""
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, idempotency_key "
+        "TEXT UNIQUE, api TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL, "
+        "attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, finished REAL, error TEXT, "
+        "result TEXT);"
+        "INSERT INTO jobs (id, api, model, status, request, created) "
+        "VALUES ('0123456789abcdef01234567', 'native', 'm', 'queued', '{\"prompt\": \"old\"}', 1.0);"
+    )
+    old.close()
+    s = JobStore(tmp_path)
+    try:
+        job = s.get("0123456789abcdef01234567")
+        assert job.request == {"prompt": "old"} and job.worker is None and job.lease is None
+        assert s.start([job.id], "w1", lease_s=60) == [job.id]
+        assert s.get(job.id).worker == "w1"
+    finally:
+        s.close()

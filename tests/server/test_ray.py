@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.server.http_helpers import open_png, pixels, wait_until
-from tests.server.server_helpers import ServerProcess
+from tests.server.server_helpers import ServerProcess, db_rows
 
 pytestmark = pytest.mark.ray
 
@@ -70,15 +69,6 @@ def image_of(response: httpx.Response) -> np.ndarray:
     import base64
 
     return pixels(open_png(base64.b64decode(response.json()["images"][0])))
-
-
-def db_rows(data_dir) -> dict[str, sqlite3.Row]:
-    db = sqlite3.connect(data_dir / "jobs.sqlite3")
-    db.row_factory = sqlite3.Row
-    try:
-        return {row["id"]: row for row in db.execute("SELECT * FROM jobs")}
-    finally:
-        db.close()
 
 
 def test_requests_are_spread_over_replicas_and_make_the_single_process_images(servers):
