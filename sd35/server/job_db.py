@@ -116,6 +116,7 @@ class PostgresDatabase:
     servers), and claims lock the rows they take with ``FOR UPDATE SKIP LOCKED``."""
 
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    _closing = False
 
     def __init__(self, url: str):
         try:
@@ -126,8 +127,11 @@ class PostgresDatabase:
                 "a PostgreSQL job store needs psycopg 3: pip install 'psycopg[binary]'.", param="jobs_db"
             ) from None
         self._lock = threading.RLock()
+        self._connect = lambda: psycopg.connect(
+            url, autocommit=True, row_factory=dict_row, connect_timeout=10
+        )
         try:
-            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+            self._db = self._connect()
         except psycopg.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SD35Error(
@@ -142,19 +146,27 @@ class PostgresDatabase:
             )
             self.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq)")
 
+    def _live(self):
+        """The connection, made again if the last one broke (the database restarted, a network blip): the
+        statement that found it broken failed, the next one works."""
+        if self._db.broken or self._db.closed and not self._closing:
+            self._db = self._connect()
+        return self._db
+
     def execute(self, sql: str, args: Sequence[Any] = ()) -> _Cursor:
         with self._lock:
-            return _Cursor(self._db.execute(sql.replace("?", "%s"), tuple(args)))
+            return _Cursor(self._live().execute(sql.replace("?", "%s"), tuple(args)))
 
     @contextmanager
     def transaction(self, serialized: bool = False) -> Iterator[PostgresDatabase]:
-        with self._lock, self._db.transaction():
+        with self._lock, self._live().transaction():
             if serialized:
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (ADMISSION_LOCK,))
             yield self
 
     def close(self) -> None:
         with self._lock:
+            self._closing = True
             self._db.close()
 
 

@@ -477,3 +477,24 @@ def test_a_database_from_before_leases_gains_their_columns(tmp_path):
         assert s.get(job.id).worker == "w1"
     finally:
         s.close()
+
+
+def test_a_postgresql_store_reconnects_after_its_connection_dies(postgres, tmp_path):
+    """The database restarted or a network blip cut the connection: the statement that finds it broken
+    fails, and the store connects again for the next one."""
+    import psycopg
+
+    url = postgres.new_database()
+    s = JobStore(tmp_path, url)
+    try:
+        job, _ = s.enqueue("native", "m", body(), limit=5)
+        with psycopg.connect(url, autocommit=True) as admin:
+            (pid,) = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()").fetchone()  # fmt: skip
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            s.get(job.id)
+        assert s.get(job.id) == job
+        assert s.start([job.id], "w") == [job.id]
+    finally:
+        s.close()

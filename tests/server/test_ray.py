@@ -2,7 +2,8 @@
 both replicas and make the single-process server's images; Ray Serve's back-pressure is our 429 with
 Retry-After; a replica killed (SIGKILL) in the middle of requests is restarted by Ray, its in-flight
 requests fail with a 5xx that a retry with the same Idempotency-Key answers, and no job runs to the end
-twice. Slow (Ray starts in ~10 s, each replica loads its model): CI runs these in their own step."""
+twice. Slow (Ray and two replicas take ~30 s to start on 2 cores): `make test` runs these in their own
+step with a time limit."""
 
 from __future__ import annotations
 
