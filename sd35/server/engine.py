@@ -344,8 +344,8 @@ class Engine:
             self._switch(first.model)
             head = self.pipe.check(_decode(first)).request
         except Exception as e:
-            self.store.start([first.id], self.worker_id, self.settings.lease_s)
-            self._fail(first.id, e)
+            if self.store.start([first.id], self.worker_id, self.settings.lease_s):  # not if another took it
+                self._fail(first.id, e)
             return []
         batch = [(first, head)]
         key = batch_key(head) if self.settings.batching else None

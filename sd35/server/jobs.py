@@ -134,7 +134,6 @@ class JobStore:
             ) from None
         check_writable_folder(self.images_dir)
         self._db = open_database(self.data_dir, db_url)
-        self.shared = db_url is not None  # other machines may serve this queue
 
     def close(self) -> None:
         self._db.close()
