@@ -24,17 +24,40 @@ from sd35.errors import (
     SD35Warning,
     Unsupported,
 )
-from sd35.loading.assemble import load_pipeline
-from sd35.loading.components import Component, assemble, load_component, load_models, scan
-from sd35.models.clip import CLIPTextConfig, CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig
-from sd35.models.t5 import T5Config, T5Encoder
-from sd35.models.vae import VAE, VAEConfig
-from sd35.pipeline import SD3Pipeline
-from sd35.presets import ModelDefaults
-from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
-from sd35.result import GenerateResult, Progress
-from sd35.sampling.guidance import APG, SkipLayerGuidance
+
+# Everything below imports torch, so it loads on first use (PEP 562): ``sd35 --help`` and the command
+# line's thread setup (:mod:`sd35.cpu_threads`, which must run before torch starts its OpenMP pool) come
+# first, and ``import sd35`` stays cheap for code that only needs the errors.
+_LAZY: dict[str, str] = {
+    "load_pipeline": "sd35.loading.assemble",
+    **dict.fromkeys(
+        ["Component", "assemble", "load_component", "load_models", "scan"], "sd35.loading.components"
+    ),
+    **dict.fromkeys(["CLIPTextConfig", "CLIPTextEncoder"], "sd35.models.clip"),
+    **dict.fromkeys(["MMDiTX", "MMDiTXConfig"], "sd35.models.mmditx"),
+    **dict.fromkeys(["T5Config", "T5Encoder"], "sd35.models.t5"),
+    **dict.fromkeys(["VAE", "VAEConfig"], "sd35.models.vae"),
+    "SD3Pipeline": "sd35.pipeline",
+    "ModelDefaults": "sd35.presets",
+    **dict.fromkeys(["Edit", "GenerateRequest", "HiresFix", "LoraRef", "TextOptions"], "sd35.request"),
+    **dict.fromkeys(["GenerateResult", "Progress"], "sd35.result"),
+    **dict.fromkeys(["APG", "SkipLayerGuidance"], "sd35.sampling.guidance"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sd35' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "APG",

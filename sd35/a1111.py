@@ -116,6 +116,8 @@ def request_infotext(
         info["T5 max tokens"] = text.t5_max_tokens
     if loras:
         info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in loras.items())
+    if request.cache is not None:
+        info["Step cache"] = request.cache
     info["Version"] = f"sd35 {__version__}"
     return infotext(request.prompt, request.negative_prompt, info)
 

@@ -41,6 +41,7 @@ from sd35.imaging import (
 )
 from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
 from sd35.models.mmditx import MMDiTX
+from sd35.models.step_cache import CachedRunner, FirstBlockCache, parse_step_cache
 from sd35.models.vae import VAE, latent_to_model, model_to_latent
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
 from sd35.presets import ModelDefaults, defaults_for
@@ -50,7 +51,7 @@ from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
 from sd35.sampling.samplers import Generators, get_sampler
-from sd35.sampling.schedules import get_sigmas, img2img_sigmas
+from sd35.sampling.schedules import get_sigmas, img2img_sigmas, img2img_start
 
 if TYPE_CHECKING:
     from sd35.accel import GraphedDenoiser
@@ -371,6 +372,8 @@ class SD3Pipeline:
             check_slg_layers(req.slg, self.mmditx.config.depth)
         if req.edit is not None:
             notes += self._check_edit(req.edit, req.width, req.height)
+            if req.edit.strength > 0:  # 0 is a VAE round trip, with no sampling
+                img2img_start(req.steps, req.edit.strength, param="edit.strength")
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
         return CheckedRequest(req, tuple(notes))
@@ -644,7 +647,7 @@ class SD3Pipeline:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
         ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
-        denoiser = GuidedDenoiser(self.runner, cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg)
+        denoiser = GuidedDenoiser(self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg)
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
         # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
         x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
@@ -652,6 +655,19 @@ class SD3Pipeline:
             denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
         sample = get_sampler(req.sampler)
         return sample(denoiser, x, run.to(self.device), callback=callback, generator=generator)
+
+    def _step_model(self, req: GenerateRequest):
+        """What the sampler calls: the runner, or the MMDiT-X with a fresh step cache (``req.cache``)."""
+        spec = parse_step_cache(req.cache)
+        if spec is None:
+            return self.runner
+        if self.runner is not self.mmditx:
+            raise Unsupported(
+                f"the step cache ({req.cache}) does not combine with {', '.join(self.accelerations)}; "
+                "load the pipeline without CUDA graphs to use it.",
+                param="cache",
+            )
+        return CachedRunner(self.mmditx, FirstBlockCache(spec.threshold))
 
     def _hires_pass(
         self,

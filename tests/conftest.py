@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite's expected values (and its comparisons with diffusers and transformers) are fp32 ones, so the
+# CPU's default dtype is pinned to fp32 here, for this process and every command it starts. On a CPU with
+# bf16 instructions the default is otherwise bf16 (sd35.devices.default_dtype); tests/test_cpu_dtype.py
+# unsets this pin to test that default.
+os.environ["SD35_CPU_DTYPE"] = "fp32"
 
 from sd35.testing import torch_threads, write_tiny_set
 

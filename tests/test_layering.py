@@ -72,7 +72,7 @@ def test_fp8_and_lora_meet_only_in_the_contract():
 
 
 LAYERS: list[tuple[str, ...]] = [
-    ("sd35._version", "sd35.errors"),
+    ("sd35._version", "sd35.errors", "sd35.cpu_threads"),
     ("sd35.files", "sd35.devices"),
     ("sd35.loading.tensors", "sd35.loading.safetensors_io", "sd35.loading.weights", "sd35.loading.gguf_io"),
     ("sd35.models",),

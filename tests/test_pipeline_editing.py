@@ -189,3 +189,17 @@ def test_hires_second_pass_step_count_at_an_awkward_strength(tiny_pipe):
         on_progress=lambda p: stages.append(p.stage),
     )  # fmt: skip
     assert stages.count("hires") == 20 and stages.count("base") == 1
+
+
+def test_a_strength_that_leaves_no_step_is_refused_by_check(tiny_pipe, photo):
+    """Refused before a server accepts the job (``pipe.check``), naming the field, not inside the run."""
+    from sd35.request import GenerateRequest
+
+    # int(steps * (1 - strength)) is the first step run: 1 - 1e-17 rounds to 1.0, leaving none of 4
+    too_small = GenerateRequest(prompt="x", steps=4, edit=Edit(image=photo, strength=1e-17))
+    with pytest.raises(SD35Error, match="too small to leave a single step of 4") as e:
+        tiny_pipe.check(too_small)
+    assert e.value.param == "edit.strength"
+    enough = GenerateRequest(prompt="x", steps=4, edit=Edit(image=photo, strength=0.01))
+    assert tiny_pipe.check(enough).request.edit.strength == 0.01
+    assert tiny_pipe.check(GenerateRequest(prompt="x", steps=4, edit=Edit(image=photo, strength=0.0)))

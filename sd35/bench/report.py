@@ -148,6 +148,14 @@ def _notes(rows: list[dict], label: Callable[[dict], str]) -> list[str]:
     ]
 
 
+def _matmul_fraction(data: dict, size: int, ms: float | None) -> str:
+    """The step's FLOP rate as a fraction of the measured matmul rate (runs from before it was measured: -)."""
+    tflop = data.get("step_tflop", {}).get(str(size))
+    if ms is None or tflop is None or not data.get("matmul_tflops"):
+        return "-"
+    return f"{tflop / (ms / 1000) / data['matmul_tflops']:.0%}"
+
+
 def step_table(data: dict) -> str:
     """size | ours variant | ours ms | diffusers ms | speed-up | peaks | max diff vs diffusers, then notes."""
     steps = data["steps"]
@@ -162,6 +170,7 @@ def step_table(data: dict) -> str:
         "ours GiB",
         "diffusers GiB",
         "max|diff|",
+        "of matmul rate",
     ]
     if compiled:
         head.insert(4, "diffusers compiled ms")
@@ -183,6 +192,7 @@ def step_table(data: dict) -> str:
                 _fmt(r.get("peak_gib"), ".2f"),
                 _fmt(base.get("peak_gib"), ".2f"),
                 _fmt(r.get("max_abs_diff_vs_diffusers"), ".1e"),
+                _matmul_fraction(data, size, ms),
             ]
             if compiled:
                 cells.insert(4, _fmt(by.get(("diffusers", "compile", size), {}).get("median_ms"), ".1f"))
@@ -194,6 +204,11 @@ def step_table(data: dict) -> str:
         f"median of {data['iters']} after {data['warmup']} warm-up; speed-up = diffusers eager / ours; "
         "max|diff| = ours vs diffusers output"
     )
+    if "matmul_tflops" in data:
+        title += (
+            f"; of matmul rate = the step's matmul FLOPs per second over one 2048^3 {data['dtype']} matmul's "
+            f"({data['matmul_tflops']:.3f} TF/s here)"
+        )
     failed = [r for r in data["equivalence"] if not r["ok"]]
     notes = _notes(steps, lambda r: f"{r['engine']} {r['variant']}")
     for r in data.get("paired", []):

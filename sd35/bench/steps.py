@@ -18,7 +18,8 @@ from torch import nn
 
 from sd35.accel import GraphedDenoiser, fp8_supported
 from sd35.accel.apply import ACCELERATIONS, accelerate, check_accelerations
-from sd35.bench.options import BenchOptions
+from sd35.bench.flops import matmul_rate, step_flops
+from sd35.bench.options import TEXT_TOKENS, BenchOptions
 from sd35.bench.random_models import StepInputs, call_diffusers, compare, diffusers_transformer, step_inputs
 from sd35.bench.report import Report, error_text, log
 from sd35.bench.timing import free_memory, time_calls, time_paired
@@ -226,6 +227,8 @@ def run_steps(opts: BenchOptions, report: Report) -> None:
         opts.device, {p for v in opts.ours for p in v.split("+") if p != "eager"}
     )
     inputs = {s: step_inputs(opts.config, s, opts.device, opts.dtype, opts.seed) for s in opts.sizes}
+    report.data["matmul_tflops"] = matmul_rate(opts.device, opts.dtype) / 1e12
+    report.data["step_tflop"] = {str(s): step_flops(opts.config, s, TEXT_TOKENS) / 1e12 for s in opts.sizes}
     with torch.inference_mode():
         ref_ours, ref_theirs, theirs = _equivalence(opts, report, inputs)
         _time_diffusers(opts, report, theirs, inputs, ref_ours)

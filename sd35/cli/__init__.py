@@ -7,6 +7,7 @@ import argparse
 import sys
 import typing
 
+from sd35 import cpu_threads
 from sd35._version import __version__
 from sd35.cli.errors import run_reporting_errors
 
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; None: this process's own command line, which also sets the CPU
+    thread settings (:mod:`sd35.cpu_threads`) before anything imports torch. A caller passing ``argv``
+    (a test, another program) keeps its own environment."""
+    if argv is None:
+        cpu_threads.configure()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # the trainer has its own parser (every config key is a flag)
         from sd35.cli.train import main_train

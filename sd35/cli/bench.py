@@ -49,7 +49,12 @@ def add_parser(sub) -> None:
         "seconds. Prints a table; --json writes every number.",
     )
     b.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    b.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default bf16 on CUDA; on the CPU bf16 where it has bf16 instructions, else fp32",
+    )
     size = b.add_mutually_exclusive_group()
     size.add_argument(
         "--full",

@@ -56,7 +56,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     g.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default bf16 on GPUs, fp32 on the CPU"
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default bf16 on GPUs; on the CPU bf16 (text encoders fp32) where it has bf16 instructions (AMX, AVX512_BF16), else fp32; SD35_CPU_DTYPE=fp32 or bf16 sets the CPU's default",
     )
     g.add_argument(
         "--memory",

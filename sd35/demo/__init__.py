@@ -42,9 +42,10 @@ def demo_files() -> tuple[Path, Path]:
     return MODEL_FILE, WEIGHTS
 
 
-def load_demo_pipeline(device: str | None = "cpu"):
-    """The demo model as an :class:`sd35.pipeline.SD3Pipeline` (CPU by default: it is tiny)."""
+def load_demo_pipeline(device: str | None = "cpu", dtype: str | None = None):
+    """The demo model as an :class:`sd35.pipeline.SD3Pipeline` (CPU by default: it is tiny; ``dtype`` as
+    :func:`sd35.load_pipeline`'s)."""
     from sd35.loading.assemble import load_pipeline
 
     model, tokenizers = demo_files()
-    return load_pipeline(model, tokenizers=tokenizers, device=device)
+    return load_pipeline(model, tokenizers=tokenizers, device=device, dtype=dtype)

@@ -18,7 +18,7 @@ import torch
 from sd35.conditioning.bundled import bundled_tokenizer
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
-from sd35.devices import resolve_device, resolve_dtype
+from sd35.devices import resolve_device, resolve_dtype, text_encoder_dtype
 from sd35.errors import CheckpointError, MissingComponentError, SD35Warning
 from sd35.loading.components import (
     CLIP_G,
@@ -166,13 +166,15 @@ def load_pipeline(
     files come from ``tokenizers``, else from ``tokenizer*/`` sub-folders of ``model`` or ``text_encoders``,
     else from the package itself (SD3's real tokenizers, :mod:`sd35.conditioning.bundled`).
     ``device`` (default: the best available) and ``dtype`` ("fp32", "fp16", "bf16" or a torch dtype; default
-    bf16 on GPUs, fp32 on the CPU); ``memory`` ("high", "balanced", "low") and ``vae_tiling`` ("auto", "on",
+    bf16 on GPUs; on the CPU bf16 where it computes bf16 natively, with the text encoders in fp32, else fp32:
+    :func:`sd35.devices.default_dtype`); ``memory`` ("high", "balanced", "low") and ``vae_tiling`` ("auto", "on",
     "off"): see :class:`~sd35.pipeline.SD3Pipeline` and :mod:`sd35.memory`. Weights that a mode keeps off
     the device are loaded into CPU memory directly, never onto the device first.
     """
     check_memory_mode(memory)
     check_vae_tiling(vae_tiling)
     device = resolve_device(device)
+    text_dtype = text_encoder_dtype(dtype, device, resolve_dtype(dtype, device))
     dtype = resolve_dtype(dtype, device)
     model = Path(model)
     te_paths = _paths(text_encoders)
@@ -207,9 +209,9 @@ def load_pipeline(
     mmditx = load_component(parts[MMDITX], dtype, torch.device("cpu") if memory == "low" else device)
     vae = load_component(parts[VAE], dtype, device)
     text = TextConditioner(
-        load_component(parts[CLIP_L], dtype, text_device),
-        load_component(parts[CLIP_G], dtype, text_device),
-        load_component(parts[T5XXL], dtype, text_device) if T5XXL in parts else None,
+        load_component(parts[CLIP_L], text_dtype, text_device),
+        load_component(parts[CLIP_G], text_dtype, text_device),
+        load_component(parts[T5XXL], text_dtype, text_device) if T5XXL in parts else None,
         context_dim=mmditx.config.context_dim,
     )
     name = model.stem if model.is_file() else model.name

@@ -26,6 +26,7 @@ from torch import nn
 from sd35.errors import CheckpointError
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.embedding import embedding
 
 _PREFIX = "text_model."
 _LAYER_RE = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
@@ -147,8 +148,8 @@ class _Layer(nn.Module):
 class _Embeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = embedding(cfg.max_positions, cfg.width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]

@@ -32,6 +32,7 @@ from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
 from sd35.models.gguf_linear import keep_quantized
 from sd35.models.modulation import FusedLinears
+from sd35.models.step_cache import FirstBlockCache
 
 PREFIX = "model.diffusion_model."
 HEAD_DIM = 64  # the reference sets hidden = 64 * depth and heads = depth (``MMDiTX.__init__``)
@@ -504,8 +505,11 @@ class MMDiTX(nn.Module):
         context: torch.Tensor,
         skip_layers: Iterable[int] = (),
         pos_offset: tuple[int, int] | None = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
-        """``pos_offset`` (top, left) picks a non-centred crop of the position grid (training augmentation)."""
+        """``pos_offset`` (top, left) picks a non-centred crop of the position grid (training augmentation);
+        ``step_cache`` (:mod:`sd35.models.step_cache`) may replace the blocks after the first by the residual
+        they added on an earlier call."""
         out_dtype = x.dtype
         height, width = x.shape[-2:]
         self.check_latent_size(height, width)
@@ -517,13 +521,25 @@ class MMDiTX(nn.Module):
         c = self.conditioning(t, y)
         ctx = self.context_embedder(context.to(self.dtype))
         mods = self.modulations(c)
+        key = (tuple(sorted(skip)), tuple(x.shape), tuple(context.shape))
+        probe: torch.Tensor | None = None  # the tokens after the first block run, when caching
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
             m = None if mods is None else (mods[2 * i], mods[2 * i + 1])
+            before = tokens
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 ctx, tokens = torch.utils.checkpoint.checkpoint(block, ctx, tokens, c, m, use_reentrant=False)
             else:
                 ctx, tokens = block(ctx, tokens, c, m)
+            if step_cache is not None and probe is None:
+                probe, first_residual = tokens, tokens - before
+                cached = step_cache.reusable(key, first_residual)
+                if cached is not None:
+                    tokens = tokens + cached
+                    break
+        else:
+            if step_cache is not None and probe is not None:
+                step_cache.store(key, first_residual, tokens - probe)
         out = self.final_layer(tokens, c, None if mods is None else mods[-1])
         return self.unpatchify(out, h, w).to(out_dtype)

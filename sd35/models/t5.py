@@ -25,6 +25,7 @@ from torch import nn
 from sd35.errors import CheckpointError
 from sd35.loading.tensors import StateDict, shape_of
 from sd35.loading.weights import load_weights
+from sd35.models.embedding import embedding
 from sd35.models.gguf_linear import keep_quantized
 
 _EMBED = "encoder.embed_tokens.weight"
@@ -123,7 +124,7 @@ class _SelfAttention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_bias:
-            self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads)
+            self.relative_attention_bias = embedding(cfg.num_buckets, cfg.heads)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -180,7 +181,7 @@ class _Block(nn.Module):
 class _Stack(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.d_model)
         self.block = nn.ModuleList(_Block(cfg, has_bias=i == 0) for i in range(cfg.layers))
         self.final_layer_norm = _RMSNorm(cfg.d_model, cfg.eps)
 

@@ -78,13 +78,20 @@ def img2img_sigmas(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
     ``denoise`` must be in (0, 1]; 1 returns the whole schedule. Keep the full schedule for the guidance
     (:class:`sd35.sampling.guidance.GuidedDenoiser` counts SLG steps over the full count, as the reference).
     """
+    return sigmas[img2img_start(len(sigmas) - 1, denoise) :]
+
+
+def img2img_start(steps: int, denoise: float, param: str | None = None) -> int:
+    """The index of the full schedule's first sigma that img2img at ``denoise`` runs from (see
+    :func:`img2img_sigmas`); an :class:`SD35Error` (naming ``param``) if that leaves no step to run."""
     if not 0 < denoise <= 1:
-        raise SD35Error(f"denoise (img2img strength) must be in (0, 1], got {denoise!r}.")
-    steps = len(sigmas) - 1
+        raise SD35Error(f"denoise (img2img strength) must be in (0, 1], got {denoise!r}.", param=param)
     start = int(steps * (1 - denoise))
     if start >= steps:
-        raise SD35Error(f"denoise {denoise!r} is too small to leave a single step of {steps}; raise it.")
-    return sigmas[start:]
+        raise SD35Error(
+            f"denoise {denoise!r} is too small to leave a single step of {steps}; raise it.", param=param
+        )
+    return start
 
 
 # --------------------------------------------------------------------------------------------- schedulers

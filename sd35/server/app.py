@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import base64
 import hmac
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from sd35._version import __version__
 from sd35.server import errors
@@ -100,8 +103,11 @@ class BodyLimit:
             await too_large(scope, receive, send)
 
 
-def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
-    """The app; its lifespan starts the engine's worker (after requeueing interrupted jobs) and stops it."""
+def create_app(
+    settings: ServerSettings, engine: Engine, describe: Callable[[], dict[str, Any]] | None = None
+) -> FastAPI:
+    """The app; its lifespan starts the engine's worker (after requeueing interrupted jobs) and stops it.
+    ``describe()`` adds to ``/health``'s body (a Ray replica says which it is and how its peers fare)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -157,6 +163,8 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         """200 once the model is loaded and the worker runs (no key needed)."""
         ready = engine.ready
         body = {"status": "ok" if ready else "starting", "model": engine.model, "version": __version__}
+        if describe is not None:
+            body.update(await run_in_threadpool(describe))
         return JSONResponse(body, status_code=200 if ready else 503)
 
     app.include_router(native.router)

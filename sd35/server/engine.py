@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -124,7 +127,9 @@ class Engine:
         )  # one value: read together, swapped whole
         self.default_model = model  # what a request that names none gets
         self._load = load
-        self.store = store or JobStore(settings.data_dir)
+        self.store = store or JobStore(settings.data_dir, settings.jobs_db)
+        # who runs a job, in the store; unique per engine, so a restarted server never adopts a dead one's
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._model_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cancel: set[str] = set()
@@ -133,26 +138,49 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
         self._last_purge = 0.0
         self.jobs_run = 0
 
     # ------------------------------------------------------------------------------ life
 
     def start(self) -> None:
-        """Requeue what a crash interrupted and start the worker."""
-        recovered = self.store.recover()
+        """Requeue what a crash interrupted and start the worker (and, on a shared queue, the lease keeper).
+
+        The only server on a queue requeues every running job (their server died); on a queue that other
+        servers share, only jobs whose lease ran out are theirs to requeue, now and every third of a lease.
+        """
+        shared = self.settings.shared_queue
+        recovered = self.store.reap(self.worker_id) if shared else self.store.recover()
         if recovered:
             log.info("requeued %d job(s) interrupted by a stop: %s", len(recovered), ", ".join(recovered))
         self._thread = threading.Thread(target=self._work, name="sd35-worker", daemon=True)
         self._thread.start()
+        if shared:
+            self._keeper = threading.Thread(target=self._keep_leases, name="sd35-leases", daemon=True)
+            self._keeper.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs; the running one stops at its next step and is requeued at the next start."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._keeper):
+            if thread is not None:
+                thread.join(timeout)
         self.store.close()
+
+    def _keep_leases(self) -> None:
+        """Renew this worker's leases, and requeue the jobs of workers that stopped renewing theirs."""
+        while not self._stopping.wait(self.settings.lease_s / 3):
+            try:
+                self.store.renew(self.worker_id, self.settings.lease_s)
+                reaped = self.store.reap()
+            except Exception:  # a database hiccup: the next round tries again
+                log.exception("renewing the job leases failed")
+                continue
+            if reaped:
+                log.warning("requeued %d job(s) of a server that stopped: %s", len(reaped), ", ".join(reaped))
+                self._wake.set()
 
     @property
     def model(self) -> str:
@@ -176,9 +204,12 @@ class Engine:
         api: str,
         model: str | None = None,
         idempotency_key: str | None = None,
+        here: bool = False,
     ) -> Job:
         """Check ``request`` and store it as a queued job (or return the job of a repeated idempotency key).
 
+        ``here`` reserves the job for this engine's worker on a shared queue: a synchronous request runs
+        where its client waits (so a load balancer's count of requests per server is its count of work).
         Raises the request's :class:`~sd35.errors.SD35Error` (a 4xx), :class:`~sd35.errors.Busy` when the
         queue is full.
         """
@@ -191,8 +222,9 @@ class Engine:
         if seed_drawn:
             request = replace(request, seed=random.randrange(2**32))  # drawn once: a rerun repeats it
         body = JobCreate.from_request(request).model_dump(exclude_none=True)
+        worker = self.worker_id if here and self.settings.shared_queue else None
         job, created = self.store.enqueue(
-            api, model, body, self.settings.queue_limit, idempotency_key, seed_drawn=seed_drawn
+            api, model, body, self.settings.queue_limit, idempotency_key, seed_drawn=seed_drawn, worker=worker
         )
         if created:
             self._wake.set()
@@ -312,8 +344,8 @@ class Engine:
             self._switch(first.model)
             head = self.pipe.check(_decode(first)).request
         except Exception as e:
-            self.store.start([first.id])
-            self._fail(first.id, e)
+            if self.store.start([first.id], self.worker_id, self.settings.lease_s):  # not if another took it
+                self._fail(first.id, e)
             return []
         batch = [(first, head)]
         key = batch_key(head) if self.settings.batching else None
@@ -331,12 +363,14 @@ class Engine:
         return batch
 
     def _run_next(self) -> bool:
-        queued = self.store.queued(limit=4 * self.settings.max_batch_rows)
+        queued = self.store.queued(limit=4 * self.settings.max_batch_rows, worker=self.worker_id)
         if not queued:
             return False
         with self._model_lock:
             batch = self._batch(queued)
-            started = set(self.store.start([job.id for job, _ in batch]))
+            started = set(
+                self.store.start([job.id for job, _ in batch], self.worker_id, self.settings.lease_s)
+            )
             batch = [(job, req) for job, req in batch if job.id in started]
             if not batch:
                 return True
@@ -405,5 +439,7 @@ class Engine:
         except Exception as e:
             self._fail(job_id, e)
             return
-        self.store.finish(job_id, record)
-        self._emit(job_id, {"event": "done"})
+        if self.store.finish(job_id, record, self.worker_id):
+            self._emit(job_id, {"event": "done"})
+        else:  # its lease ran out and another worker took it: that one reports the end
+            log.warning("job %s was taken over by another server; this run's result is dropped", job_id)

@@ -1,13 +1,18 @@
-"""The durable job queue: every accepted job is a row in SQLite (WAL) before its client hears "accepted".
+"""The durable job queue: every accepted job is a database row before its client hears "accepted".
 
 A job goes ``queued -> running -> done | failed | cancelled``. Its request is stored as the native wire
 JSON (:class:`~sd35.server.schemas.native.JobCreate`, images inline) with the seed already drawn, so a job
 run again after a crash makes the same images. Outputs are written whole under ``images/`` (temporary
 file, fsync, rename) under names derived from the job id, and only then is the job marked done, with the
 names, in one transaction: a crash before the commit leaves the job to run again and its files to be
-rewritten under the same names, never a second copy. On open, jobs found ``running`` (their process died)
-go back to ``queued``; a job that was running at three crashes in a row fails instead, so one poisonous
-request cannot take the server down forever.
+rewritten under the same names, never a second copy.
+
+The database is SQLite (WAL) in the data folder, or PostgreSQL for servers on several machines
+(:mod:`sd35.server.job_db`). A running job belongs to one worker (a server's id) until a lease time that
+the worker renews while it lives. The only server on a queue requeues every ``running`` job when it
+starts (:meth:`JobStore.recover`: their process died); servers that share a queue requeue only jobs whose
+lease ran out (:meth:`JobStore.reap`), since the others are being run. Either way a job that was running
+at three crashes fails instead, so one poisonous request cannot take the servers down forever.
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,30 +28,18 @@ from typing import Any
 
 from sd35.errors import Busy, Conflict, NotFound, SD35Error
 from sd35.files import check_writable_folder
+from sd35.server.job_db import Database, open_database
 
 MAX_ATTEMPTS = 3
 FINAL = ("done", "failed", "cancelled")
 CANCELLED = {"type": "Cancelled", "message": "the job was cancelled.", "param": None}
+LEASE_S = 30.0  # how long a server vouches for a job it runs (renewed every third of it while it lives)
+CRASHED = {
+    "type": "InternalError",
+    "message": f"the server stopped {MAX_ATTEMPTS} times while running this job; it is not tried again.",
+    "param": None,
+}
 IMAGE_NAME = re.compile(r"[0-9a-f]{1,64}-[0-9]{1,6}\.png")  # image_path's names (a longer name fails stat)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    idempotency_key TEXT UNIQUE,
-    api TEXT NOT NULL,
-    model TEXT NOT NULL,
-    status TEXT NOT NULL,
-    request TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    error TEXT,
-    result TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
-"""
 
 
 @dataclass
@@ -68,13 +59,15 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
     idempotency_key: str | None = None
+    worker: str | None = None
+    lease: float | None = None
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: Any) -> Job:
     return Job(
         id=row["id"],
         api=row["api"],
@@ -89,6 +82,8 @@ def _job(row: sqlite3.Row) -> Job:
         result=json.loads(row["result"]) if row["result"] else {},
         seq=row["seq"],
         idempotency_key=row["idempotency_key"],
+        worker=row["worker"],
+        lease=row["lease"],
     )
 
 
@@ -124,9 +119,11 @@ def lock_data_dir(data_dir: Path) -> object:
 
 
 class JobStore:
-    """Jobs in ``data_dir/jobs.sqlite3`` and their images in ``data_dir/images/``. Thread-safe."""
+    """Jobs in a database (``data_dir/jobs.sqlite3``, or PostgreSQL at ``db_url``) and their images in
+    ``data_dir/images/``. Thread-safe, and safe for several servers on one database (see :meth:`start`
+    and :meth:`reap`)."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, db_url: str | None = None):
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / "images"
         try:
@@ -136,27 +133,13 @@ class JobStore:
                 f"{self.data_dir}: cannot create the data folder ({e.strerror}).", param="data_dir"
             ) from None
         check_writable_folder(self.images_dir)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut, not only a crash
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(self.data_dir, db_url)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
-    def _write(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, args)
-
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self._db.execute(sql, args).fetchone()
 
     # ------------------------------------------------------------------------------ admission
 
@@ -168,53 +151,48 @@ class JobStore:
         limit: int,
         idempotency_key: str | None = None,
         seed_drawn: bool = False,
+        worker: str | None = None,
     ) -> tuple[Job, bool]:
         """Store a new queued job, or return the job already stored under ``idempotency_key``.
 
         Returns ``(job, created)``. Raises :class:`Busy` when ``limit`` jobs are already waiting or running,
         and :class:`Conflict` when the key was used for a different request. ``seed_drawn`` says the server
         drew ``request``'s seed (the client left it random): a retry then draws another, so the seeds are
-        not compared. The count and the insert are one transaction, so concurrent admissions never
-        overshoot the limit.
+        not compared. ``worker`` reserves the job for that server (a synchronous request runs where its
+        client waits; :meth:`reap` frees it if that server dies). The count and the insert are one
+        serialized transaction, so concurrent admissions never overshoot the limit, from any server.
         """
         text = json.dumps(request, sort_keys=True)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if idempotency_key is not None:
-                    row = self._db.execute(
-                        "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
-                    ).fetchone()
-                    if row is not None:
-                        self._db.execute("COMMIT")
-                        if seed_drawn:
-                            stored_seed = json.loads(row["request"]).get("seed")
-                            text = json.dumps({**request, "seed": stored_seed}, sort_keys=True)
-                        if row["request"] != text or row["api"] != api or row["model"] != model:
-                            raise Conflict(
-                                "this Idempotency-Key was already used for a different request; "
-                                "use a new key for a new request.",
-                                param="Idempotency-Key",
-                            )
-                        return _job(row), False
-                (waiting,) = self._db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+        with self._db.transaction(serialized=True) as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
                 ).fetchone()
-                if waiting >= limit:
-                    raise Busy(f"the queue is full ({waiting} jobs waiting); try again shortly.")
-                job_id = secrets.token_hex(12)
-                self._db.execute(
-                    "INSERT INTO jobs (id, idempotency_key, api, model, status, request, created) "
-                    "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                    (job_id, idempotency_key, api, model, text, time.time()),
-                )
-                row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                self._db.execute("COMMIT")
-                return _job(row), True
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                if row is not None:
+                    if seed_drawn:
+                        stored_seed = json.loads(row["request"]).get("seed")
+                        text = json.dumps({**request, "seed": stored_seed}, sort_keys=True)
+                    if row["request"] != text or row["api"] != api or row["model"] != model:
+                        raise Conflict(
+                            "this Idempotency-Key was already used for a different request; "
+                            "use a new key for a new request.",
+                            param="Idempotency-Key",
+                        )
+                    return _job(row), False
+            waiting = db.execute(
+                "SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')"
+            ).fetchone()["n"]
+            if waiting >= limit:
+                raise Busy(f"the queue is full ({waiting} jobs waiting); try again shortly.")
+            job_id = secrets.token_hex(12)
+            now = time.time()
+            db.execute(
+                "INSERT INTO jobs (id, idempotency_key, api, model, status, request, created, worker, lease) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (job_id, idempotency_key, api, model, text, now, worker, now + LEASE_S if worker else None),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return _job(row), True
 
     # ------------------------------------------------------------------------------ reading
 
@@ -225,78 +203,121 @@ class JobStore:
         return _job(row)
 
     def recent(self, limit: int = 50) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [_job(r) for r in rows]
 
-    def queued(self, limit: int = 64) -> list[Job]:
-        """The oldest waiting jobs, first come first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+    def queued(self, limit: int = 64, worker: str | None = None) -> list[Job]:
+        """The oldest waiting jobs, first come first; with ``worker``, only those it may take (free ones
+        and those reserved for it)."""
+        mine = " AND (worker IS NULL OR worker = ?)" if worker is not None else ""
+        args = (worker, limit) if worker is not None else (limit,)
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE status = 'queued'{mine} ORDER BY seq LIMIT ?", args
+        ).fetchall()
         return [_job(r) for r in rows]
 
     def position(self, job: Job) -> int:
         """How many waiting jobs are ahead of a queued one."""
-        row = self._one("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,))
-        return int(row[0]) if row else 0
+        row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,))
+        return int(row["n"]) if row else 0
 
     def waiting(self) -> int:
-        row = self._one("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')")
-        return int(row[0]) if row else 0
+        row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")
+        return int(row["n"]) if row else 0
 
     # ------------------------------------------------------------------------------ the worker's side
 
-    def recover(self) -> list[str]:
-        """After a crash: requeue jobs that were running, or fail those that have crashed too often, and
-        delete the temporary files of images whose writing the crash cut short."""
-        for leftover in self.images_dir.glob(".*.partial"):
-            leftover.unlink(missing_ok=True)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "UPDATE jobs SET status = 'failed', finished = ?, error = ? "
-                "WHERE status = 'running' AND attempts >= ?",
-                (
-                    time.time(),
-                    json.dumps(
-                        {
-                            "type": "InternalError",
-                            "message": f"the server stopped {MAX_ATTEMPTS} times while running this job; "
-                            "it is not tried again.",
-                            "param": None,
-                        }
-                    ),
-                    MAX_ATTEMPTS,
-                ),
+    def _requeue_where(self, db: Database, condition: str, args: Sequence[Any]) -> list[str]:
+        """Requeue the running jobs that match ``condition`` (fail those that have run out of attempts)."""
+        db.execute(
+            f"UPDATE jobs SET status = 'failed', finished = ?, error = ? "
+            f"WHERE status = 'running' AND attempts >= ? AND ({condition})",
+            (time.time(), json.dumps(CRASHED), MAX_ATTEMPTS, *args),
+        )
+        rows = db.execute(
+            f"SELECT id FROM jobs WHERE status = 'running' AND ({condition}) ORDER BY seq{db.skip_locked}",
+            args,
+        ).fetchall()
+        ids = [r["id"] for r in rows]
+        for job_id in ids:
+            db.execute(
+                "UPDATE jobs SET status = 'queued', started = NULL, worker = NULL, lease = NULL WHERE id = ?",
+                (job_id,),
             )
-            rows = self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()
-            self._db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE status = 'running'")
-            self._db.execute("COMMIT")
-        return [r["id"] for r in rows]
+        return ids
 
-    def start(self, job_ids: Sequence[str]) -> list[str]:
-        """Mark queued jobs running (one more attempt); returns those that were still queued."""
-        started = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            for job_id in job_ids:
-                cur = self._db.execute(
-                    "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 "
-                    "WHERE id = ? AND status = 'queued'",
-                    (time.time(), job_id),
+    def _clear_partials(self, job_ids: Sequence[str] | None) -> None:
+        """Delete the temporary files of images whose writing a crash cut short (of these jobs, or all)."""
+        patterns = [".*.partial"] if job_ids is None else [f".{job_id}-*.partial" for job_id in job_ids]
+        for pattern in patterns:
+            for leftover in self.images_dir.glob(pattern):
+                leftover.unlink(missing_ok=True)
+
+    def recover(self) -> list[str]:
+        """At the start of the only server on this queue (after a crash): requeue every job that was
+        running, or fail those that have crashed too often, free every reserved job, and delete the
+        temporary files that interrupted writes left."""
+        self._clear_partials(None)
+        with self._db.transaction() as db:
+            ids = self._requeue_where(db, "1 = 1", ())
+            db.execute("UPDATE jobs SET worker = NULL, lease = NULL WHERE status = 'queued'")
+        return ids
+
+    def reap(self, worker: str | None = None) -> list[str]:
+        """On a queue several servers share: requeue the running jobs whose server stopped renewing their
+        lease (it died), and ``worker``'s own (it starts again under that name), failing those that have
+        crashed too often; free queued jobs reserved for a dead server. Returns the requeued ids."""
+        now = time.time()
+        with self._db.transaction() as db:
+            ids = self._requeue_where(db, "lease < ? OR worker = ?", (now, worker))
+            db.execute(
+                "UPDATE jobs SET worker = NULL, lease = NULL "
+                "WHERE status = 'queued' AND worker IS NOT NULL AND (lease < ? OR worker = ?)",
+                (now, worker),
+            )
+        self._clear_partials(ids)
+        return ids
+
+    def renew(self, worker: str, lease_s: float = LEASE_S) -> int:
+        """``worker`` is alive: extend the lease of its running and reserved jobs; returns how many."""
+        cur = self._db.execute(
+            "UPDATE jobs SET lease = ? WHERE worker = ? AND status IN ('queued', 'running')",
+            (time.time() + lease_s, worker),
+        )
+        return cur.rowcount
+
+    def start(self, job_ids: Sequence[str], worker: str | None = None, lease_s: float = LEASE_S) -> list[str]:
+        """Claim queued jobs for ``worker`` and mark them running (one more attempt); returns those it got.
+
+        A job is claimed once: on PostgreSQL the rows are locked (``FOR UPDATE SKIP LOCKED``, so two
+        workers claiming at once never wait on each other nor take the same job), on SQLite the
+        transaction holds the database's write lock.
+        """
+        if not job_ids:
+            return []
+        marks = ", ".join("?" for _ in job_ids)
+        now = time.time()
+        with self._db.transaction() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND status = 'queued' "
+                f"AND (worker IS NULL OR worker = ?){db.skip_locked}",
+                (*job_ids, worker),
+            ).fetchall()
+            free = {r["id"] for r in rows}
+            started = [job_id for job_id in dict.fromkeys(job_ids) if job_id in free]
+            for job_id in started:
+                db.execute(
+                    "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, "
+                    "lease = ? WHERE id = ?",
+                    (now, worker, now + lease_s, job_id),
                 )
-                if cur.rowcount:
-                    started.append(job_id)
-            self._db.execute("COMMIT")
         return started
 
     def requeue(self, job_id: str) -> None:
         """Put a running job back in the queue (a clean shutdown stopped it); the attempt does not count."""
-        self._write(
-            "UPDATE jobs SET status = 'queued', started = NULL, attempts = attempts - 1 "
-            "WHERE id = ? AND status = 'running'",
+        self._db.execute(
+            "UPDATE jobs SET status = 'queued', started = NULL, attempts = attempts - 1, worker = NULL, "
+            "lease = NULL WHERE id = ? AND status = 'running'",
             (job_id,),
         )
 
@@ -310,17 +331,19 @@ class JobStore:
             raise NotFound(f"no image {name!r}.", param="name")
         return path
 
-    def finish(self, job_id: str, result: dict[str, Any]) -> bool:
-        """Record a running job as done with its (already written) images; False if it was not running."""
-        cur = self._write(
-            "UPDATE jobs SET status = 'done', finished = ?, result = ? WHERE id = ? AND status = 'running'",
-            (time.time(), json.dumps(result), job_id),
+    def finish(self, job_id: str, result: dict[str, Any], worker: str | None = None) -> bool:
+        """Record a running job as done with its (already written) images; False if it was not running
+        (or, with ``worker``, not running there any more: its lease ran out and another server took it)."""
+        mine, args = (" AND worker = ?", (worker,)) if worker is not None else ("", ())
+        cur = self._db.execute(
+            f"UPDATE jobs SET status = 'done', finished = ?, result = ? WHERE id = ? AND status = 'running'{mine}",
+            (time.time(), json.dumps(result), job_id, *args),
         )
         return bool(cur.rowcount)
 
     def fail(self, job_id: str, error: dict[str, Any], status: str = "failed") -> bool:
         """Record a job as failed (or cancelled) unless it already ended."""
-        cur = self._write(
+        cur = self._db.execute(
             "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN ('queued', 'running')",
             (status, time.time(), json.dumps(error), job_id),
         )
@@ -328,7 +351,7 @@ class JobStore:
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job that has not started; False if it is running or over."""
-        cur = self._write(
+        cur = self._db.execute(
             "UPDATE jobs SET status = 'cancelled', finished = ?, error = ? WHERE id = ? AND status = 'queued'",
             (time.time(), json.dumps(CANCELLED), job_id),
         )
@@ -336,13 +359,13 @@ class JobStore:
 
     def purge(self, older_than: float) -> int:
         """Delete finished jobs (and their images) that ended before ``older_than`` (a Unix time)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._db.transaction() as db:
+            rows = db.execute(
                 "SELECT id, result FROM jobs WHERE status IN ('done', 'failed', 'cancelled') AND finished < ?",
                 (older_than,),
             ).fetchall()
             for row in rows:
                 for name in json.loads(row["result"] or "{}").get("images", []):
                     (self.images_dir / name).unlink(missing_ok=True)
-                self._db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
+                db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
         return len(rows)

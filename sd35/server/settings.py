@@ -53,6 +53,9 @@ class ServerSettings:
     batching: bool = True  # run waiting requests of equal settings as one sampling batch
     max_batch_rows: int = 8  # images per sampling batch when batching
     keep_days: float = 7.0  # finished jobs and their images are deleted after this long
+    jobs_db: str | None = None  # a PostgreSQL URL; None: SQLite in data_dir
+    shared_queue: bool = False  # other servers take jobs from the same store (Ray replicas, --jobs-db)
+    lease_s: float = 30.0  # a shared queue's job lease: a dead server's job is requeued this long after
 
     def __post_init__(self) -> None:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -61,6 +64,8 @@ class ServerSettings:
             raise InvalidRequest(
                 f"the queue limit must be at least 1, got {self.queue_limit}.", param="queue_limit"
             )
+        if not self.lease_s > 0:
+            raise InvalidRequest(f"the job lease must be positive, got {self.lease_s}.", param="lease_s")
         if self.api_key is not None and len(self.api_key) < 8:
             raise InvalidRequest("the API key must be at least 8 characters long.", param="api_key")
         if self.models_dir is not None and not Path(self.models_dir).is_dir():

@@ -17,13 +17,14 @@ FINAL_EVENTS = ("done", "failed", "cancelled")
 
 async def job_events(engine: Engine, job_id: str, heartbeat: float = POLL_S) -> AsyncIterator[Event | None]:
     """The job's events as they happen, ending after its final one; None now and then while nothing
-    happens (a chance to send a heartbeat). The job's current state is read after listening starts,
-    so no event between the two is lost."""
+    happens (a chance to send a heartbeat). The first event is ``status`` with the job as it is
+    (``"job"``), read after listening started, so no event after it is lost."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
     stop = engine.listen(job_id, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
     try:
         job = await run_in_threadpool(engine.store.get, job_id)
+        yield {"event": "status", "job": job}
         if job.is_final:
             yield {"event": job.status}
             return

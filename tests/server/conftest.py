@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.server.postgres_helpers import PostgresServer
 from tests.server.server_helpers import ServerProcess
 
 
@@ -30,3 +31,11 @@ def server(tmp_path_factory, models_dir):
     """A running ``sd35 serve`` on the demo model (no key), stopped after the module."""
     with ServerProcess(tmp_path_factory.mktemp("serve") / "data", "--models-dir", str(models_dir)) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session (see postgres_helpers)."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def db_rows(data_dir) -> dict[str, sqlite3.Row]:
+    """The job table as the database holds it (read beside the server, or after it died)."""
+    db = sqlite3.connect(data_dir / "jobs.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return {row["id"]: row for row in db.execute("SELECT * FROM jobs")}
+    finally:
+        db.close()
 
 
 class ServerProcess:
@@ -72,12 +83,12 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
 
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), killed if it takes too long."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """A clean shutdown (SIGTERM), killed if it takes longer than ``timeout``."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
 

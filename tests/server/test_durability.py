@@ -5,7 +5,6 @@ was drawn at admission, not at run time)."""
 
 from __future__ import annotations
 
-import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.server.http_helpers import open_png, pixels, wait_final, wait_until
-from tests.server.server_helpers import ServerProcess
+from tests.server.server_helpers import ServerProcess, db_rows
 
 JOBS = 12
 STEPS = 6
@@ -35,16 +34,6 @@ def servers(tmp_path_factory):
     yield crashing, fresh
     crashing.stop()
     fresh.stop()
-
-
-def db_rows(data_dir) -> dict[str, sqlite3.Row]:
-    """The job table as the database holds it (read beside the server, or after it died)."""
-    db = sqlite3.connect(data_dir / "jobs.sqlite3")
-    db.row_factory = sqlite3.Row
-    try:
-        return {row["id"]: row for row in db.execute("SELECT * FROM jobs")}
-    finally:
-        db.close()
 
 
 def test_a_killed_server_finishes_every_job_once_after_a_restart(servers):

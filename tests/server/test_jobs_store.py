@@ -1,5 +1,6 @@
 """The durable job queue on its own (no model, no HTTP): admission, idempotency, the state rules, recovery
-after a crash, image names and purging."""
+after a crash, leases on a shared queue, image names and purging; each on SQLite and on a real PostgreSQL
+server."""
 
 from __future__ import annotations
 
@@ -12,11 +13,26 @@ from sd35.errors import Busy, Conflict, NotFound
 from sd35.server.jobs import CANCELLED, MAX_ATTEMPTS, JobStore
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """``open_store(data_dir)``: a store on this test's database (each call a new connection to it, as
+    another process or a restart would open)."""
+    url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    opened = []
+
+    def open_(data_dir):
+        s = JobStore(data_dir, url)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "data")
-    yield s
-    s.close()
+def store(open_store, tmp_path):
+    return open_store(tmp_path / "data")
 
 
 def body(prompt: str = "a cat", **more) -> dict:
@@ -60,15 +76,12 @@ def test_unknown_job_is_not_found(store):
     assert info.value.param == "id"
 
 
-def test_jobs_survive_reopening(tmp_path):
-    first = JobStore(tmp_path)
+def test_jobs_survive_reopening(open_store, tmp_path):
+    first = open_store(tmp_path)
     job, _ = first.enqueue("openai", "m", body(), limit=5)
     first.close()
-    again = JobStore(tmp_path)
-    try:
-        assert again.get(job.id) == job
-    finally:
-        again.close()
+    again = open_store(tmp_path)
+    assert again.get(job.id) == job
 
 
 def test_queue_limit_is_busy_until_a_job_ends(store):
@@ -86,10 +99,10 @@ def test_queue_limit_is_busy_until_a_job_ends(store):
     assert len(store.recent()) == 3  # the refused ones left no row
 
 
-def test_concurrent_admission_never_overshoots_the_limit(tmp_path):
+def test_concurrent_admission_never_overshoots_the_limit(open_store, tmp_path):
     """8 threads (on two connections, as two processes would be) enqueue 50 jobs each against a limit of
     100: exactly 100 are admitted, the rest are Busy."""
-    stores = [JobStore(tmp_path), JobStore(tmp_path)]
+    stores = [open_store(tmp_path), open_store(tmp_path)]
     admitted: list[str] = []
     busy = []
     other: list[BaseException] = []
@@ -117,15 +130,11 @@ def test_concurrent_admission_never_overshoots_the_limit(tmp_path):
         t.start()
     for t in threads:
         t.join(60)
-    try:
-        assert not other, other
-        assert len(admitted) == 100 and len(set(admitted)) == 100
-        assert len(busy) == 300
-        assert stores[0].waiting() == 100
-        assert len(stores[1].queued(limit=1000)) == 100
-    finally:
-        for s in stores:
-            s.close()
+    assert not other, other
+    assert len(admitted) == 100 and len(set(admitted)) == 100
+    assert len(busy) == 300
+    assert stores[0].waiting() == 100
+    assert len(stores[1].queued(limit=1000)) == 100
 
 
 # ---------------------------------------------------------------------------------------------- idempotency
@@ -224,8 +233,8 @@ def test_requeue_puts_a_running_job_back_without_counting_the_attempt(store):
     assert store.get(job.id).status == "done"
 
 
-def test_recover_requeues_running_jobs_and_fails_a_job_that_keeps_crashing(tmp_path):
-    s = JobStore(tmp_path)
+def test_recover_requeues_running_jobs_and_fails_a_job_that_keeps_crashing(open_store, tmp_path):
+    s = open_store(tmp_path)
     poison, _ = s.enqueue("native", "m", body("poison"), limit=10)
     waiting, _ = s.enqueue("native", "m", body("waiting"), limit=10)
     done, _ = s.enqueue("native", "m", body("done"), limit=10)
@@ -234,7 +243,7 @@ def test_recover_requeues_running_jobs_and_fails_a_job_that_keeps_crashing(tmp_p
     for crash in range(1, MAX_ATTEMPTS + 1):
         assert s.start([poison.id]) == [poison.id]
         s.close()  # the process dies while the job runs
-        s = JobStore(tmp_path)
+        s = open_store(tmp_path)
         recovered = s.recover()
         job = s.get(poison.id)
         assert job.attempts == crash
@@ -249,7 +258,115 @@ def test_recover_requeues_running_jobs_and_fails_a_job_that_keeps_crashing(tmp_p
     assert s.get(waiting.id).status == "queued" and s.get(waiting.id).attempts == 0
     assert s.get(done.id).status == "done"
     assert s.recover() == []
-    s.close()
+
+
+# ---------------------------------------------------------------------------------------------- shared queues
+
+
+def test_a_job_is_claimed_by_exactly_one_of_many_concurrent_workers(open_store, tmp_path):
+    """4 workers on their own connections (as 4 servers) race to claim the same 60 jobs, each trying the
+    whole queue in its own order: every job is claimed once, by the worker the row names."""
+    stores = [open_store(tmp_path) for _ in range(4)]
+    ids = [stores[0].enqueue("native", "m", body(f"{i}"), limit=100)[0].id for i in range(60)]
+    claimed: dict[str, list[str]] = {f"w{n}": [] for n in range(4)}
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        order = ids[n::4] + ids  # each starts in its own part of the queue, then tries all of it
+        start.wait()
+        try:
+            for i in range(0, len(order), 3):
+                claimed[f"w{n}"] += stores[n].start(order[i : i + 3], f"w{n}", lease_s=60)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    every = [job_id for got in claimed.values() for job_id in got]
+    assert sorted(every) == sorted(ids), "a job was claimed twice or never"
+    for name, got in claimed.items():
+        for job_id in got:
+            job = stores[0].get(job_id)
+            assert job.status == "running" and job.worker == name and job.attempts == 1
+    assert stores[0].queued() == []
+
+
+def test_reap_requeues_only_jobs_whose_lease_ran_out(open_store, tmp_path):
+    a, b = open_store(tmp_path), open_store(tmp_path)
+    dead, _ = a.enqueue("native", "m", body("dead"), limit=10)
+    alive, _ = a.enqueue("native", "m", body("alive"), limit=10)
+    assert a.start([dead.id], "A", lease_s=0.3) == [dead.id]
+    assert b.start([alive.id], "B", lease_s=0.3) == [alive.id]
+    assert b.reap() == []  # both leases run
+    time.sleep(0.15)
+    assert b.renew("B", lease_s=60) == 1  # B lives; A stopped renewing
+    time.sleep(0.3)
+    assert b.reap() == [dead.id]
+    back = b.get(dead.id)
+    assert back.status == "queued" and back.worker is None and back.lease is None and back.attempts == 1
+    assert b.get(alive.id).status == "running" and b.get(alive.id).worker == "B"
+    assert b.get(alive.id).lease > time.time() + 50
+    # a worker starting again under its own name takes back its jobs at once, lease or not
+    assert b.reap("B") == [alive.id]
+    assert b.get(alive.id).status == "queued"
+
+
+def test_a_job_whose_worker_keeps_dying_fails_on_a_shared_queue(store):
+    job, _ = store.enqueue("native", "m", body("poison"), limit=10)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert store.start([job.id], f"w{attempt}", lease_s=0.01) == [job.id]
+        time.sleep(0.02)
+        reaped = store.reap()
+        assert reaped == ([job.id] if attempt < MAX_ATTEMPTS else [])
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.attempts == MAX_ATTEMPTS
+    assert failed.error["type"] == "InternalError" and str(MAX_ATTEMPTS) in failed.error["message"]
+
+
+def test_a_reserved_job_waits_for_its_worker_until_that_worker_dies(open_store, tmp_path):
+    a, b = open_store(tmp_path), open_store(tmp_path)
+    mine, _ = a.enqueue("openai", "m", body("sync"), limit=10, worker="A")
+    free, _ = a.enqueue("native", "m", body("async"), limit=10)
+    assert [j.id for j in b.queued(worker="B")] == [free.id]
+    assert [j.id for j in b.queued(worker="A")] == [mine.id, free.id]
+    assert [j.id for j in b.queued()] == [mine.id, free.id]  # a listing shows all
+    assert b.start([mine.id], "B") == []
+    assert b.reap() == [] and b.get(mine.id).worker == "A"  # A's lease runs: still A's
+    a._db.execute("UPDATE jobs SET lease = ? WHERE id = ?", (time.time() - 1, mine.id))  # A died long ago
+    b.reap()
+    assert b.get(mine.id).worker is None and b.get(mine.id).status == "queued"
+    assert b.start([mine.id], "B") == [mine.id]
+
+
+def test_a_worker_that_lost_its_job_cannot_finish_it(store):
+    job, _ = store.enqueue("native", "m", body(), limit=10)
+    store.start([job.id], "A", lease_s=0.01)
+    time.sleep(0.02)
+    assert store.reap() == [job.id]
+    assert store.start([job.id], "B") == [job.id]
+    assert not store.finish(job.id, {"images": ["late-0.png"]}, worker="A")  # A was only slow
+    assert store.finish(job.id, {"images": ["x-0.png"]}, worker="B")
+    done = store.get(job.id)
+    assert done.status == "done" and done.result == {"images": ["x-0.png"]} and done.attempts == 2
+
+
+def test_reap_deletes_only_the_temporary_files_of_the_jobs_it_requeues(store):
+    dead, _ = store.enqueue("native", "m", body("dead"), limit=10)
+    busy, _ = store.enqueue("native", "m", body("busy"), limit=10)
+    store.start([dead.id], "A", lease_s=0.01)
+    store.start([busy.id], "B", lease_s=60)
+    cut = store.images_dir / f".{dead.id}-0.png.abc123.partial"
+    writing = store.images_dir / f".{busy.id}-0.png.def456.partial"  # B writes it right now
+    cut.write_bytes(b"half")
+    writing.write_bytes(b"half")
+    time.sleep(0.02)
+    assert store.reap() == [dead.id]
+    assert not cut.exists() and writing.exists()
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -335,3 +452,49 @@ def test_purge_deletes_old_finished_jobs_and_their_files_only(store):
     # unfinished jobs are never purged, however old
     assert store.purge(time.time() + 3600) == 1
     assert {j.id for j in store.recent()} == {still_running.id, still_queued.id}
+
+
+def test_a_database_from_before_leases_gains_their_columns(tmp_path):
+    """A SQLite queue made by an earlier version (no worker or lease columns) opens, keeps its jobs, and
+    runs them under leases."""
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, idempotency_key "
+        "TEXT UNIQUE, api TEXT NOT NULL, model TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL, "
+        "attempts INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, started REAL, finished REAL, error TEXT, "
+        "result TEXT);"
+        "INSERT INTO jobs (id, api, model, status, request, created) "
+        "VALUES ('0123456789abcdef01234567', 'native', 'm', 'queued', '{\"prompt\": \"old\"}', 1.0);"
+    )
+    old.close()
+    s = JobStore(tmp_path)
+    try:
+        job = s.get("0123456789abcdef01234567")
+        assert job.request == {"prompt": "old"} and job.worker is None and job.lease is None
+        assert s.start([job.id], "w1", lease_s=60) == [job.id]
+        assert s.get(job.id).worker == "w1"
+    finally:
+        s.close()
+
+
+def test_a_postgresql_store_reconnects_after_its_connection_dies(postgres, tmp_path):
+    """The database restarted or a network blip cut the connection: the statement that finds it broken
+    fails, and the store connects again for the next one."""
+    import psycopg
+
+    url = postgres.new_database()
+    s = JobStore(tmp_path, url)
+    try:
+        job, _ = s.enqueue("native", "m", body(), limit=5)
+        with psycopg.connect(url, autocommit=True) as admin:
+            (pid,) = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid()").fetchone()  # fmt: skip
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            s.get(job.id)
+        assert s.get(job.id) == job
+        assert s.start([job.id], "w") == [job.id]
+    finally:
+        s.close()

@@ -212,6 +212,10 @@ def test_generate_shows_progress_preview_then_the_gallery(server, page, shots):
     page.fill("#height", "128")
     page.fill("#steps", "30")
     page.fill("#seed", "11")
+    # a job ahead in the queue, so the page's job is still waiting when the page starts following it: every
+    # one of its steps is then seen, however busy the machine (a fast demo job could otherwise be steps ahead)
+    ahead = httpx.post(server.url + "/v1/jobs", json={"prompt": "ahead", "steps": 40, "seed": 1})
+    assert ahead.status_code == 202, ahead.text
     page.click("#generate")
     # mid-run: the bar is part way, the step count and ETA show, the preview is a live PNG
     midway = page.wait_for_function(

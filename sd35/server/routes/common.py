@@ -53,7 +53,7 @@ async def run_job(
     the job's error if it did not finish."""
     engine = engine_of(request)
     req = await run_in_threadpool(build)
-    job = await run_in_threadpool(engine.submit, req, api, model, idempotency_key(request))
+    job = await run_in_threadpool(engine.submit, req, api, model, idempotency_key(request), True)
     job = await wait_for(engine, job.id)
     if job.status != "done":
         raise JobFailed(job)

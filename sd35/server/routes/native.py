@@ -121,21 +121,22 @@ async def job_event_stream(job_id: str, request: Request) -> StreamingResponse:
     """Server-Sent Events: ``status`` (the job now), ``running``, ``progress`` per step (with a base64 PNG
     ``preview``), then one of ``done``, ``failed``, ``cancelled`` carrying the job as ``GET`` shows it."""
     engine = engine_of(request)
-    job = await run_in_threadpool(engine.store.get, job_id)  # 404 before the stream starts
+    await run_in_threadpool(engine.store.get, job_id)  # 404 before the stream starts
 
     def frame(number: int, event: str, data: object) -> str:
         return f"id: {number}\nevent: {event}\ndata: {json.dumps(data)}\n\n"
 
     async def stream():
-        number = 0
-        yield frame(number, "status", job_view(request, job).model_dump())
+        number = -1
         async for event in job_events(engine, job_id):
-            number += 1
             if event is None:
                 yield f": keep-alive {time.time():.0f}\n\n"
                 continue
+            number += 1
             name = event["event"]
-            if name == "progress":
+            if name == "status":
+                data = job_view(request, event["job"]).model_dump()
+            elif name == "progress":
                 p: Progress = event["progress"]
                 data = {
                     "step": p.step + 1,

@@ -117,6 +117,10 @@ class JobCreate(_Body):
     hires: HiresBody | None = None
     loras: list[LoraBody] | None = None
     text: TextBody | None = None
+    cache: str | None = Field(
+        None,
+        description="step cache, off by default: fbcache:THRESHOLD (e.g. 0.1), faster, a slightly different image",
+    )
 
     def to_request(self) -> GenerateRequest:
         """The request these fields describe (every value checked by :class:`GenerateRequest`)."""
