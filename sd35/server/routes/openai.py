@@ -41,7 +41,7 @@ async def _respond(request: Request, body, job: Job) -> dict:
 @router.post("/v1/images/generations")
 async def images_generations(body: ImagesGenerateBody, request: Request) -> dict:
     """Text to image; ``response_format`` ``b64_json`` (default) or ``url`` (served by ``/v1/images/...``)."""
-    job, _ = await run_job(request, body.to_request, "openai", body.model)
+    job = await run_job(request, body.to_request, "openai", body.model)
     return await _respond(request, body, job)
 
 
@@ -89,7 +89,7 @@ async def images_edits(
         hole = read_mask(mask_bytes, "mask", param="mask") if mask_bytes is not None else None
         return body.to_request(picture, hole)
 
-    job, _ = await run_job(request, build, "openai", model)
+    job = await run_job(request, build, "openai", model)
     return await _respond(request, body, job)
 
 
