@@ -210,3 +210,84 @@ class JobView(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobView]
+
+
+class SizePreset(BaseModel):
+    label: str = Field(description='e.g. "16:9"')
+    width: int
+    height: int
+
+
+class NamedChoice(BaseModel):
+    name: str = Field(description="what a request sends")
+    label: str = Field(description="A1111's name for it (what PNG infotexts carry)")
+
+
+class SLGDefaults(BaseModel):
+    layers: list[int]
+    scale: float
+    start: float
+    end: float
+
+
+class ModelDefaultsView(BaseModel):
+    """What a request that leaves a setting out gets from the loaded model."""
+
+    preset: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    shift: float
+    slg: SLGDefaults
+    trained_size: int = Field(description="the largest side the model was trained at")
+    max_image_size: int = Field(description="the largest side its position grid allows")
+    depth: int = Field(description="joint blocks (SLG layers are 0 .. depth-1)")
+    img2img: bool = Field(description="whether the VAE can encode (img2img and inpainting)")
+
+
+class LimitsView(BaseModel):
+    max_size: int
+    max_steps: int
+    max_batch: int
+    max_prompt_chars: int
+    max_body_bytes: int
+
+
+class ServerInfo(BaseModel):
+    """``GET /v1/info``: what a client needs to build a form for this server."""
+
+    version: str
+    model: str = Field(description="the loaded model")
+    default_model: str = Field(description="what a request that names no model gets")
+    models: list[str]
+    loras: list[str]
+    defaults: ModelDefaultsView
+    samplers: list[NamedChoice]
+    schedulers: list[NamedChoice]
+    upscalers: list[str] = Field(description="hires fix upscalers")
+    limits: LimitsView
+    size_presets: list[SizePreset] = Field(description="the model's trained aspect ratios, and square sizes")
+    clip_max_tokens: int
+    t5_max_tokens: int = Field(description="the model card's T5 limit; longer prompts are cut")
+    protected: bool = Field(description="whether calls need an API key")
+
+
+class TokenizeBody(_Body):
+    prompt: str
+    t5_max_tokens: int | None = Field(None, ge=1, description="default: the model card's 256")
+
+
+class TokenCount(BaseModel):
+    tokens: int = Field(description="the prompt's tokens (T5: with its end token)")
+    limit: int
+    dropped: int = Field(description="tokens past the limit, which the encoder does not read")
+
+
+class TokenCounts(BaseModel):
+    """``POST /v1/tokenize``: how many tokens each text encoder gets from a prompt."""
+
+    clip: TokenCount
+    t5: TokenCount | None = Field(None, description="None without a T5 tokenizer")
