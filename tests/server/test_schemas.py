@@ -441,3 +441,13 @@ def test_openai_edit_form_maps_image_and_mask():
     req = ImagesEditForm(prompt="a cat", size="auto", n=3).to_request(image, mask)
     assert req == GenerateRequest(prompt="a cat", num_images=3, edit=Edit(image=image, mask=mask))
     assert ImagesEditForm(prompt="a cat").to_request(image, None).edit == Edit(image=image)
+
+
+def test_the_native_body_carries_every_request_field():
+    """A field added to GenerateRequest must reach the wire too (JobCreate is written by hand)."""
+    from dataclasses import fields
+
+    from sd35.request import GenerateRequest
+    from sd35.server.schemas.native import JobCreate
+
+    assert {f.name for f in fields(GenerateRequest)} <= set(JobCreate.model_fields)

@@ -16,7 +16,7 @@ from tests.server.server_helpers import ServerProcess, free_port
 from tests.server.test_security import assert_one_line_error, refused_start
 
 JOBS = 12
-STEPS = 8
+STEPS = 20  # long enough that the kill rarely lands between one job ending and the next claimed
 LEASE_S = 3.0
 
 

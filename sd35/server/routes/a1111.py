@@ -25,7 +25,7 @@ async def _generate(request: Request, body: Txt2ImgBody | Img2ImgBody, api: str)
     engine = engine_of(request)
     model = body.model()
     try:
-        job, _ = await run_job(request, body.to_request, api, model)
+        job = await run_job(request, body.to_request, api, model)
     except JobFailed as e:
         if e.job.status != "cancelled":
             raise

@@ -48,7 +48,7 @@ def job_error(job: Job) -> SD35Error | None:
 
 async def run_job(
     request: Request, build: Callable[[], GenerateRequest], api: str, model: str | None = None
-) -> tuple[Job, GenerateRequest]:
+) -> Job:
     """Build the request (decoding images off the event loop), submit it and wait for it to end; raises
     the job's error if it did not finish."""
     engine = engine_of(request)
@@ -57,7 +57,7 @@ async def run_job(
     job = await wait_for(engine, job.id)
     if job.status != "done":
         raise JobFailed(job)
-    return job, req
+    return job
 
 
 def image_url(request: Request, name: str) -> str:

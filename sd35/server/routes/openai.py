@@ -28,12 +28,11 @@ async def _respond(request: Request, body, job: Job) -> dict:
     names = job.result["images"]
     settings = job.result["settings"]
 
-    def files() -> list[tuple[bytes, str]]:
-        out = []
-        for name, text in zip(names, job.result["infotexts"], strict=True):
-            image = read_image(store.image_file(name))
-            out.append((encode(image, body.output_format or "png", text), image_url(request, name)))
-        return out
+    def files() -> list[tuple[bytes | None, str]]:
+        # a URL response sends no bytes, so the files are read only for base64
+        wanted = body.response_format != "url"
+        fmt = body.output_format or "png"
+        return [(encode(store.image_file(n), fmt) if wanted else None, image_url(request, n)) for n in names]
 
     images = await run_in_threadpool(files)
     return images_response(body, images, (settings["width"], settings["height"]), settings["prompt"])
@@ -42,7 +41,7 @@ async def _respond(request: Request, body, job: Job) -> dict:
 @router.post("/v1/images/generations")
 async def images_generations(body: ImagesGenerateBody, request: Request) -> dict:
     """Text to image; ``response_format`` ``b64_json`` (default) or ``url`` (served by ``/v1/images/...``)."""
-    job, _ = await run_job(request, body.to_request, "openai", body.model)
+    job = await run_job(request, body.to_request, "openai", body.model)
     return await _respond(request, body, job)
 
 
@@ -90,7 +89,7 @@ async def images_edits(
         hole = read_mask(mask_bytes, "mask", param="mask") if mask_bytes is not None else None
         return body.to_request(picture, hole)
 
-    job, _ = await run_job(request, build, "openai", model)
+    job = await run_job(request, build, "openai", model)
     return await _respond(request, body, job)
 
 

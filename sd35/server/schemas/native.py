@@ -212,15 +212,6 @@ class JobList(BaseModel):
     jobs: list[JobView]
 
 
-def _check_fields_match() -> None:
-    """``JobCreate`` must carry every request field (a new field must reach the wire too)."""
-    missing = {f.name for f in fields(GenerateRequest)} - set(JobCreate.model_fields)
-    assert not missing, f"JobCreate lacks {missing}"
-
-
-_check_fields_match()
-
-
 class SizePreset(BaseModel):
     label: str = Field(description='e.g. "16:9"')
     width: int

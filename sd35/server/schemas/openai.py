@@ -14,13 +14,14 @@ import base64
 import io
 import re
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sd35.errors import InvalidRequest
-from sd35.image_io import png_bytes
+from sd35.image_io import read_image
 from sd35.request import Edit, GenerateRequest
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -81,19 +82,20 @@ class ImagesEditForm(_ImagesOptions):
         return GenerateRequest(**self._fields(), edit=Edit(image=image, mask=mask))
 
 
-def encode(image: Image.Image, output_format: OutputFormat, parameters: str | None) -> bytes:
-    """The file of one output image (PNG keeps the ``parameters`` chunk)."""
+def encode(png: Path, output_format: OutputFormat) -> bytes:
+    """One stored output PNG as the client asked for it: the file itself for PNG (it carries the
+    ``parameters`` chunk), else decoded and written as JPEG or WebP."""
     if output_format == "png":
-        return png_bytes(image, parameters)
+        return png.read_bytes()
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format=output_format.upper(), quality=95)
+    read_image(png).convert("RGB").save(buffer, format=output_format.upper(), quality=95)
     return buffer.getvalue()
 
 
 def images_response(
-    body: _ImagesOptions, images: list[tuple[bytes, str]], size: tuple[int, int], prompt: str
+    body: _ImagesOptions, images: list[tuple[bytes | None, str]], size: tuple[int, int], prompt: str
 ) -> dict[str, Any]:
-    """OpenAI's ``ImagesResponse``; ``images`` are (file bytes, URL) pairs."""
+    """OpenAI's ``ImagesResponse``; ``images`` are (file bytes, URL) pairs (no bytes when URLs are asked for)."""
     if body.response_format == "url":
         data = [{"url": url, "revised_prompt": prompt} for _, url in images]
     else:
