@@ -20,40 +20,26 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, threading, time
+import json, sys, time
 import torch
-
-def anon_kb():
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["RssAnon"].split()[0])
-
-peak = [anon_kb()]
-base = peak[0]
-stop = False
-def watch():
-    while not stop:
-        peak[0] = max(peak[0], anon_kb())
-        time.sleep(0.005)
-t = threading.Thread(target=watch, daemon=True); t.start()
+from sd35.testing.memory import PeakAnonMemory
 mode, path = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-if mode == "sd35":
-    import sd35
-    model = sd35.load_models([path], kinds=["mmditx"], dtype=torch.bfloat16)["mmditx"]
-else:
-    from safetensors.torch import load_file
-    from sd35.models.mmditx import MMDiTX, MMDiTXConfig, strip_prefix
-    sd = strip_prefix(load_file(path))
-    model = MMDiTX(MMDiTXConfig.from_state_dict(sd))
-    model.load_state_dict(sd)
-    del sd
-    model = model.to(torch.bfloat16)
-seconds = time.perf_counter() - t0
-stop = True; t.join()
-peak[0] = max(peak[0], anon_kb())
+with PeakAnonMemory() as memory:
+    t0 = time.perf_counter()
+    if mode == "sd35":
+        import sd35
+        model = sd35.load_models([path], kinds=["mmditx"], dtype=torch.bfloat16)["mmditx"]
+    else:
+        from safetensors.torch import load_file
+        from sd35.models.mmditx import MMDiTX, MMDiTXConfig, strip_prefix
+        sd = strip_prefix(load_file(path))
+        model = MMDiTX(MMDiTXConfig.from_state_dict(sd))
+        model.load_state_dict(sd)
+        del sd
+        model = model.to(torch.bfloat16)
+    seconds = time.perf_counter() - t0
 params = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-print(json.dumps({"mode": mode, "peak_mb": (peak[0] - base) / 1024, "model_mb": params / 2**20, "seconds": seconds}))
+print(json.dumps({"mode": mode, "peak_mb": memory.peak_mb, "model_mb": params / 2**20, "seconds": seconds}))
 """
 
 
