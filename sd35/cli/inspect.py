@@ -27,7 +27,7 @@ from sd35.loading.components import (
     Component,
     scan,
 )
-from sd35.loading.gguf_io import GGUFLazyTensor
+from sd35.loading.gguf_io import GGUFLazyTensor, is_gguf
 from sd35.lora.formats import COMPONENT_NAMES
 from sd35.lora.summary import LoraSummary, is_lora_file, summarize_lora
 from sd35.models.clip import CLIPTextConfig
@@ -94,7 +94,7 @@ def defaults_line(c: Component, name: str) -> str:
     cfg = MMDiTXConfig.from_state_dict(c.tensors)
     d = defaults_for(cfg, c.metadata, identify(cfg, c.metadata, name).variant)
     return (
-        f"  {'defaults':8} {d.steps} steps, CFG {d.cfg:g}, {d.sampler}, shift {d.shift:g}, "
+        f"  {'defaults':8} {d.steps} steps, CFG {d.cfg}, {d.sampler}, shift {d.shift}, "
         f"{d.width}x{d.height} ({d.name})"
     )
 
@@ -194,7 +194,7 @@ def report(paths: list[str | Path]) -> str:
     """
     lines: list[str] = []
     found: dict[str, Component] = {}
-    loras = {Path(p) for p in paths if Path(p).is_file() and is_lora_file(p)}
+    loras = {Path(p) for p in paths if Path(p).is_file() and not is_gguf(p) and is_lora_file(p)}
     models = [Path(p) for p in paths if Path(p) not in loras]
     components = scan(models)
     for path in paths:
