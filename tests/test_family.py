@@ -199,3 +199,36 @@ def test_large_image_matches_diffusers_pipeline(large_pair):
     assert ours_px.shape == ref_image.shape == (48, 64, 3)
     assert np.abs(ours_px - ref_image).max() <= 1 / 255
     assert ours_px.std() > 0.01  # not a blank image
+
+
+def test_server_info_names_the_release(family, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sd35.server.app import create_app
+    from sd35.server.catalog import ModelCatalog
+    from sd35.server.engine import Engine
+    from sd35.server.settings import ServerSettings
+
+    pipe = _load(family, "large-turbo")
+    settings = ServerSettings(data_dir=tmp_path / "data")
+    catalog = ModelCatalog(pipe.model_name, family["large-turbo"][1], None)
+    engine = Engine(settings, catalog, pipe, pipe.model_name, lambda name: pipe)
+    with TestClient(create_app(settings, engine)) as client:
+        info = client.get("/v1/info").json()
+    assert info["variant"] == "SD3.5 Large Turbo"
+    d = info["defaults"]
+    assert (d["preset"], d["steps"], d["cfg"], d["sampler"]) == ("sd3.5_large_turbo", 4, 1.0, "euler")
+
+
+def test_a_gguf_says_which_release_it_is_by_its_general_name(family, tmp_path):
+    from tests.loading.test_gguf_models import write_gguf
+
+    pytest.importorskip("gguf")
+    w, official, diffusers = family["large"]
+    path = tmp_path / "model-Q8_0.gguf"
+    write_gguf(path, w.mmditx, "Q8_0", name="stable-diffusion-3.5-large-turbo")
+    pipe = load_pipeline(
+        path, official.parent / "text_encoders", tokenizers=diffusers, vae=diffusers / "vae", device="cpu"
+    )
+    assert pipe.identity.variant == "large-turbo" and "general.name" in pipe.identity.evidence
+    assert (pipe.defaults.steps, pipe.defaults.cfg, pipe.defaults.sampler) == (4, 1.0, "euler")
