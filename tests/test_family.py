@@ -10,6 +10,8 @@ model runs end to end like diffusers' ``StableDiffusion3Pipeline``.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -202,15 +204,27 @@ def test_server_info_names_the_release(family, tmp_path):
     from sd35.server.engine import Engine
     from sd35.server.settings import ServerSettings
 
-    pipe = _load(family, "large-turbo")
-    settings = ServerSettings(data_dir=tmp_path / "data")
-    catalog = ModelCatalog(pipe.model_name, family["large-turbo"][1], None)
+    pipe = _load(family, "large-turbo", variant="large")  # loaded as Large, whatever its file says
+    models = tmp_path / "models"
+    models.mkdir()
+    for release in ("large-turbo", "sd3-medium"):
+        shutil.copy(family[release][1], models / f"tiny-{release}.safetensors")
+    (models / "broken.safetensors").write_bytes(b"<html>Access denied</html>")
+    settings = ServerSettings(data_dir=tmp_path / "data", models_dir=models)
+    catalog = ModelCatalog(pipe.model_name, family["large-turbo"][1], models)
     engine = Engine(settings, catalog, pipe, pipe.model_name, lambda name: pipe)
     with TestClient(create_app(settings, engine)) as client:
         info = client.get("/v1/info").json()
-    assert info["variant"] == "SD3.5 Large Turbo"
+        listed = {m["title"]: m["variant"] for m in client.get("/sdapi/v1/sd-models").json()}
+    assert info["variant"] == "SD3.5 Large"
     d = info["defaults"]
-    assert (d["preset"], d["steps"], d["cfg"], d["sampler"]) == ("sd3.5_large_turbo", 4, 1.0, "euler")
+    assert (d["preset"], d["steps"], d["cfg"], d["sampler"]) == ("sd3.5_large", 40, 4.5, "dpmpp_2m")
+    assert listed == {
+        pipe.model_name: "SD3.5 Large",  # the loaded model as it was loaded
+        "tiny-large-turbo": "SD3.5 Large Turbo",  # the others as their files say
+        "tiny-sd3-medium": "SD3 Medium",
+        "broken": None,  # listed all the same; loading it says what is wrong
+    }
 
 
 def test_a_gguf_says_which_release_it_is_by_its_general_name(family, tmp_path):
