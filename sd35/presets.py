@@ -94,15 +94,12 @@ def defaults_for(
     if metadata and METADATA_KEY in metadata:
         return from_metadata(metadata[METADATA_KEY])
     variant = variant or release_from_shape(config)
-    if variant is not None:
-        preset = PRESETS[variant]
-        if config.max_image_size >= preset.trained_size:
-            return preset
-        # a release's structure at a toy size (named by its file): the release's sampling, a size that fits
-        side = min(preset.width, config.max_image_size)
-        return replace(preset, width=side, height=side, trained_size=config.max_image_size)
-    side = min(SD35_MEDIUM.width, config.max_image_size)
-    return replace(SD35_MEDIUM, name="custom", width=side, height=side, trained_size=config.max_image_size)
+    preset = PRESETS[variant] if variant else replace(SD35_MEDIUM, name="custom")
+    if variant and config.max_image_size >= preset.trained_size:
+        return preset
+    # no release, or a grid smaller than the release's (a toy model named by its file): the size its grid allows
+    side = min(preset.width, config.max_image_size)
+    return replace(preset, width=side, height=side, trained_size=config.max_image_size)
 
 
 def to_metadata(defaults: ModelDefaults) -> str:
