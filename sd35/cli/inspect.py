@@ -231,13 +231,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="say what weight files/folders are and what a complete pipeline still lacks",
-        description="For each file or folder: which model it holds (SD3 Medium, SD3.5 Medium, SD3.5 Large, CLIP-L, "
-        "CLIP-G, T5-XXL, VAE), its layout, dtype and parameter count; then what a complete pipeline lacks. "
+        description="For each file or folder: which model it holds (SD3.5 Medium, SD3.5 Large, SD3.5 Large Turbo, "
+        "SD3 Medium with the defaults it runs with; CLIP-L, CLIP-G, T5-XXL, VAE), its layout, dtypes (a GGUF's "
+        "quantization types) and parameter count; then what a complete pipeline lacks. "
         "A LoRA/DoRA/LyCORIS file is described instead: kind, rank, alpha, the layers it changes and the model "
         "it was made for. Reads only file headers.",
     )
     p.add_argument(
-        "paths", nargs="+", help=".safetensors files (models or LoRAs) or diffusers/text-encoder folders"
+        "paths",
+        nargs="+",
+        help=".safetensors or .gguf files (models or LoRAs) or diffusers/text-encoder folders",
     )
     p.set_defaults(func=run)
 
