@@ -40,6 +40,7 @@ from sd35.imaging import (
     tensor_to_image,
 )
 from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
+from sd35.models.family import Identity, identify
 from sd35.models.mmditx import MMDiTX
 from sd35.models.step_cache import CachedRunner, FirstBlockCache, parse_step_cache
 from sd35.models.vae import VAE, latent_to_model, model_to_latent
@@ -220,7 +221,8 @@ class SD3Pipeline:
     """The loaded models plus the procedure that turns a request into images.
 
     ``defaults`` (:class:`~sd35.presets.ModelDefaults`) are what a request leaves unset means for this model;
-    by default chosen from the MMDiT-X's shape. ``memory`` ("high", "balanced", "low"; see
+    by default those of the release ``identity`` names (:mod:`sd35.models.family`; by default the one the
+    MMDiT-X's shapes name). ``memory`` ("high", "balanced", "low"; see
     :mod:`sd35.memory`) places the models: the compute device is ``device``, by default the one the MMDiT-X
     is on. ``vae_tiling`` ("auto", "on", "off") decodes and encodes large images in tiles
     (:class:`sd35.models.vae_tiling.Tiling`, settable as ``self.tiling``: 1024 px tiles, or 512 px in the
@@ -239,6 +241,7 @@ class SD3Pipeline:
         model_name: str = "sd3.5_medium",
         *,
         defaults: ModelDefaults | None = None,
+        identity: Identity | None = None,
         memory: str = "high",
         vae_tiling: str = "auto",
         device: str | torch.device | None = None,
@@ -250,7 +253,10 @@ class SD3Pipeline:
         self.tiling = LOW_MEMORY_TILING if memory == "low" else Tiling()
         self.mmditx, self.vae, self.text, self.tokenizer = mmditx, vae, text, tokenizer
         self.model_name = model_name
-        self.defaults = defaults if defaults is not None else defaults_for(mmditx.config)
+        self.identity = identity if identity is not None else identify(mmditx.config)
+        self.defaults = (
+            defaults if defaults is not None else defaults_for(mmditx.config, None, self.identity.variant)
+        )
         self.lora_source = lora_source or lora_file
         self.loras: dict[str, float] = {}  # name -> strength of every applied LoRA, for the infotext
         self._request_loras: dict[str, LoraRef] = {}  # applied for the current request: loaded name -> ref

@@ -2,8 +2,9 @@
 
 The official reference keeps one settings dict per release (Stability-AI/sd3.5 ``sd3_infer.py``
 ``CONFIGS``, keyed by the file's name, so a renamed file silently loses them). We choose by what the
-weights are (the MMDiT-X's shape, :func:`defaults_for`), and a weight file may carry its own defaults
-in its safetensors metadata under :data:`METADATA_KEY` (the built-in demo model does), which win.
+weights are (the release :mod:`sd35.models.family` names from their shapes, and for Large Turbo from the
+file's metadata or name: :func:`defaults_for`), and a weight file may carry its own defaults in its
+safetensors metadata under :data:`METADATA_KEY` (the built-in demo model does), which win.
 
 Every front end (the CLI, ``pipe.generate``, each HTTP route) resolves a request against the loaded
 model's table in one place, :meth:`sd35.request.GenerateRequest.resolved`, so "the default" never
@@ -18,7 +19,8 @@ from dataclasses import dataclass, replace
 from typing import get_args
 
 from sd35.errors import CheckpointError
-from sd35.models.mmditx import MMDiTXConfig, mmditx_family
+from sd35.models.family import Variant, release_from_shape
+from sd35.models.mmditx import MMDiTXConfig
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.sampling.samplers import SamplerName
 from sd35.sampling.schedules import SchedulerName
@@ -65,28 +67,39 @@ SD3_MEDIUM = replace(SD35_MEDIUM, name="sd3_medium", shift=1.0, trained_size=102
 """CONFIGS["sd3_medium"]: shift 1.0, else the reference's fallbacks."""
 
 SD35_LARGE = replace(SD35_MEDIUM, name="sd3.5_large", steps=40, cfg=4.5, trained_size=1024)
-"""CONFIGS["sd3.5_large"] (a Large Turbo file has the same shapes: pass steps 4, cfg 1, euler for it)."""
+"""CONFIGS["sd3.5_large"]: 40 steps, CFG 4.5."""
 
-FAMILY_PRESETS = {
-    "SD3.5 Medium": SD35_MEDIUM,
-    "SD3 Medium": SD3_MEDIUM,
-    "SD3.5 Large (or Large Turbo)": SD35_LARGE,
+SD35_LARGE_TURBO = replace(SD35_LARGE, name="sd3.5_large_turbo", steps=4, cfg=1.0, sampler="euler")
+"""CONFIGS["sd3.5_large_turbo"]: 4 steps, CFG 1.0 (one model call per step: the distilled model needs no
+guidance), Euler."""
+
+PRESETS: dict[Variant, ModelDefaults] = {
+    "medium": SD35_MEDIUM,
+    "large": SD35_LARGE,
+    "large-turbo": SD35_LARGE_TURBO,
+    "sd3-medium": SD3_MEDIUM,
 }
+"""Each release's defaults, by :data:`sd35.models.family.Variant`."""
 
 
-def defaults_for(config: MMDiTXConfig, metadata: dict[str, str] | None = None) -> ModelDefaults:
-    """The defaults of a loaded MMDiT-X: its file's own (``metadata[METADATA_KEY]``), else its family's.
+def defaults_for(
+    config: MMDiTXConfig, metadata: dict[str, str] | None = None, variant: Variant | None = None
+) -> ModelDefaults:
+    """The defaults of a loaded MMDiT-X: its file's own (``metadata[METADATA_KEY]``), else its release's
+    (``variant``, as :func:`sd35.models.family.identify` names it; by default the one its shapes name).
 
-    A transformer of no known family (a custom or test-sized model) gets SD3.5 Medium's settings with the
+    A transformer of no known release (a custom or test-sized model) gets SD3.5 Medium's settings with the
     size capped by its position grid, so a bare request still fits the model.
     """
     if metadata and METADATA_KEY in metadata:
         return from_metadata(metadata[METADATA_KEY])
-    preset = FAMILY_PRESETS.get(mmditx_family(config))
-    if preset is not None:
+    variant = variant or release_from_shape(config)
+    preset = PRESETS[variant] if variant else replace(SD35_MEDIUM, name="custom")
+    if variant and config.max_image_size >= preset.trained_size:
         return preset
-    side = min(SD35_MEDIUM.width, config.max_image_size)
-    return replace(SD35_MEDIUM, name="custom", width=side, height=side, trained_size=config.max_image_size)
+    # no release, or a grid smaller than the release's (a toy model named by its file): the size its grid allows
+    side = min(preset.width, config.max_image_size)
+    return replace(preset, width=side, height=side, trained_size=config.max_image_size)
 
 
 def to_metadata(defaults: ModelDefaults) -> str:

@@ -20,6 +20,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which weights to load and how (shared by every command that runs the model)."""
     from sd35.devices import DTYPES
     from sd35.memory import MEMORY_MODES
+    from sd35.models.family import VARIANTS
     from sd35.pipeline import VAE_TILING
 
     g = parser.add_argument_group("model")
@@ -53,6 +54,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="a standalone SD3 VAE file or diffusers vae/ folder (for model files without one; replaces theirs)",
+    )
+    g.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=None,
+        help="which SD3 release the model is, for its defaults (default: read from the weights, the file's "
+        "metadata and its name; say large-turbo for a renamed SD3.5 Large Turbo file)",
     )
     g.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available)")
     g.add_argument(
@@ -106,7 +114,7 @@ def load_from_args(args: argparse.Namespace):
             )
     pipe = load_pipeline(
         model, args.text_encoders, tokenizers, device=device, dtype=args.dtype, memory=args.memory,
-        vae_tiling=args.vae_tiling, vae=args.vae,
+        vae_tiling=args.vae_tiling, vae=args.vae, variant=args.variant,
     )  # fmt: skip
     pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
     return pipe
@@ -114,14 +122,18 @@ def load_from_args(args: argparse.Namespace):
 
 def add_parser(sub) -> None:
     from sd35.demo import DEMO_DEFAULTS
-    from sd35.presets import SD35_MEDIUM
+    from sd35.models.family import RELEASES
+    from sd35.presets import PRESETS
 
+    releases = "; ".join(
+        f"{RELEASES[v].title} {d.steps} steps, CFG {d.cfg}, {d.sampler}, shift {d.shift}"
+        for v, d in PRESETS.items()
+    )
     g = sub.add_parser(
         "generate",
         help="text to image (img2img, inpainting, outpainting, hires fix)",
         description="Generate images from a prompt. Settings left out take the model's defaults: the official "
-        f"reference's for SD3.5 Medium ({SD35_MEDIUM.steps} steps, CFG {SD35_MEDIUM.cfg}, {SD35_MEDIUM.sampler}, "
-        f"shift {SD35_MEDIUM.shift}), the demo model's own for the demo ({DEMO_DEFAULTS.width}x"
+        f"reference's for each release ({releases}), the demo model's own for the demo ({DEMO_DEFAULTS.width}x"
         f"{DEMO_DEFAULTS.height}, {DEMO_DEFAULTS.steps} steps, CFG {DEMO_DEFAULTS.cfg}, {DEMO_DEFAULTS.sampler}).",
     )
     add_model_arguments(g)
@@ -130,7 +142,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--prompt-file", type=Path, default=None, help="one prompt per line (# comments); each is generated"
     )
-    add_request_arguments(g, {"SD3.5 Medium": SD35_MEDIUM, "demo": DEMO_DEFAULTS})
+    add_request_arguments(g, {RELEASES[v].title: d for v, d in PRESETS.items()} | {"demo": DEMO_DEFAULTS})
     o = g.add_argument_group("output")
     o.add_argument(
         "-o", "--output", type=Path, default=Path("sd35.png"), help="PNG path; never overwritten (numbered)"

@@ -1,6 +1,10 @@
 """``sd35 inspect``: what each file or folder is, and what a complete pipeline still lacks.
 
-Reads only safetensors headers (shapes and dtypes), so it answers in a moment even for 10 GB files. LoRA,
+Reads only file headers (safetensors: shapes, dtypes, metadata; GGUF: the tensor table and its
+key/values), so it answers in a moment even for 10 GB files. The MMDiT-X is named as its release
+(:func:`sd35.models.family.identify`: SD3.5 Medium, SD3.5 Large, SD3.5 Large Turbo, SD3 Medium) with the
+defaults a generation gets from it, and how each part is stored: its dtypes, or a GGUF's quantization types
+with their tensor counts. LoRA,
 DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
 only formats), including LoRAs for other model families: inspect is for finding out what a file is.
 """
@@ -23,12 +27,15 @@ from sd35.loading.components import (
     Component,
     scan,
 )
+from sd35.loading.gguf_io import GGUFLazyTensor, is_gguf
 from sd35.lora.formats import COMPONENT_NAMES
 from sd35.lora.summary import LoraSummary, is_lora_file, summarize_lora
 from sd35.models.clip import CLIPTextConfig
-from sd35.models.mmditx import MMDiTXConfig, mmditx_family
+from sd35.models.family import identify
+from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAEConfig
+from sd35.presets import defaults_for
 
 
 def _ranges(ids: Iterable[int]) -> str:
@@ -43,13 +50,16 @@ def _ranges(ids: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def describe(c: Component) -> str:
-    """A one-line description of a component's model and size."""
+def describe(c: Component, name: str = "") -> str:
+    """A one-line description of a component's model and size (``name``: the model's file or folder name,
+    which may say which release it is)."""
     if c.kind == MMDITX:
         cfg = MMDiTXConfig.from_state_dict(c.tensors)
         attn2 = f"attn2 in blocks {_ranges(cfg.attn2_layers)}" if cfg.attn2_layers else "no attn2"
+        who = identify(cfg, c.metadata, name)
+        evidence = f" (by {who.evidence})" if who.variant else ""
         return (
-            f"{mmditx_family(cfg)}: {cfg.depth} blocks, hidden {cfg.hidden_size}, {attn2}, "
+            f"{who.title}{evidence}: {cfg.depth} blocks, hidden {cfg.hidden_size}, {attn2}, "
             f"qk-norm {'on' if cfg.qk_norm else 'off'}, images up to {cfg.max_image_size} px"
         )
     if c.kind == VAE:
@@ -67,6 +77,26 @@ def describe(c: Component) -> str:
         real = cfg.d_model == 4096 and cfg.layers == 24
         return f"{'T5-XXL' if real else 'T5'} encoder: {cfg.layers} layers, width {cfg.d_model}"
     return c.name
+
+
+def storage(c: Component) -> str:
+    """How a component's tensors are stored: its dtypes (``bf16``, ``fp8_e4m3fn 98% / fp32``), or for a GGUF
+    file its types with their tensor counts, most first (``Q8_0: 430 tensors, F32: 120``)."""
+    if not all(isinstance(t, GGUFLazyTensor) for t in c.tensors.values()):
+        return c.dtypes()
+    counts = Counter(t.type_name for t in c.tensors.values()).most_common()
+    first, *rest = (f"{name}: {n}" for name, n in counts)
+    return ", ".join([f"{first} tensor{'s' if counts[0][1] != 1 else ''}", *rest])
+
+
+def defaults_line(c: Component, name: str) -> str:
+    """The defaults a generation gets from an MMDiT-X (its release's, or its file's own)."""
+    cfg = MMDiTXConfig.from_state_dict(c.tensors)
+    d = defaults_for(cfg, c.metadata, identify(cfg, c.metadata, name).variant)
+    return (
+        f"  {'defaults':8} {d.steps} steps, CFG {d.cfg}, {d.sampler}, shift {d.shift}, "
+        f"{d.width}x{d.height} ({d.name})"
+    )
 
 
 def _count(n: int) -> str:
@@ -164,7 +194,7 @@ def report(paths: list[str | Path]) -> str:
     """
     lines: list[str] = []
     found: dict[str, Component] = {}
-    loras = {Path(p) for p in paths if Path(p).is_file() and is_lora_file(p)}
+    loras = {Path(p) for p in paths if Path(p).is_file() and not is_gguf(p) and is_lora_file(p)}
     models = [Path(p) for p in paths if Path(p) not in loras]
     components = scan(models)
     for path in paths:
@@ -176,11 +206,14 @@ def report(paths: list[str | Path]) -> str:
         mine.sort(key=lambda c: KINDS.index(c.kind) if c.kind in KINDS else len(KINDS))
         layouts = sorted({c.layout for c in mine})
         lines.append(f"{path}  [{', '.join(layouts)}]")
+        name = path.stem if path.is_file() else path.name
         for c in mine:
             notes = f"  ({'; '.join(c.notes)})" if c.notes else ""
             lines.append(
-                f"  {c.name:8} {describe(c)} | {c.dtypes()} | {_count(c.parameter_count())} parameters{notes}"
+                f"  {c.name:8} {describe(c, name)} | {storage(c)} | {_count(c.parameter_count())} parameters{notes}"
             )
+            if c.kind == MMDITX:
+                lines.append(defaults_line(c, name))
             found.setdefault(c.kind, c)
     if not models:
         return "\n".join(lines)
@@ -198,13 +231,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="say what weight files/folders are and what a complete pipeline still lacks",
-        description="For each file or folder: which model it holds (SD3 Medium, SD3.5 Medium, SD3.5 Large, CLIP-L, "
-        "CLIP-G, T5-XXL, VAE), its layout, dtype and parameter count; then what a complete pipeline lacks. "
+        description="For each file or folder: which model it holds (SD3.5 Medium, SD3.5 Large, SD3.5 Large Turbo, "
+        "SD3 Medium with the defaults it runs with; CLIP-L, CLIP-G, T5-XXL, VAE), its layout, dtypes (a GGUF's "
+        "quantization types) and parameter count; then what a complete pipeline lacks. "
         "A LoRA/DoRA/LyCORIS file is described instead: kind, rank, alpha, the layers it changes and the model "
         "it was made for. Reads only file headers.",
     )
     p.add_argument(
-        "paths", nargs="+", help=".safetensors files (models or LoRAs) or diffusers/text-encoder folders"
+        "paths",
+        nargs="+",
+        help=".safetensors or .gguf files (models or LoRAs) or diffusers/text-encoder folders",
     )
     p.set_defaults(func=run)
 

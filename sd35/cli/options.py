@@ -30,6 +30,7 @@ MODEL_FLAGS = {
     "text_encoders": "--text-encoders",
     "tokenizers": "--tokenizers",
     "vae": "--vae",
+    "variant": "--variant",
     "device": "--device",
     "dtype": "--dtype",
     "memory": "--memory",

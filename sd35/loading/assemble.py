@@ -3,7 +3,8 @@
 The model (an official single file, a ComfyUI all-in-one file or a diffusers folder) and any separate
 text-encoder files are scanned by content (:mod:`sd35.loading.components`), checked to fit together
 before a weight is read, and built on the device the memory mode wants them on. The model's defaults
-(:mod:`sd35.presets`) are chosen here, from the weights and the file's own metadata.
+(:mod:`sd35.presets`) are chosen here, from the release the weights are (:mod:`sd35.models.family`) and the
+file's own metadata.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from sd35.loading.components import (
     load_component,
     scan,
 )
-from sd35.loading.gguf_io import is_gguf
-from sd35.loading.safetensors_io import read_metadata
 from sd35.memory import check_memory_mode
 from sd35.models.clip import CLIPTextConfig
+from sd35.models.family import identify
 from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.t5 import T5Config
 from sd35.models.vae import VAEConfig
@@ -158,6 +158,7 @@ def load_pipeline(
     memory: str = "high",
     vae_tiling: str = "auto",
     vae: PathLike | None = None,
+    variant: str | None = None,
 ) -> SD3Pipeline:
     """Load a pipeline from a single file or diffusers folder, plus text-encoder files or a folder of them.
 
@@ -169,7 +170,10 @@ def load_pipeline(
     bf16 on GPUs; on the CPU bf16 where it computes bf16 natively, with the text encoders in fp32, else fp32:
     :func:`sd35.devices.default_dtype`); ``memory`` ("high", "balanced", "low") and ``vae_tiling`` ("auto", "on",
     "off"): see :class:`~sd35.pipeline.SD3Pipeline` and :mod:`sd35.memory`. Weights that a mode keeps off
-    the device are loaded into CPU memory directly, never onto the device first.
+    the device are loaded into CPU memory directly, never onto the device first. ``variant`` ("medium",
+    "large", "large-turbo", "sd3-medium") says which release the model is, for a file that does not say
+    it itself (a renamed Large Turbo file): by default :func:`sd35.models.family.identify` reads it from the
+    weights, the file's metadata and its name, and the release's defaults apply.
     """
     check_memory_mode(memory)
     check_vae_tiling(vae_tiling)
@@ -188,6 +192,12 @@ def load_pipeline(
         hint += " This model file carries no VAE: name the SD3 VAE file with --vae."
     parts = assemble(found, required=(MMDITX, VAE, CLIP_L, CLIP_G), overrides=overrides, hint=hint)
     check_compatible(parts)
+    name = model.stem if model.is_file() else model.name
+    metadata = parts[MMDITX].metadata
+    config = MMDiTXConfig.from_state_dict(parts[MMDITX].tensors)
+    identity = identify(config, metadata, name, override=variant)
+    # an explicit variant means its release's defaults, over any the file carries
+    defaults = defaults_for(config, None if variant else metadata, identity.variant)
     root = Path(tokenizers) if tokenizers is not None else find_tokenizer_root([model, *te_paths])
     if root is None:
         tokenizer = bundled_tokenizer(t5=T5XXL in parts)
@@ -203,8 +213,6 @@ def load_pipeline(
             stacklevel=2,
         )
 
-    source = parts[MMDITX].source
-    metadata = read_metadata(source) if source.is_file() and not is_gguf(source) else {}
     text_device = device if memory == "high" else torch.device("cpu")
     mmditx = load_component(parts[MMDITX], dtype, torch.device("cpu") if memory == "low" else device)
     vae = load_component(parts[VAE], dtype, device)
@@ -214,14 +222,14 @@ def load_pipeline(
         load_component(parts[T5XXL], text_dtype, text_device) if T5XXL in parts else None,
         context_dim=mmditx.config.context_dim,
     )
-    name = model.stem if model.is_file() else model.name
     return SD3Pipeline(
         mmditx,
         vae,
         text,
         tokenizer,
         model_name=name,
-        defaults=defaults_for(mmditx.config, metadata),
+        defaults=defaults,
+        identity=identity,
         memory=memory,
         vae_tiling=vae_tiling,
         device=device,

@@ -21,7 +21,7 @@ from sd35.errors import CheckpointError, MissingComponentError
 from sd35.loading.diffusers_mmditx import is_diffusers_mmditx, mmditx_from_diffusers
 from sd35.loading.diffusers_vae import is_diffusers_vae, is_official_vae, vae_from_diffusers
 from sd35.loading.gguf_io import is_gguf, lazy_tensors, read_gguf
-from sd35.loading.safetensors_io import open_safetensors, shards_of
+from sd35.loading.safetensors_io import open_safetensors, read_metadata, shards_of
 from sd35.loading.tensors import LazyTensor, dtype_mix, shape_of
 
 MMDITX, VAE, CLIP_L, CLIP_G, T5XXL = "mmditx", "vae", "clip_l", "clip_g", "t5xxl"
@@ -66,6 +66,7 @@ class Component:
     source: Path
     layout: str
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # its file's text metadata (safetensors or GGUF)
 
     @property
     def name(self) -> str:
@@ -217,13 +218,13 @@ def scan_gguf(path: Path) -> list[Component]:
     VAE and text encoders when it converted them too). Other architectures are named and refused."""
     f = read_gguf(path)
     arch = str(f.metadata.get("general.architecture", "unknown"))
+    metadata = {k: v for k, v in f.metadata.items() if isinstance(v, str)}
     tensors = lazy_tensors(f)
     keys = set(tensors)
     foreign = foreign_model(keys)
     if arch in ("t5encoder", "t5") and "token_embd.weight" in keys:
         t5 = _t5_from_llama_names(tensors, path)
-        types = ", ".join(sorted({t.type_name for t in t5.values()}))
-        return [Component(T5XXL, t5, path, GGUF_LAYOUT, [f"GGUF {types} (kept quantized)"])]
+        return [Component(T5XXL, t5, path, GGUF_LAYOUT, ["kept quantized"], metadata)]
     if arch not in ("sd3", "unknown") or foreign:
         what = foreign or f'a GGUF of architecture "{arch}"'
         raise CheckpointError(
@@ -240,9 +241,8 @@ def scan_gguf(path: Path) -> list[Component]:
     for kind, sub in parts.items():
         if kind in (CLIP_L, CLIP_G):
             sub = {k: v for k, v in sub.items() if not k.endswith("position_ids")}
-        types = ", ".join(sorted({t.type_name for t in sub.values()}))
         how = "kept quantized" if kind in (MMDITX, T5XXL) else "dequantized as it loads"
-        out.append(Component(kind, sub, path, GGUF_LAYOUT, [f"GGUF {types} ({how})"]))
+        out.append(Component(kind, sub, path, GGUF_LAYOUT, [how], metadata))
     return out
 
 
@@ -282,6 +282,9 @@ def scan_file(path: str | Path) -> list[Component]:
             )
         comp.notes += notes
         components.append(comp)
+    metadata = read_metadata(path)
+    for comp in components:
+        comp.metadata = metadata
     return components
 
 

@@ -51,14 +51,20 @@ def t5_with_embedding(sd: dict[str, torch.Tensor], embedding: str = "both") -> d
 
 
 def write_official(
-    path: Path, w: PipelineWeights, *, prefixed: bool = True, dtype: torch.dtype | None = None
+    path: Path,
+    w: PipelineWeights,
+    *,
+    prefixed: bool = True,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """The official single file: MMDiT-X + VAE (``prefixed=False``: MMDiT-X alone, bare keys)."""
+    """The official single file: MMDiT-X + VAE (``prefixed=False``: MMDiT-X alone, bare keys), with the
+    safetensors ``metadata`` given (Stability's files carry ``modelspec.*`` keys there)."""
     if prefixed:
         tensors = {**_prefixed("model.diffusion_model.", w.mmditx), **_prefixed("first_stage_model.", w.vae)}
     else:
         tensors = dict(w.mmditx)
-    save_file_atomic(_cast(tensors, dtype), path)
+    save_file_atomic(_cast(tensors, dtype), path, metadata)
     return path
 
 

@@ -36,7 +36,8 @@ from sd35.lora.adapters import LoRA
 from sd35.lora.formats import COMPONENTS, DIFFUSERS_PREFIX, KOHYA_PREFIX, ModelIndex, diffusers_names
 from sd35.lora.patching import iter_patches
 from sd35.models.clip import CLIPTextEncoder
-from sd35.models.mmditx import MMDiTX, mmditx_family
+from sd35.models.family import mmditx_family
+from sd35.models.mmditx import MMDiTX
 from sd35.models.t5 import T5Encoder
 
 FORMATS = ("kohya", "diffusers")

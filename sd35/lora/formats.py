@@ -48,7 +48,7 @@ from sd35.errors import SD35Error
 from sd35.loading.safetensors_io import save_file_atomic
 from sd35.lora.adapters import Adapter, Diff, LoHa, LoKr, LoRA, RowStack, SwapHalves, dora_axis
 from sd35.lora.patching import is_target, weight_shape
-from sd35.models.mmditx import mmditx_family
+from sd35.models.family import mmditx_family
 
 COMPONENTS = ("mmditx", "clip_l", "clip_g", "t5")
 KOHYA_PREFIX = {"mmditx": "lora_unet_", "clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5": "lora_te3_"}

@@ -6,7 +6,8 @@ named, refer to Stability-AI/sd3.5 ``mmditx.py`` (``MMDiTX``, ``JointBlock``, ``
 commit ``fbf8f483``.
 
 Every size is read from the weights (:meth:`MMDiTXConfig.from_state_dict`): SD3 Medium, SD3.5
-Medium and SD3.5 Large files all load with the same code.
+Medium and SD3.5 Large files all load with the same code (which release a file is:
+:mod:`sd35.models.family`).
 
 Inference computes every adaLN modulation in one matmul per forward (:mod:`sd35.models.modulation`;
 the same numbers as the block-by-block reading of the reference, up to float summation order; switch it
@@ -119,26 +120,6 @@ class MMDiTXConfig:
     def max_image_size(self) -> int:
         """The largest image side in pixels the positional-embedding grid covers (8x VAE downsampling)."""
         return self.pos_embed_max_size * self.patch_size * 8
-
-
-def mmditx_family(cfg: MMDiTXConfig) -> str:
-    """Name the release a transformer config belongs to, by depth, attn2 layers and pos_embed grid.
-
-    These are the signs Stability-AI/sd3.5 ``sd3_impls.py`` ``BaseModel.__init__`` reads the config from,
-    and diffusers ``src/diffusers/loaders/single_file_utils.py`` ``infer_diffusers_model_type`` tells the
-    releases apart by (pos_embed 147456 = 384x384 patches: SD3.5 Medium; 36864 = 192x192: SD3 Medium).
-
-    It lives with the config because it is a fact about the architecture: ``sd35 inspect``, the pipeline's
-    description, LoRA metadata and LoRA error messages all name the model the same way.
-    """
-    if cfg.depth == 24 and cfg.hidden_size == 1536:
-        if cfg.attn2_layers and cfg.pos_embed_max_size == 384:
-            return "SD3.5 Medium"
-        if not cfg.attn2_layers and cfg.pos_embed_max_size == 192:
-            return "SD3 Medium"
-    if cfg.depth == 38 and cfg.hidden_size == 2432 and not cfg.attn2_layers:
-        return "SD3.5 Large (or Large Turbo)"
-    return "an MMDiT-X of another configuration"
 
 
 def strip_prefix(sd: StateDict, prefix: str = PREFIX) -> StateDict:

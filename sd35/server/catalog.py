@@ -3,7 +3,8 @@
 Clients never send a file path: they send a name that a list endpoint returned, and this catalog, which
 alone knows the files, turns it back into a path. Checkpoints are the ``.safetensors`` files at the top of
 ``models_dir``; LoRAs are those in its ``loras/`` (or A1111's ``Lora/``) folder. A name is the file's stem.
-The model the server started with is always listed, under its own name.
+The model the server started with is always listed, under its own name. Each checkpoint's release
+(SD3.5 Medium, SD3.5 Large ...) is read from its file's header the first time a list asks for it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from sd35.errors import NotFound
+from sd35.errors import NotFound, SD35Error
+from sd35.loading.components import MMDITX, scan
+from sd35.models.family import identify
+from sd35.models.mmditx import MMDiTXConfig
 
 WEIGHT_SUFFIXES = (".safetensors",)
 LORA_FOLDERS = ("loras", "Lora", "lora")
@@ -27,6 +31,19 @@ def _scan(folder: Path | None) -> dict[str, Path]:
     }
 
 
+def release_of(path: Path) -> str | None:
+    """The release title of the MMDiT-X in ``path`` (headers only), or None for a file that holds none or
+    cannot be read: a listing shows what it can, loading the file says what is wrong with it."""
+    try:
+        found = [c for c in scan([path]) if c.kind == MMDITX]
+        if not found:
+            return None
+        cfg = MMDiTXConfig.from_state_dict(found[0].tensors)
+        return identify(cfg, found[0].metadata, path.stem).title
+    except (SD35Error, OSError, ValueError):
+        return None
+
+
 class ModelCatalog:
     """Names to files, rescanned by :meth:`refresh` (A1111's refresh-checkpoints / refresh-loras)."""
 
@@ -37,6 +54,7 @@ class ModelCatalog:
         self._lock = threading.Lock()
         self._checkpoints: dict[str, Path] = {}
         self._loras: dict[str, Path] = {}
+        self._releases: dict[tuple[Path, int], str | None] = {}  # (file, mtime) -> release_of(file)
         self.refresh()
 
     def refresh(self) -> None:
@@ -69,6 +87,17 @@ class ModelCatalog:
                     f"no model named {name!r}; the server has: {', '.join(self._checkpoints)}.", param="model"
                 )
             return self._checkpoints[name]
+
+    def release(self, name: str) -> str | None:
+        """The release of checkpoint ``name`` as its file says (None: unknown, or the built-in model's)."""
+        with self._lock:
+            path = self._checkpoints.get(name)
+        if path is None or not path.is_file():
+            return None
+        key = (path, path.stat().st_mtime_ns)
+        if key not in self._releases:
+            self._releases[key] = release_of(path)
+        return self._releases[key]
 
     def lora(self, name: str) -> Path:
         """The file of LoRA ``name``; the pipeline's ``lora_source``."""

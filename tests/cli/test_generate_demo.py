@@ -33,8 +33,12 @@ def test_help_names_each_models_defaults(capsys):
     code, out, _ = run_cli(capsys, "generate", "--help")
     text = " ".join(out.split())
     assert code == 0
-    assert f"default: the model's: SD3.5 Medium {SD35_MEDIUM.steps}, demo {DEMO_DEFAULTS.steps}" in text
-    assert "SD3.5 Medium 7,8,9, demo 2" in text  # --slg-layers
+    assert (
+        f"default: the model's: SD3.5 Medium {SD35_MEDIUM.steps}, SD3.5 Large 40, SD3.5 Large Turbo 4, "
+        f"SD3 Medium 50, demo {DEMO_DEFAULTS.steps}" in text
+    )
+    assert "SD3.5 Large Turbo 1.0, SD3 Medium 5.0" in text  # --cfg
+    assert "SD3.5 Medium 7,8,9, SD3.5 Large 7,8,9, SD3.5 Large Turbo 7,8,9, SD3 Medium 7,8,9, demo 2" in text
     assert "--init-image" in text and "--hires-scale" in text and "--t5-max-tokens" in text
 
 

@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from sd35.loading.writers import write_official
 from sd35.lora import add_lora, export_lora, export_metadata, save_lora
 from sd35.lora.summary import family_from_name, summarize_lora
+from sd35.models.configs import tiny_configs
+from sd35.testing import scaled_fp8, tiny_weights
 from sd35.train.config import TrainConfig
 from sd35.train.trainer import Trainer, final_paths
 from tests.helpers import run_cli, subprocess_env, tiny_models
@@ -97,6 +102,89 @@ def test_console_script_never_shows_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no such file" in proc.stderr
+
+
+def _weights_of(structure: dict, seed: int = 0):
+    return tiny_weights(seed, tiny_configs(**structure))
+
+
+LARGE = dict(attn2_layers=(), qk_norm=True)
+SD3_MEDIUM = dict(attn2_layers=(), qk_norm=False)
+
+
+@pytest.mark.parametrize(
+    "structure,name,metadata,title,evidence,defaults",
+    [
+        (
+            LARGE,
+            "sd3.5_large",
+            None,
+            "SD3.5 Large",
+            "the name 'sd3.5_large'",
+            "40 steps, CFG 4.5, dpmpp_2m, shift 3.0",
+        ),
+        (
+            LARGE,
+            "model",
+            {"modelspec.architecture": "stable-diffusion-v3.5-large", "modelspec.title": "SD3.5 Large Turbo"},
+            "SD3.5 Large Turbo",
+            "modelspec.title 'SD3.5 Large Turbo'",
+            "4 steps, CFG 1.0, euler, shift 3.0",
+        ),
+        (
+            SD3_MEDIUM,
+            "model",
+            {"modelspec.architecture": "stable-diffusion-v3-medium"},
+            "SD3 Medium",
+            "modelspec.architecture 'stable-diffusion-v3-medium'",
+            "50 steps, CFG 5.0, dpmpp_2m, shift 1.0",
+        ),
+        (dict(), "sd3.5_medium", None, "SD3.5 Medium", "the name", "50 steps, CFG 5.0, dpmpp_2m, shift 3.0"),
+        # a name of a release the network is not built like is no evidence
+        (dict(), "sd3.5_large", None, "an MMDiT-X of another configuration", None, "50 steps"),
+    ],
+)
+def test_inspect_names_each_release_and_its_defaults(
+    capsys, tmp_path, structure, name, metadata, title, evidence, defaults
+):
+    path = write_official(tmp_path / f"{name}.safetensors", _weights_of(structure), metadata=metadata)
+    lines = _describe(capsys, path, "official single file")
+    head = f"  MMDiT-X  {title}" + (f" (by {evidence}" if evidence else ":")
+    assert lines[1].startswith(head), lines[1]
+    assert lines[2].startswith(f"  defaults {defaults}")
+
+
+def test_inspect_gguf_shows_its_quantization_and_release(capsys, tmp_path):
+    from tests.loading.test_gguf_models import write_gguf
+
+    gguf = pytest.importorskip("gguf")
+    w = _weights_of(LARGE, seed=4)
+    named = tmp_path / "sd3.5_large_turbo-Q8_0.gguf"
+    write_gguf(named, w.mmditx, "Q8_0")
+    counts = Counter(
+        t.tensor_type.name for t in gguf.GGUFReader(str(named)).tensors
+    )  # the gguf package's count
+    assert set(counts) == {"Q8_0", "F32"}
+    (q8, f32) = counts["Q8_0"], counts["F32"]
+    lines = _describe(capsys, named, "GGUF")
+    assert "SD3.5 Large Turbo (by the name 'sd3.5_large_turbo-Q8_0')" in lines[1]
+    order = [f"Q8_0: {q8} tensors", f"F32: {f32}"] if q8 >= f32 else [f"F32: {f32} tensors", f"Q8_0: {q8}"]
+    assert f"| {', '.join(order)} |" in lines[1] and "kept quantized" in lines[1]
+    assert lines[2].startswith("  defaults 4 steps, CFG 1.0, euler")
+    # general.name says it as well as a file name does
+    other = tmp_path / "model-Q4_0.gguf"
+    write_gguf(other, w.mmditx, "Q4_0", name="SD3.5 Large Turbo")
+    lines = _describe(capsys, other, "GGUF")
+    assert "SD3.5 Large Turbo (by general.name 'SD3.5 Large Turbo')" in lines[1] and "Q4_0: " in lines[1]
+
+
+def test_inspect_shows_scaled_fp8_and_dtypes(capsys, tmp_path):
+    w = _weights_of(SD3_MEDIUM, seed=5)
+    path = tmp_path / "sd3_medium_fp8_scaled.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in scaled_fp8(w.mmditx).items()}, str(path))
+    lines = _describe(capsys, path, "official single file")
+    assert lines[1].startswith("  MMDiT-X  SD3 Medium (by the name")
+    assert "| fp8_e4m3fn " in lines[1] and "% / fp32 " in lines[1] and "fp8 scaled weights" in lines[1]
 
 
 # --- LoRA files -------------------------------------------------------------------------------

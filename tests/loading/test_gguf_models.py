@@ -27,11 +27,13 @@ def weights():
     return tiny_weights(seed=31)
 
 
-def write_gguf(path, sd, type_name, arch="sd3", prefix=""):
-    """ComfyUI-GGUF's layout: 2-D weights in ``type_name`` where their rows fit its blocks, the rest F32.
-    Returns the state dict as the gguf package dequantizes it (the reference weights)."""
+def write_gguf(path, sd, type_name, arch="sd3", prefix="", name=None):
+    """ComfyUI-GGUF's layout: 2-D weights in ``type_name`` where their rows fit its blocks, the rest F32, and
+    ``general.name`` if given. Returns the state dict as the gguf package dequantizes it (the reference weights)."""
     qtype = Q[type_name]
     w = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        w.add_name(name)
     reference = {}
     for key, value in sd.items():
         arr = value.float().numpy()

@@ -15,6 +15,7 @@ from tests.helpers import mmditx_inputs
 CONFIGS = {
     "sd35m-like": dict(attn2_layers=(0, 1), qk_norm=True),
     "sd3m-like": dict(attn2_layers=(), qk_norm=False),
+    "sd35l-like": dict(attn2_layers=(), qk_norm=True),  # SD3.5 Large (and Large Turbo): qk-norm, no attn2
     "attn2-subset": dict(attn2_layers=(1, 3), qk_norm=True, depth=4),
     "attn2-no-qknorm": dict(attn2_layers=(0,), qk_norm=False),
 }

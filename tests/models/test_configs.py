@@ -9,7 +9,7 @@ from sd35.models.configs import (
     scaled_mmditx_config,
     tiny_configs,
 )
-from sd35.models.mmditx import mmditx_family
+from sd35.models.family import mmditx_family
 
 
 def _fits(c) -> bool:

@@ -9,7 +9,8 @@ import torch
 
 from sd35.errors import CheckpointError, SD35Error
 from sd35.models.configs import medium_mmditx_config, tiny_configs
-from sd35.models.mmditx import MMDiTX, MMDiTXConfig, mmditx_family, timestep_embedding
+from sd35.models.family import mmditx_family
+from sd35.models.mmditx import MMDiTX, MMDiTXConfig, timestep_embedding
 from sd35.models.random_init import random_state_dict
 from tests.helpers import rel_err
 from tests.models.models_helpers import CONFIGS, diffusers_pair, inputs

@@ -130,10 +130,29 @@ async def latent_upscale_modes() -> list[dict[str, Any]]:
 
 @router.get("/sd-models")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
-    """The checkpoints ``sd_model_checkpoint`` may name (names, never paths)."""
+    """The checkpoints ``sd_model_checkpoint`` may name (names, never paths), each with its SD3 release
+    (``variant``: the loaded model's as it was loaded, the others' as their files say)."""
+    engine = engine_of(request)
+    pipe = engine.pipe
+
+    def release(name: str) -> str | None:
+        if name == engine.model and pipe is not None:
+            return pipe.identity.title
+        return engine.catalog.release(name)
+
+    names = engine.catalog.checkpoints
+    releases = await run_in_threadpool(lambda: [release(n) for n in names])
     return [
-        {"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None}
-        for n in engine_of(request).catalog.checkpoints
+        {
+            "title": n,
+            "model_name": n,
+            "hash": None,
+            "sha256": None,
+            "filename": n,
+            "config": None,
+            "variant": v,
+        }
+        for n, v in zip(names, releases, strict=True)
     ]
 
 

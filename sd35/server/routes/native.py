@@ -221,6 +221,7 @@ async def info(request: Request) -> ServerInfo:
     return ServerInfo(
         version=__version__,
         model=model,
+        variant=pipe.identity.title,
         default_model=engine.default_model,
         models=engine.catalog.checkpoints,
         loras=engine.catalog.loras,

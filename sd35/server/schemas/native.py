@@ -261,6 +261,10 @@ class ServerInfo(BaseModel):
 
     version: str
     model: str = Field(description="the loaded model")
+    variant: str = Field(
+        description="the loaded model's release: SD3.5 Medium, SD3.5 Large, SD3.5 Large Turbo, SD3 Medium, "
+        "or an MMDiT-X of another configuration"
+    )
     default_model: str = Field(description="what a request that names no model gets")
     models: list[str]
     loras: list[str]
