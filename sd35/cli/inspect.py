@@ -23,6 +23,7 @@ from sd35.loading.components import (
     Component,
     scan,
 )
+from sd35.loading.gguf_io import is_gguf
 from sd35.lora.formats import COMPONENT_NAMES
 from sd35.lora.summary import LoraSummary, is_lora_file, summarize_lora
 from sd35.models.clip import CLIPTextConfig
@@ -164,7 +165,7 @@ def report(paths: list[str | Path]) -> str:
     """
     lines: list[str] = []
     found: dict[str, Component] = {}
-    loras = {Path(p) for p in paths if Path(p).is_file() and is_lora_file(p)}
+    loras = {Path(p) for p in paths if Path(p).is_file() and not is_gguf(p) and is_lora_file(p)}
     models = [Path(p) for p in paths if Path(p) not in loras]
     components = scan(models)
     for path in paths:
