@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from sd35.accel.fp8 import E4M3, quantize_weight
 from sd35.devices import resolve_dtype
 from sd35.errors import CheckpointError, MissingComponentError, SD35Error
 from sd35.loading.assemble import find_tokenizer_root
@@ -178,19 +179,16 @@ def _is_linear_weight(key: str, value: torch.Tensor) -> bool:
 
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8 scaled storage of one network: each linear weight ``W`` as ``fp8(W / s)`` with ``s =
-    max|W| / 448`` (e4m3fn's largest finite value) in ``.scale_weight``, and the ``scaled_fp8`` marker."""
-    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    """ComfyUI's fp8 scaled storage of one network: each linear weight as e4m3 with its per-tensor
+    ``.scale_weight`` (:func:`sd35.accel.fp8.quantize_weight`, whose keys are these), and the ``scaled_fp8``
+    marker."""
+    out = {"scaled_fp8": torch.empty(0, dtype=E4M3)}
     for key, value in sd.items():
-        if not _is_linear_weight(key, value):
+        if _is_linear_weight(key, value):
+            out[key], scale = quantize_weight(value, "tensor")
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
             out[key] = value
-            continue
-        w = value.to(torch.float32)
-        scale = w.abs().max() / fp8_max
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out[key] = (w / scale).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
-        out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
     return out
 
 
@@ -203,22 +201,27 @@ def _source_metadata(parts: dict[str, Component]) -> dict[str, str] | None:
 
 
 def write_single_file(out: Path, parts: dict[str, Component], conv: Conversion) -> list[str]:
-    """The ``official`` and ``scaled_fp8`` targets: every part in one safetensors file."""
-    alone = len(parts) == 1
-    tensors: dict[str, torch.Tensor] = {}
-    fp8 = []
-    for kind, c in parts.items():
-        sd = _tensors(c, conv.dtype)
-        if conv.target == "scaled_fp8" and kind in (MMDITX, T5XXL):
-            sd = scaled_fp8(sd)
-            fp8.append(KIND_NAMES[kind])
-        tensors.update(_file_keys(kind, sd, alone))
+    """The ``official`` and ``scaled_fp8`` targets: every part in one safetensors file. A network stored in fp8
+    is quantized from its weights as stored; ``--dtype`` then casts what stays in high precision (not the
+    float32 scales)."""
+    fp8 = [k for k in (MMDITX, T5XXL) if k in parts] if conv.target == "scaled_fp8" else []
     if conv.target == "scaled_fp8" and not fp8:
         raise SD35Error(
             "--to scaled_fp8 stores the MMDiT-X and the T5-XXL in fp8, and the inputs hold neither."
         )
+    alone = len(parts) == 1
+    tensors: dict[str, torch.Tensor] = {}
+    for kind, c in parts.items():
+        if kind in fp8:
+            sd = {
+                k: v if v.dtype == E4M3 or k.endswith("scale_weight") else _load(v, conv.dtype)
+                for k, v in scaled_fp8(_tensors(c, None)).items()
+            }
+        else:
+            sd = _tensors(c, conv.dtype)
+        tensors.update(_file_keys(kind, sd, alone))
     save_file_atomic(tensors, out, _source_metadata(parts), overwrite=False)
-    note = f"; fp8 scaled: {', '.join(fp8)}" if fp8 else ""
+    note = f"; fp8 scaled: {', '.join(KIND_NAMES[k] for k in fp8)}" if fp8 else ""
     return [f"wrote {out}: {_names(parts)} ({_dtype_words(conv.dtype)}{note})"]
 
 

@@ -232,3 +232,23 @@ def test_scaled_fp8_round_trip(tmp_path, tiny):
             assert torch.equal(got[k], stored.float() * scale), k  # what ComfyUI computes: W * scale_weight
             # e4m3 keeps 3 mantissa bits: within 1/16 relative, or half the smallest subnormal step near zero
             assert bool(((got[k] - w).abs() <= w.abs() / 16 + scale * 2**-10 + 1e-12).all()), k
+
+
+def test_scaled_fp8_with_dtype_casts_only_what_stays_high_precision(tmp_path, tiny):
+    path = tmp_path / "fp8_bf16.safetensors"
+    convert([tiny["official"]], path, to="scaled_fp8", dtype="bf16")
+    raw = load_file(path)
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    assert (
+        raw[qkv + ".weight"].dtype == torch.float8_e4m3fn
+        and raw[qkv + ".scale_weight"].dtype == torch.float32
+    )
+    assert (
+        raw[qkv + ".bias"].dtype == torch.bfloat16
+        and raw["model.diffusion_model.pos_embed"].dtype == torch.bfloat16
+    )
+    assert raw["first_stage_model.decoder.conv_in.weight"].dtype == torch.bfloat16
+    # the fp8 weights come from the stored fp32 weights, not from their bf16 rounding
+    convert([tiny["official"]], tmp_path / "fp8.safetensors", to="scaled_fp8")
+    plain = load_file(tmp_path / "fp8.safetensors")[qkv + ".weight"]
+    assert torch.equal(plain.view(torch.uint8), raw[qkv + ".weight"].view(torch.uint8))
