@@ -28,11 +28,11 @@ WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's ``roundf``: halves away from zero (``torch.round`` rounds them to even). ``floor(2 * frac)`` is exact
-    where ``floor(a + 0.5)`` would round 0.49999997 up."""
-    a = x.abs()
-    whole = a.floor()
-    return torch.sign(x) * (whole + (2 * (a - whole)).floor())
+    """C's ``roundf``: halves away from zero. ``torch.round`` rounds halves to even, so a tie it rounded toward
+    zero (``x - round(x)`` is half, in ``x``'s direction) moves one further out."""
+    r = torch.round(x)
+    sign = torch.sign(x)
+    return r + sign * ((x - r) * sign == 0.5)
 
 
 def _half_bytes(v: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,14 @@ def _signed_max(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _bf16_bytes(x: torch.Tensor) -> torch.Tensor:
-    n = x.reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    rounded = (n + 0x7FFF + ((n >> 16) & 1)) >> 16
-    quiet = ((n & 0xFFFF0000) | (64 << 16)) >> 16
-    out = torch.where(nan, quiet, rounded) & 0xFFFF
-    return out.to(torch.int32).to(torch.int16).view(torch.uint8)
+    """``ggml_compute_fp32_to_bf16``: round to nearest even (as torch's cast), and a NaN made quiet with its sign
+    and top payload bits kept (torch's cast gives one canonical NaN instead)."""
+    out = x.to(torch.bfloat16).view(torch.int16)
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        bits = x[nan].view(torch.int32)
+        out[nan] = ((bits >> 16) | 64).to(torch.int16)
+    return out.view(torch.uint8)
 
 
 def quantize(x: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -85,10 +87,18 @@ def quantize(x: torch.Tensor, type_name: str) -> torch.Tensor:
     if x.numel() % per_block:
         raise ValueError(f"{x.numel()} values do not fill whole {type_name} blocks of {per_block}")
     blocks = x.reshape(-1, per_block)
+    return torch.cat([_blocks(chunk, type_name) for chunk in blocks.split(_CHUNK)]).reshape(-1)
+
+
+_CHUNK = 1 << 13  # blocks at a time: the temporaries stay in cache (3-5x faster on a 6144x1536 matrix)
+
+
+def _blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """[n, 32] float32 values -> [n, block bytes] uint8."""
     if type_name == "Q8_0":
         d = blocks.abs().amax(dim=1) / 127
         q = _roundf(blocks * _inverse(d)[:, None]).to(torch.int8).view(torch.uint8)
-        return torch.cat([_half_bytes(d), q], dim=1).reshape(-1)
+        return torch.cat([_half_bytes(d), q], dim=1)
     if type_name in ("Q4_0", "Q5_0"):
         levels = 16 if type_name == "Q4_0" else 32
         d = _signed_max(blocks) / -(levels // 2)
@@ -103,4 +113,4 @@ def quantize(x: torch.Tensor, type_name: str) -> torch.Tensor:
         head = [_half_bytes(d), _half_bytes(lo)]
     if levels == 32:
         head.append(_fifth_bit_mask(q).to(torch.uint8))
-    return torch.cat([*head, _pack_nibbles(q)], dim=1).reshape(-1)
+    return torch.cat([*head, _pack_nibbles(q)], dim=1)
