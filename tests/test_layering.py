@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd35.loading.safetensors_io",
         "sd35.loading.weights",
         "sd35.loading.gguf_io",
+        "sd35.loading.gguf_kquants",
         "sd35.loading.gguf_quantize",
         "sd35.loading.gguf_writer",
     ),

@@ -15,7 +15,9 @@ tensors arrive in our layout; the targets are
   stable-diffusion.cpp's naming (its HF keys as they are). Which tensors keep a float type follows ComfyUI-GGUF
   (``tools/convert.py``: 1-D tensors and those of at most 1024 values in F32; its llama.cpp patch: SD3's
   ``x_embedder``, ``t_embedder``, ``y_embedder``, ``context_embedder``, ``final_layer`` and ``pos_embed``
-  unquantized, a row that fills no whole block in F16) and llama.cpp (T5's ``attn_rel_b`` unquantized);
+  unquantized, a row that fills no whole block in F16) and llama.cpp (T5's ``attn_rel_b`` unquantized). A
+  K-quant file holds every other weight in that one type (llama.cpp's ``_M`` mixes, which give some layers a
+  larger type, are not made);
 - ``scaled_fp8``: ComfyUI's "fp8 scaled" layout, as ``official`` but every linear weight of the MMDiT-X and
   the T5 stored as ``float8_e4m3fn`` with a per-tensor ``.scale_weight`` (the weight is their product) and a
   ``scaled_fp8`` marker per network (ComfyUI's ``model_detection`` reads the marker's dtype). CLIPs and VAE
@@ -55,7 +57,7 @@ from sd35.loading.components import (
     assemble,
     scan,
 )
-from sd35.loading.gguf_io import is_gguf
+from sd35.loading.gguf_io import BLOCKS, is_gguf
 from sd35.loading.gguf_quantize import WRITABLE, quantize
 from sd35.loading.gguf_writer import TensorOut, write_gguf
 from sd35.loading.safetensors_io import read_metadata, save_file_atomic
@@ -72,8 +74,10 @@ SUFFIXES = {".gguf": "gguf", ".safetensors": "official"}
 FOREIGN_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".sft", ".onnx")
 PREFIXES = {kind: prefix for prefix, kind in ALL_IN_ONE_PREFIXES.items()}
 
-# llama.cpp's general.file_type (enum llama_ftype) for each type the writer makes
+# llama.cpp's general.file_type (enum llama_ftype) for each type the writer makes; a file of one K-quant is
+# llama.cpp's _S mix (Q6_K has one type only)
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+FILE_TYPES |= {"Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 GGUF_ARCH = {MMDITX: "sd3", T5XXL: "t5encoder", CLIP_L: "clip", CLIP_G: "clip"}
 # ComfyUI-GGUF's llama.cpp patch keeps these SD3 tensors unquantized (first and last layers, embedders)
 SD3_UNQUANTIZED = (
@@ -287,7 +291,7 @@ def gguf_type(kind: str, name: str, shape: Sequence[int], stored: torch.dtype, q
         or (kind == T5XXL and ".attn_rel_b." in name)
         or (kind in (CLIP_L, CLIP_G) and "embedding" in name)
     )
-    return base if keep or len(shape) != 2 or shape[-1] % 32 else quant
+    return base if keep or len(shape) != 2 or shape[-1] % BLOCKS[quant][0] else quant
 
 
 def _llama_t5_name(key: str) -> str:

@@ -14,7 +14,7 @@ each type follows llama.cpp's reference quantizer (``ggml-quants.c``, ``quantize
 - F16 rounds to nearest even; BF16 as ``ggml_compute_fp32_to_bf16`` (nearest even, NaN kept quiet); F32 as is.
 
 Tests compare the bytes with the ``gguf`` package's own numpy quantizers (an independent implementation).
-The K-quants are not written (llama.cpp's searches for their scales are a separate piece of work).
+The K-quants Q6_K, Q5_K and Q4_K are :mod:`sd35.loading.gguf_kquants`'s; Q2_K and Q3_K are read, not written.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from sd35.loading.gguf_io import BLOCKS
+from sd35.loading.gguf_kquants import K_TYPES, quantize_k
 
-WRITABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
-"""The types :func:`quantize` writes, most precise block type first."""
+WRITABLE = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "BF16", "F16", "F32")
+"""The types :func:`quantize` writes, most precise block type first (the K-quants: :mod:`.gguf_kquants`)."""
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,9 @@ _CHUNK = 1 << 13  # blocks at a time: the temporaries stay in cache (3-5x faster
 
 
 def _blocks(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
-    """[n, 32] float32 values -> [n, block bytes] uint8."""
+    """[n, values per block] float32 -> [n, block bytes] uint8."""
+    if type_name in K_TYPES:
+        return quantize_k(blocks, type_name)
     if type_name == "Q8_0":
         d = blocks.abs().amax(dim=1) / 127
         q = _roundf(blocks * _inverse(d)[:, None]).to(torch.int8).view(torch.uint8)
