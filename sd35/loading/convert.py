@@ -167,9 +167,7 @@ def _file_keys(kind: str, sd: dict[str, torch.Tensor], alone: bool) -> dict[str,
     """A network's tensors under the keys of a single file: prefixed, or bare for a lone text encoder or VAE."""
     if kind == T5XXL:
         sd = t5_with_embedding(sd, "both" if alone else "shared")
-    if (
-        kind == CLIP_L and alone
-    ):  # the separate clip_l file has no projection (its pooled output is unprojected)
+    if kind == CLIP_L and alone:  # the separate clip_l file has no projection (its pooled output is unused)
         sd = {k: v for k, v in sd.items() if not k.startswith("text_projection")}
     if alone and kind != MMDITX:
         return sd
@@ -184,7 +182,7 @@ def _is_linear_weight(key: str, value: torch.Tensor) -> bool:
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI's fp8 scaled storage of one network: each linear weight as e4m3 with its per-tensor
-    ``.scale_weight`` (:func:`sd35.accel.fp8.quantize_weight`, whose keys are these), and the ``scaled_fp8``
+    ``.scale_weight`` (sd35's one fp8 quantizer, :func:`sd35.accel.fp8.quantize_weight`), and the ``scaled_fp8``
     marker."""
     out = {"scaled_fp8": torch.empty(0, dtype=E4M3)}
     for key, value in sd.items():
