@@ -257,3 +257,18 @@ def test_scaled_fp8_with_dtype_casts_only_what_stays_high_precision(tmp_path, ti
     convert([tiny["official"]], tmp_path / "fp8.safetensors", to="scaled_fp8")
     plain = load_file(tmp_path / "fp8.safetensors")[qkv + ".weight"]
     assert torch.equal(plain.view(torch.uint8), raw[qkv + ".weight"].view(torch.uint8))
+
+
+def test_gguf_converts_back_to_safetensors(tmp_path, tiny):
+    """A GGUF input converts too: F32 there and back is lossless; from Q8_0 the weights come out dequantized."""
+    convert([tiny["official"]], tmp_path / "m-F32.gguf")
+    convert([tmp_path / "m-F32.gguf"], tmp_path / "back.safetensors")
+    _assert_same_weights(
+        _by_kind([tiny["official"]])["mmditx"], _by_kind([tmp_path / "back.safetensors"])["mmditx"]
+    )
+    convert([tiny["official"]], tmp_path / "m-Q8_0.gguf")
+    convert([tmp_path / "m-Q8_0.gguf"], tmp_path / "deq.safetensors", dtype="fp32")
+    got = _values(_by_kind([tmp_path / "deq.safetensors"])["mmditx"])
+    reference = _gguf_reference(tmp_path / "m-Q8_0.gguf")
+    assert sorted(got) == sorted(reference)
+    assert all(torch.equal(got[k], reference[k]) for k in got)
