@@ -19,6 +19,7 @@ from sd35.models.gguf_linear import GGUFLinear
 from sd35.models.mmditx import MMDiTX
 from sd35.models.t5 import T5Encoder
 from tests.helpers import mmditx_inputs, rel_err
+from tests.loading.test_gguf_models import _llama_name
 
 gguf = pytest.importorskip("gguf")  # in the [test] extra
 
@@ -169,22 +170,10 @@ def test_gguf_t5_round_trip_in_llama_names(tmp_path, tiny):
     assert comp.kind == "t5xxl"
     ours = load_component(comp, torch.float32)
     assert any(isinstance(m, GGUFLinear) for m in ours.modules())
-    names = {t.name: t for t in reader.tensors}
-    reference = {}
-    for k, v in _gguf_reference(path).items():  # back to HF names by hand, independently of the loader
-        if k == "token_embd.weight":
-            reference["encoder.embed_tokens.weight"] = v
-        elif k == "enc.output_norm.weight":
-            reference["encoder.final_layer_norm.weight"] = v
-        else:
-            _, _, n, short, _ = k.split(".")
-            hf = {"attn_q": "layer.0.SelfAttention.q", "attn_k": "layer.0.SelfAttention.k",
-                  "attn_v": "layer.0.SelfAttention.v", "attn_o": "layer.0.SelfAttention.o",
-                  "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias", "attn_norm": "layer.0.layer_norm",
-                  "ffn_gate": "layer.1.DenseReluDense.wi_0", "ffn_up": "layer.1.DenseReluDense.wi_1",
-                  "ffn_down": "layer.1.DenseReluDense.wo", "ffn_norm": "layer.1.layer_norm"}[short]  # fmt: skip
-            reference[f"encoder.block.{n}.{hf}.weight"] = v
-    assert len(reference) == len(names)
+    source = _values(_by_kind([tiny["text_encoders"] / "t5xxl_fp16.safetensors"])["t5xxl"])
+    back = {_llama_name(k): k for k in source}  # HF names from llama.cpp's, independently of the loader's map
+    reference = {back[k]: v for k, v in _gguf_reference(path).items()}
+    assert sorted(reference) == sorted(source)
     theirs = T5Encoder.from_state_dict(reference)
     tokens = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
