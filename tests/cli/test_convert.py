@@ -40,6 +40,7 @@ def _vae_only(tmp_path, tiny):
 
 REFUSALS = [
     (["{official}", "{tmp}/taken.gguf"], "already exists; sd35 convert never overwrites"),
+    (["{official}", "{tmp}/no_folder/m.gguf"], "the output's folder does not exist"),
     (["{official}", "{tmp}/m.ckpt"], "writes .safetensors, .gguf or a diffusers folder, not .ckpt"),
     (["{official}", "{tmp}/m-Q4_K_M.gguf"], "GGUF type Q4_K_M is not one sd35 convert writes"),
     (["{official}", "{tmp}/m.gguf", "--quant", "IQ2_XS"], "GGUF type IQ2_XS is not one sd35 convert writes"),
