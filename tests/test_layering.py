@@ -74,7 +74,15 @@ def test_fp8_and_lora_meet_only_in_the_contract():
 LAYERS: list[tuple[str, ...]] = [
     ("sd35._version", "sd35.errors", "sd35.cpu_threads"),
     ("sd35.files", "sd35.devices"),
-    ("sd35.loading.tensors", "sd35.loading.safetensors_io", "sd35.loading.weights", "sd35.loading.gguf_io"),
+    (
+        "sd35.loading.tensors",
+        "sd35.loading.safetensors_io",
+        "sd35.loading.weights",
+        "sd35.loading.gguf_io",
+        "sd35.loading.gguf_kquants",
+        "sd35.loading.gguf_quantize",
+        "sd35.loading.gguf_writer",
+    ),
     ("sd35.models",),
     (
         "sd35.loading.components",
@@ -94,7 +102,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sd35.presets", "sd35.a1111", "sd35.request", "sd35.result"),
     ("sd35.pipeline",),
     ("sd35.loading.assemble",),
-    ("sd35.train", "sd35.demo", "sd35.bench", "sd35.testing"),
+    ("sd35.train", "sd35.demo", "sd35.bench", "sd35.testing", "sd35.loading.convert"),
     ("sd35.cli", "sd35.server"),
 ]
 """The package from the bottom up. A module may import its own layer and those below, never one above:

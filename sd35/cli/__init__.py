@@ -1,5 +1,5 @@
 """The ``sd35`` command line: one dispatcher for every subcommand (``inspect``, ``generate``, ``train``,
-``bench``), each run through one error report (:mod:`sd35.cli.errors`)."""
+``bench``, ``convert``), each run through one error report (:mod:`sd35.cli.errors`)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sd35.cli import bench, generate, inspect, serve
+    from sd35.cli import bench, convert, generate, inspect, serve
 
     parser = Parser(prog="sd35", description="Stable Diffusion 3.5 Medium engine.")
     parser.add_argument("--version", action="version", version=f"sd35 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect.add_parser(sub)
     generate.add_parser(sub)
+    convert.add_parser(sub)
     bench.add_parser(sub)
     serve.add_parser(sub)
     sub.add_parser(

@@ -180,7 +180,7 @@ GGUF_LAYOUT = "GGUF"
 
 
 # llama.cpp's names for a T5 encoder (architecture "t5encoder"; ComfyUI-GGUF reads them) -> HF's
-_T5_GGUF_NAMES = {
+T5_GGUF_NAMES = {
     "attn_q": "layer.0.SelfAttention.q",
     "attn_k": "layer.0.SelfAttention.k",
     "attn_v": "layer.0.SelfAttention.v",
@@ -203,8 +203,8 @@ def _t5_from_llama_names(tensors: dict, path: Path) -> dict:
             out["encoder.embed_tokens.weight"] = t
         elif key == "enc.output_norm.weight":
             out["encoder.final_layer_norm.weight"] = t
-        elif (m := re.fullmatch(r"enc\.blk\.(\d+)\.(\w+)\.weight", key)) and m.group(2) in _T5_GGUF_NAMES:
-            out[f"encoder.block.{m.group(1)}.{_T5_GGUF_NAMES[m.group(2)]}.weight"] = t
+        elif (m := re.fullmatch(r"enc\.blk\.(\d+)\.(\w+)\.weight", key)) and m.group(2) in T5_GGUF_NAMES:
+            out[f"encoder.block.{m.group(1)}.{T5_GGUF_NAMES[m.group(2)]}.weight"] = t
         elif not key.startswith("dec."):  # a full T5's decoder is not needed
             raise CheckpointError(
                 f"{path}: a T5 GGUF with an unknown tensor '{key}'; the file is of another model."
@@ -215,7 +215,9 @@ def _t5_from_llama_names(tensors: dict, path: Path) -> dict:
 def scan_gguf(path: Path) -> list[Component]:
     """An MMDiT-X in a GGUF file: ComfyUI-GGUF's SD3 layout (architecture "sd3", the official keys without
     ``model.diffusion_model.``), or stable-diffusion.cpp's (the official single file's prefixed keys, with the
-    VAE and text encoders when it converted them too). Other architectures are named and refused."""
+    VAE and text encoders when it converted them too); or a text encoder alone: a T5 in llama.cpp's names
+    (ComfyUI-GGUF's T5 files), a CLIP or T5 under its HF names (stable-diffusion.cpp's converted text-encoder
+    files). Other architectures are named and refused."""
     f = read_gguf(path)
     arch = str(f.metadata.get("general.architecture", "unknown"))
     metadata = {k: v for k, v in f.metadata.items() if isinstance(v, str)}
@@ -225,6 +227,13 @@ def scan_gguf(path: Path) -> list[Component]:
     if arch in ("t5encoder", "t5") and "token_embd.weight" in keys:
         t5 = _t5_from_llama_names(tensors, path)
         return [Component(T5XXL, t5, path, GGUF_LAYOUT, ["kept quantized"], metadata)]
+    if arch in ("clip", "t5", "unknown") and (_is_clip(keys) or _is_t5(keys)):
+        # a text encoder alone under its HF names: stable-diffusion.cpp's `-M convert` of clip_l/clip_g/t5xxl
+        # files writes them so (it adds text_encoders.*.transformer. when it loads one as --clip_l ...)
+        comp = _classify_bare(tensors, path, GGUF_LAYOUT)
+        how = "kept quantized" if comp.kind == T5XXL else "dequantized as it loads"
+        comp.layout, comp.notes, comp.metadata = GGUF_LAYOUT, [how], metadata
+        return [comp]
     if arch not in ("sd3", "unknown") or foreign:
         what = foreign or f'a GGUF of architecture "{arch}"'
         raise CheckpointError(
@@ -269,10 +278,11 @@ def scan_file(path: str | Path) -> list[Component]:
             else ("official single file" if MMDITX in parts else "prefixed components")
         )
         for kind, sub in parts.items():
-            sub = _dequantize_scaled_fp8(sub, notes)
+            part_notes = list(notes)  # a per-network marker (ComfyUI's) notes that network only
+            sub = _dequantize_scaled_fp8(sub, part_notes)
             if kind in (CLIP_L, CLIP_G):
                 sub = {k: v for k, v in sub.items() if not k.endswith("position_ids")}
-            components.append(Component(kind, sub, path, layout, list(notes)))
+            components.append(Component(kind, sub, path, layout, part_notes))
     else:
         comp = _classify_bare(tensors, path, "single component file")
         if comp is None:

@@ -9,8 +9,8 @@ Dequantized here: F32, F16, BF16, the 32-value block formats Q8_0, Q4_0, Q4_1, Q
 ``ggml-quants.c`` layouts: an fp16 scale ``d``, for the ``_1`` types an fp16 minimum ``m``, for Q5 a 32-bit
 mask of fifth bits, then the packed values; value ``j`` of a block sits in the low nibble of byte ``j`` and
 value ``j + 16`` in its high nibble). Checked against the ``gguf`` package's numpy dequantizer in
-``tests/loading/test_gguf_io.py``; so are the K-quants Q4_K, Q5_K and Q6_K (the ``_K_M`` files' types).
-Q2_K, Q3_K and the IQ types are named in :data:`TYPE_NAMES` and refused with one clear message.
+``tests/loading/test_gguf_io.py``; so are the K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (the ``_K_S``/``_K_M``
+files' types). The IQ types are named in :data:`TYPE_NAMES` and refused with one clear message.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ BLOCKS = {
     "Q4_1": (32, 20),
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
     "Q4_K": (256, 144),
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
@@ -235,10 +237,43 @@ def _k_4bit(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack([g & 0x0F, g >> 4], dim=2).reshape(qs.shape[0], 256)
 
 
-def _dequantize_k(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
-    """llama.cpp's K-quants (256 values a block): Q4_K, Q5_K (8 sub-blocks of 32 with 6-bit scales and
-    mins) and Q6_K (16 sub-blocks of 16 with int8 scales)."""
+def _k_2bit(qs: torch.Tensor) -> torch.Tensor:
+    """64 bytes -> 256 two-bit values in Q2_K/Q3_K order: each 32-byte half gives its 32 bytes' bits 0-1, then
+    bits 2-3, 4-5 and 6-7 (values 0-31, 32-63, 64-95, 96-127 of that half)."""
+    shifts = torch.arange(0, 8, 2, device=qs.device)[None, None, :, None]
+    return ((qs.reshape(qs.shape[0], 2, 1, 32).to(torch.int32) >> shifts) & 3).reshape(qs.shape[0], 256)
+
+
+def _dequantize_low_k(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Q2_K (16 sub-blocks of 16: a 4-bit scale and a 4-bit min each, fp16 ``d`` and ``dmin`` at the end) and
+    Q3_K (16 sub-blocks of 16 with signed 6-bit scales, a 32-byte mask of third bits, fp16 ``d`` at the end).
+    ggml-quants.c ``dequantize_row_q2_K`` / ``dequantize_row_q3_K``."""
     n = blocks.shape[0]
+    if type_name == "Q2_K":
+        sc = blocks[:, 0:16].to(torch.int32)
+        d, dmin = _halves(blocks, 80), _halves(blocks, 82)
+        q = _k_2bit(blocks[:, 16:80]).float().reshape(n, 16, 16)
+        return ((d * (sc & 15))[:, :, None] * q - (dmin * (sc >> 4))[:, :, None]).reshape(n, 256)
+    hmask = blocks[:, 0:32].to(torch.int32)
+    raw = blocks[:, 96:108].to(torch.int32)
+    d = _halves(blocks, 108)
+    # scale i: low 4 bits from byte i % 8 (low nibble for i < 8, high nibble after), top 2 bits from byte
+    # 8 + i % 4 at bit 2 * (i // 4)
+    low = torch.cat([raw[:, 0:8] & 15, raw[:, 0:8] >> 4], dim=1)
+    top = (raw[:, 8:12, None] >> torch.arange(0, 8, 2, device=blocks.device)) & 3  # [n, byte, shift]
+    sc = (low | (top.transpose(1, 2).reshape(n, 16) << 4)) - 32
+    # bit b of mask byte l is the third bit of value 32 b + l; a clear bit subtracts 4
+    high = (hmask[:, None, :] >> torch.arange(8, device=blocks.device)[None, :, None]) & 1  # [n, 8, 32]
+    q = _k_2bit(blocks[:, 32:96]) - 4 * (1 - high.reshape(n, 256))
+    return ((d * sc)[:, :, None] * q.float().reshape(n, 16, 16)).reshape(n, 256)
+
+
+def _dequantize_k(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """llama.cpp's K-quants (256 values a block): Q2_K and Q3_K (:func:`_dequantize_low_k`), Q4_K, Q5_K
+    (8 sub-blocks of 32 with 6-bit scales and mins) and Q6_K (16 sub-blocks of 16 with int8 scales)."""
+    n = blocks.shape[0]
+    if type_name in ("Q2_K", "Q3_K"):
+        return _dequantize_low_k(blocks, type_name)
     if type_name == "Q6_K":
         ql = blocks[:, 0:128].to(torch.int32).reshape(n, 2, 64)
         qh = blocks[:, 128:192].to(torch.int32).reshape(n, 2, 32)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sd35.loading.convert import scaled_fp8 as convert_scaled_fp8
 from sd35.loading.writers import write_all_in_one, write_diffusers, write_official, write_text_encoders
 from sd35.models.configs import PipelineConfigs, PipelineWeights, tiny_configs
 from sd35.models.random_init import random_pipeline_weights
@@ -36,16 +37,10 @@ def tiny_weights(seed: int = 0, configs: PipelineConfigs | None = None) -> Pipel
 
 
 def scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's "fp8 scaled" storage: each matrix as fp8 e4m3fn plus a per-tensor ``scale_weight``."""
-    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.dim() == 2 and "embed" not in k and "shared" not in k:
-            scale = v.abs().max().float() / 448.0
-            out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
-            out[k[: -len("weight")] + "scale_weight"] = scale.reshape(())
-        else:
-            out[k] = v
-    return out
+    """ComfyUI's "fp8 scaled" storage of one network's state dict, as ``sd35 convert --to scaled_fp8`` writes it
+    (:func:`sd35.loading.convert.scaled_fp8`: each linear weight in fp8 e4m3fn with a per-tensor
+    ``scale_weight``, and the ``scaled_fp8`` marker)."""
+    return convert_scaled_fp8(sd)
 
 
 def write_tiny_set(folder: str | Path, seed: int = 0) -> dict[str, Path]:

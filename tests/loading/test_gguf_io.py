@@ -79,21 +79,29 @@ def test_bad_gguf_files_are_one_clear_error(tmp_path):
     (tmp_path / "v9.gguf").write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(16))
     with pytest.raises(CheckpointError, match="version 9"):
         read_gguf(tmp_path / "v9.gguf")
-    with pytest.raises(CheckpointError, match="Q2_K is not supported"):
-        dequantize(torch.zeros(84, dtype=torch.uint8), "Q2_K", (256,))
+    with pytest.raises(CheckpointError, match="IQ2_XXS is not supported"):
+        dequantize(torch.zeros(66, dtype=torch.uint8), "IQ2_XXS", (256,))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+# where each K-quant keeps its fp16 super-block scale(s) (``d``, and ``dmin`` beside it where there is one)
+K_SCALES = {"Q2_K": (80, 84), "Q3_K": (108, 110), "Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 210)}
+
+
+def random_k_blocks(type_name: str, n: int, seed: int = 5) -> np.ndarray:
+    """``n`` random blocks of a K-quant: any bytes are valid packed values; the fp16 scales are set finite."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n, BLOCKS[type_name][1]), dtype=np.uint8)
+    start, end = K_SCALES[type_name]
+    raw[:, start:end] = (
+        (rng.standard_normal((n, (end - start) // 2)) * 0.01).astype(np.float16).view(np.uint8)
+    )
+    return raw
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_equal_the_gguf_package(type_name):
-    """Random blocks (any bytes are valid packed values; the fp16 scales are set to finite values)."""
-    per_block, size = BLOCKS[type_name]
-    rng = np.random.default_rng(5)
-    raw = rng.integers(0, 256, size=(40, size), dtype=np.uint8)
-    scales = (rng.standard_normal((40, 2)) * 0.01).astype(np.float16).view(np.uint8)
-    if type_name == "Q6_K":
-        raw[:, 208:210] = scales[:, :2]
-    else:
-        raw[:, 0:4] = scales.reshape(40, 2, 2).reshape(40, 4)
+    per_block, _ = BLOCKS[type_name]
+    raw = random_k_blocks(type_name, 40)
     expected = gguf.quants.dequantize(raw.reshape(-1), Q[type_name]).astype(np.float32).reshape(-1)
     got = dequantize(torch.from_numpy(raw.reshape(-1)), type_name, (40 * per_block,))
     assert torch.allclose(got, torch.from_numpy(expected), rtol=1e-6, atol=1e-9)

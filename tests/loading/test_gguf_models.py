@@ -197,3 +197,36 @@ def test_t5_gguf_in_llama_names_encodes_as_its_dequantized_weights(tmp_path, wei
     tokens = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert rel_err(ours(tokens), theirs(tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K"])
+def test_low_k_quant_mmditx_equals_the_gguf_package(tmp_path, weights, type_name):
+    """Q2_K/Q3_K files (``_K_S`` mixes): the gguf package cannot quantize them, so the 2-D weights whose rows fill
+    256-value blocks get random blocks; whatever the bytes, our model computes what their dequantization does."""
+    from tests.loading.test_gguf_io import random_k_blocks
+
+    qtype = Q[type_name]
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "sd3")
+    reference, quantized = {}, 0
+    for i, (key, value) in enumerate(weights.mmditx.items()):
+        arr = value.float().numpy()
+        if arr.ndim == 2 and arr.shape[1] % 256 == 0:
+            raw = random_k_blocks(type_name, arr.size // 256, seed=i).reshape(arr.shape[0], -1)
+            w.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=qtype)
+            deq = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+            quantized += 1
+        else:
+            w.add_tensor(key, arr)
+            deq = arr
+        reference[key] = torch.from_numpy(deq.reshape(arr.shape).copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (comp,) = scan([tmp_path / "k.gguf"])
+    ours = load_component(comp, torch.float32)
+    layers = [m for m in ours.modules() if isinstance(m, GGUFLinear)]
+    assert quantized >= 4 and len(layers) == quantized and {m.type_name for m in layers} == {type_name}
+    theirs = MMDiTX.from_state_dict(reference)
+    with torch.no_grad():
+        assert rel_err(ours(*_inputs(ours)), theirs(*_inputs(theirs))) <= 1e-5
