@@ -32,7 +32,7 @@ from sd35.a1111 import request_infotext
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
 from sd35.control.apply import ActiveControl, Controls
-from sd35.control.files import load_controlnet
+from sd35.control.files import check_fits, load_controlnet, read_controlnet
 from sd35.control.image import fit_image, image_pixels
 from sd35.control.preprocess import preprocess
 from sd35.control.unit import ControlUnit
@@ -392,7 +392,8 @@ class SD3Pipeline:
                 img2img_start(req.steps, req.edit.strength, param="edit.strength")
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
-        self._load_controlnets(req.controls)  # refuses foreign ControlNet files before any sampling
+        for unit in req.controls:  # names and files checked from their headers: nothing loads here
+            self._check_controlnet(self.control_source(unit.model))
         return CheckedRequest(req, tuple(notes))
 
     def _check_size(self, width: int, height: int, params: tuple[str, str], notes: list[str]) -> None:
@@ -477,6 +478,7 @@ class SD3Pipeline:
         strength = req.edit.strength if req.edit is not None else 1.0
         sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
         stages = 2 if req.hires is not None else 1
+        self._load_controlnets(req.controls)  # in the run, never in check(): a server checks on other threads
         control = functools.cache(functools.partial(self._controls, req.controls)) if req.controls else None
 
         images, infotexts = [], []
@@ -746,6 +748,20 @@ class SD3Pipeline:
 
     # ------------------------------------------------------------------------------------ ControlNet
 
+    def _check_controlnet(self, path: Path) -> None:
+        """Refuse a ControlNet file that is foreign, broken or does not fit the MMDiT-X (its header only)."""
+        if path in self.controlnets:
+            return
+        f = read_controlnet(path, self.mmditx.config)
+        config = f.config
+        check_fits(config, self.mmditx.config, path.name)
+        if config.extra_channels:
+            raise Unsupported(
+                f"{path.name} reads {config.extra_channels} channel(s) besides the control image's latent "
+                "(an inpainting ControlNet); sd35 feeds ControlNets a control image only.",
+                param="controls",
+            )
+
     def _load_controlnets(self, units: Sequence[ControlUnit]) -> None:
         """Make :attr:`controlnets` exactly the files ``units`` name: load the new ones (checked to fit the
         MMDiT-X, placed for the memory mode), drop the others."""
@@ -758,22 +774,16 @@ class SD3Pipeline:
         for path in paths:
             if path in self.controlnets:
                 continue
+            self._check_controlnet(path)
             storage = "cpu" if self.memory == "low" else self.device
             net = load_controlnet(path, self.mmditx.config, dtype=self.mmditx.dtype, device=storage)
-            if net.config.extra_channels:
-                raise Unsupported(
-                    f"{path.name} reads {net.config.extra_channels} channel(s) besides the control image's "
-                    "latent (an inpainting ControlNet); sd35 feeds ControlNets a control image only.",
-                    param="controls",
-                )
             if self.memory == "low":
                 move_except(net, self.device, net.joint_blocks)
                 self._control_streams[path] = BlockStreamer(net.joint_blocks, self.device, root=net)
             self.controlnets[path] = net
 
     def _controls(self, units: Sequence[ControlUnit], width: int, height: int) -> Controls:
-        """The ControlNets of ``units`` with their control latents at ``width`` x ``height``."""
-        self._load_controlnets(units)
+        """The ControlNets of ``units`` (loaded) with their control latents at ``width`` x ``height``."""
         active = []
         for unit in units:
             net = self.controlnets[self.control_source(unit.model)]

@@ -118,7 +118,7 @@ def add_parser(sub) -> None:
 
     g = sub.add_parser(
         "generate",
-        help="text to image (img2img, inpainting, outpainting, hires fix)",
+        help="text to image (img2img, inpainting, outpainting, hires fix, ControlNet)",
         description="Generate images from a prompt. Settings left out take the model's defaults: the official "
         f"reference's for SD3.5 Medium ({SD35_MEDIUM.steps} steps, CFG {SD35_MEDIUM.cfg}, {SD35_MEDIUM.sampler}, "
         f"shift {SD35_MEDIUM.shift}), the demo model's own for the demo ({DEMO_DEFAULTS.width}x"
@@ -186,10 +186,13 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     request = request_from_args(args, prompts[0])  # every field checked (and images read) once
-    from sd35.pipeline import lora_file
+    from sd35.control.files import read_controlnet
+    from sd35.pipeline import controlnet_file, lora_file
 
     for ref in request.loras:
         lora_file(ref.name)
+    for unit in request.controls:  # a missing or foreign ControlNet is named before the model loads
+        read_controlnet(controlnet_file(unit.model))
     check_output_path(args.output)  # before spending minutes on loading and sampling
     if args.preview is not None:
         check_output_path(args.preview)
