@@ -479,7 +479,11 @@ class SD3Pipeline:
         sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
         stages = 2 if req.hires is not None else 1
         self._load_controlnets(req.controls)  # in the run, never in check(): a server checks on other threads
-        control = functools.cache(functools.partial(self._controls, req.controls)) if req.controls else None
+        control = (
+            functools.cache(functools.partial(self._controls, req.controls, req.shift))
+            if req.controls
+            else None
+        )
 
         images, infotexts = [], []
         sample_time = decode_time = 0.0
@@ -782,13 +786,13 @@ class SD3Pipeline:
                 self._control_streams[path] = BlockStreamer(net.joint_blocks, self.device, root=net)
             self.controlnets[path] = net
 
-    def _controls(self, units: Sequence[ControlUnit], width: int, height: int) -> Controls:
+    def _controls(self, units: Sequence[ControlUnit], shift: float, width: int, height: int) -> Controls:
         """The ControlNets of ``units`` (loaded) with their control latents at ``width`` x ``height``."""
         active = []
         for unit in units:
             net = self.controlnets[self.control_source(unit.model)]
             active.append(ActiveControl(net, unit, self.control_latent(unit, net, width, height)))
-        return Controls(active)
+        return Controls(active, shift)
 
     def control_latent(self, unit: ControlUnit, net: ControlNet, width: int, height: int) -> torch.Tensor:
         """The control image of ``unit`` fitted to the size, preprocessed and through the VAE (its mean).

@@ -28,9 +28,10 @@ class ActiveControl:
 
 @dataclass(frozen=True)
 class Controls:
-    """The units of one sampling pass; ``steps`` is the schedule the start/end windows count."""
+    """The units of one sampling pass; ``shift`` is the model's (for ComfyUI-style percent windows)."""
 
     units: Sequence[ActiveControl]
+    shift: float = 3.0
 
     def residuals(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, context: torch.Tensor, step: int, steps: int
@@ -40,9 +41,10 @@ class Controls:
         A unit outside its window contributes nothing, as diffusers' scale of 0 does (adding exact zeros).
         """
         out = []
+        sigma = float(t.reshape(-1)[0]) / 1000.0
         for active in self.units:
             unit = active.unit
-            if unit.strength == 0 or not unit.keeps(step, steps):
+            if unit.strength == 0 or not unit.active(step, steps, sigma, self.shift):
                 continue
             out.append([r * unit.strength for r in active.net(x, t, y, context, active.hint)])
         return out

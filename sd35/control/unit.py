@@ -14,8 +14,10 @@ from typing import Literal, get_args
 from PIL import Image
 
 from sd35.errors import InvalidRequest
+from sd35.sampling.schedules import flow_sigma
 
 Preprocessor = Literal["none", "canny", "blur", "tile", "grayscale"]
+Window = Literal["steps", "percent"]
 ResizeMode = Literal["crop_and_resize", "just_resize", "resize_and_fill"]
 MAX_STRENGTH = 10.0
 
@@ -28,8 +30,10 @@ def _number(v: object) -> bool:
 class ControlUnit:
     """A ControlNet with its image. ``start``/``end``: the fraction of the sampling steps it acts on.
 
-    The window is diffusers' and A1111's rule (``StableDiffusion3ControlNetPipeline``: step ``i`` of ``n``
-    keeps the ControlNet unless ``i / n < start`` or ``(i + 1) / n > end``). ``preprocess`` turns the image
+    With ``window="steps"`` (the default) that is diffusers' and A1111's rule
+    (``StableDiffusion3ControlNetPipeline``: step ``i`` of ``n`` keeps the ControlNet unless ``i / n < start``
+    or ``(i + 1) / n > end``); with ``window="percent"`` ComfyUI's ``start_percent``/``end_percent``, fractions
+    of the denoising turned into sigmas by the model's shift (:meth:`active`). ``preprocess`` turns the image
     into the map the ControlNet reads (:mod:`sd35.control.preprocess`; "none" for a ready-made depth or pose
     map); its knobs are ``low_threshold``/``high_threshold`` (canny, 0..255), ``blur_sigma`` (blur, pixels)
     and ``tile_factor`` (tile: downsample by this factor and back). ``resize_mode`` fits the image to the
@@ -41,6 +45,10 @@ class ControlUnit:
     strength: float = field(default=1.0, metadata={"help": "residual scale (0 = off)"})
     start: float = field(default=0.0, metadata={"help": "first fraction of the steps it acts on"})
     end: float = field(default=1.0, metadata={"help": "last fraction of the steps it acts on"})
+    window: Window = field(
+        default="steps",
+        metadata={"help": "steps (A1111, diffusers) or percent (ComfyUI's start/end percent)"},
+    )
     preprocess: Preprocessor = field(default="none", metadata={"help": "none, canny, blur, tile, grayscale"})
     resize_mode: ResizeMode = field(
         default="crop_and_resize", metadata={"help": "crop_and_resize, just_resize, resize_and_fill"}
@@ -75,6 +83,8 @@ class ControlUnit:
                 f"unknown ControlNet preprocessor {self.preprocess!r}; choose one of {', '.join(get_args(Preprocessor))}.",
                 "preprocess",
             )
+        if self.window not in get_args(Window):
+            fail(f"unknown ControlNet window {self.window!r}; choose steps or percent.", "window")
         if self.resize_mode not in get_args(ResizeMode):
             fail(
                 f"unknown resize mode {self.resize_mode!r}; choose one of {', '.join(get_args(ResizeMode))}.",
@@ -95,5 +105,18 @@ class ControlUnit:
             fail(f"tile factor must be from 1 to 64, got {self.tile_factor!r}.", "tile_factor")
 
     def keeps(self, step: int, steps: int) -> bool:
-        """Whether 0-based ``step`` of ``steps`` is in the window (diffusers' ``controlnet_keep``)."""
+        """Whether 0-based ``step`` of ``steps`` is in the step window (diffusers' ``controlnet_keep``)."""
         return not (step / steps < self.start or (step + 1) / steps > self.end)
+
+    def active(self, step: int, steps: int, sigma: float, shift: float) -> bool:
+        """Whether the model call at ``sigma`` (in step ``step`` of ``steps``) gets this unit's residuals.
+
+        The percent window is ComfyUI's (``comfy/controlnet.py`` ``ControlBase.get_control`` with the flow
+        model's ``percent_to_sigma``: 0 -> sigma 1, 1 -> sigma 0, else the shifted sigma at ``1 - percent``):
+        active while ``sigma(end) <= sigma <= sigma(start)``.
+        """
+        if self.window == "steps":
+            return self.keeps(step, steps)
+        high = 1.0 if self.start <= 0 else flow_sigma(1.0 - self.start, shift)
+        low = 0.0 if self.end >= 1 else flow_sigma(1.0 - self.end, shift)
+        return low <= sigma <= high

@@ -99,3 +99,18 @@ def test_bad_units_name_the_field(kw, param):
 def test_window_is_diffusers_rule():
     unit = ControlUnit(model="m", image=Image.new("RGB", (8, 8)), start=0.25, end=0.75)
     assert [unit.keeps(i, 8) for i in range(8)] == [False, False, True, True, True, True, False, False]
+    assert unit.active(2, 8, 0.99, 3.0) and not unit.active(1, 8, 0.5, 3.0)  # the step, not sigma, decides
+
+
+def test_percent_window_is_comfyuis_sigma_range():
+    unit = ControlUnit(model="m", image=Image.new("RGB", (8, 8)), start=0.25, end=0.75, window="percent")
+    # shift 3: percent 0.25 -> sigma(0.75) = 0.9, percent 0.75 -> sigma(0.25) = 0.5
+    assert [unit.active(0, 10, s, 3.0) for s in (0.95, 0.9, 0.7, 0.5, 0.4)] == [
+        False,
+        True,
+        True,
+        True,
+        False,
+    ]
+    whole = ControlUnit(model="m", image=Image.new("RGB", (8, 8)), window="percent")
+    assert whole.active(0, 10, 1.0, 3.0) and whole.active(9, 10, 0.0, 3.0)

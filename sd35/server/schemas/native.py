@@ -103,6 +103,7 @@ class ControlBody(_Body):
     strength: float | None = None
     start: float | None = Field(None, description="first fraction of the steps it acts on")
     end: float | None = Field(None, description="last fraction of the steps it acts on")
+    window: str | None = Field(None, description="steps (A1111, diffusers) or percent (ComfyUI's)")
     preprocess: str | None = Field(None, description="none, canny, blur, tile, grayscale")
     resize_mode: str | None = Field(None, description="crop_and_resize, just_resize, resize_and_fill")
     low_threshold: float | None = None
