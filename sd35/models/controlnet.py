@@ -39,6 +39,7 @@ from sd35.models.mmditx import (
     JointBlock,
     PatchEmbed,
     crop_pos_embed,
+    embedding_and_block_sizes,
     timestep_embedding,
 )
 from sd35.models.modulation import FusedLinears
@@ -119,19 +120,8 @@ class ControlNetConfig:
             in_channels=in_ch,
             control_channels=shape_of(sd["pos_embed_input.proj.weight"])[1],
             pos_embed_max_size=grid,
-            pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
-            context_dim=shape_of(sd["context_embedder.weight"])[1],
-            mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
-            qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
-            attn2_layers=tuple(
-                sorted(
-                    int(m.group(1))
-                    for k in sd
-                    if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
-                )
-            ),
-            timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
             force_zeros_for_pooled=force_zeros_for_pooled,
+            **embedding_and_block_sizes(sd),
         )
 
 

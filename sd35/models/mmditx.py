@@ -101,24 +101,32 @@ class MMDiTXConfig:
             in_channels=in_ch,
             out_channels=out_dim // (patch * patch),
             pos_embed_max_size=grid,
-            pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
-            context_dim=shape_of(sd["context_embedder.weight"])[1],
-            mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
-            qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
-            attn2_layers=tuple(
-                sorted(
-                    int(m.group(1))
-                    for k in sd
-                    if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
-                )
-            ),
-            timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
+            **embedding_and_block_sizes(sd),
         )
 
     @property
     def max_image_size(self) -> int:
         """The largest image side in pixels the positional-embedding grid covers (8x VAE downsampling)."""
         return self.pos_embed_max_size * self.patch_size * 8
+
+
+def embedding_and_block_sizes(sd: StateDict) -> dict:
+    """The sizes an MMDiT-X and its ControlNet read alike from official-layout keys: the pooled-text and text
+    widths, the MLP width, qk-norm, the blocks with a second attention, the timestep embedding's width."""
+    return dict(
+        pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
+        context_dim=shape_of(sd["context_embedder.weight"])[1],
+        mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
+        qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
+        attn2_layers=tuple(
+            sorted(
+                int(m.group(1))
+                for k in sd
+                if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
+            )
+        ),
+        timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
+    )
 
 
 def mmditx_family(cfg: MMDiTXConfig) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import SD3ControlNetModel
 
+from sd35.loading.writers import diffusers_transformer_config
 from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.random_init import randomize_
 
@@ -23,21 +24,10 @@ def diffusers_controlnet(
     seed: int = 0,
 ) -> SD3ControlNetModel:
     """A random diffusers ControlNet that fits the transformer of ``cfg``."""
+    transformer = {k: v for k, v in diffusers_transformer_config(cfg).items() if not k.startswith("_")}
     net = SD3ControlNetModel(
-        sample_size=cfg.pos_embed_max_size,
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_dim,
-        caption_projection_dim=cfg.hidden_size,
-        pooled_projection_dim=cfg.pooled_dim,
-        out_channels=cfg.out_channels,
-        pos_embed_max_size=cfg.pos_embed_max_size,
+        **{**transformer, "num_layers": layers, "dual_attention_layers": dual},
         extra_conditioning_channels=extra,
-        dual_attention_layers=dual,
-        qk_norm="rms_norm" if cfg.qk_norm else None,
         pos_embed_type=pos_embed_type,
         force_zeros_for_pooled_projection=force_zeros,
     )

@@ -383,6 +383,20 @@
 
   // ------------------------------------------------------------------------------------ LoRAs
 
+  // A list entry's "Remove" button (LoRAs and ControlNet units).
+  function removeButton(li, name) {
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "quiet";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove ${name}`);
+    remove.onclick = () => {
+      li.remove();
+      syncBadges();
+    };
+    return remove;
+  }
+
   function addLora(name, strength = 1) {
     const list = $("lora-list");
     const existing = [...list.children].find((li) => li.dataset.name === name);
@@ -399,16 +413,7 @@
     const input = document.createElement("input");
     Object.assign(input, { type: "number", step: "0.05", value: String(strength), id: label.htmlFor, inputMode: "decimal" });
     input.setAttribute("aria-label", `${name} strength`);
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "quiet";
-    remove.textContent = "Remove";
-    remove.setAttribute("aria-label", `Remove ${name}`);
-    remove.onclick = () => {
-      li.remove();
-      syncBadges();
-    };
-    li.append(label, input, remove);
+    li.append(label, input, removeButton(li, name));
     list.append(li);
     syncBadges();
   }
@@ -451,22 +456,13 @@
     const label = document.createElement("span");
     label.className = "name";
     label.textContent = `${name} (${li.dataset.preprocess})`;
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "quiet";
-    remove.textContent = "Remove";
-    remove.setAttribute("aria-label", `Remove ${name}`);
-    remove.onclick = () => {
-      li.remove();
-      syncBadges();
-    };
     li.append(
       thumb,
       label,
       numberInput(1, "0.05", `${name} strength`, "0", "10"),
       numberInput(0, "0.05", `${name} start`, "0", "1"),
       numberInput(1, "0.05", `${name} end`, "0", "1"),
-      remove,
+      removeButton(li, name),
     );
     $("control-list").append(li);
     $("control-file").value = "";
