@@ -781,6 +781,7 @@ class SD3Pipeline:
             self._check_controlnet(path)
             storage = "cpu" if self.memory == "low" else self.device
             net = load_controlnet(path, self.mmditx.config, dtype=self.mmditx.dtype, device=storage)
+            net.fused_modulation = self.memory == "high"  # its stacked adaLN copy is memory, as the MMDiT-X's
             if self.memory == "low":
                 move_except(net, self.device, net.joint_blocks)
                 self._control_streams[path] = BlockStreamer(net.joint_blocks, self.device, root=net)
