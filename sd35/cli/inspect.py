@@ -1,7 +1,7 @@
 """``sd35 inspect``: what each file or folder is, and what a complete pipeline still lacks.
 
-Reads only safetensors headers (shapes and dtypes), so it answers in a moment even for 10 GB files. LoRA,
-DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
+Reads only safetensors headers (shapes and dtypes), so it answers in a moment even for 10 GB files.
+ControlNets (:func:`sd35.control.files.describe_controlnet`) and LoRA, DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
 only formats), including LoRAs for other model families: inspect is for finding out what a file is.
 """
 
@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from sd35.control.files import describe_controlnet, is_controlnet
 from sd35.loading.components import (
     CLIP_G,
     CLIP_L,
@@ -165,12 +166,16 @@ def report(paths: list[str | Path]) -> str:
     lines: list[str] = []
     found: dict[str, Component] = {}
     loras = {Path(p) for p in paths if Path(p).is_file() and is_lora_file(p)}
-    models = [Path(p) for p in paths if Path(p) not in loras]
+    controlnets = {Path(p) for p in paths if Path(p) not in loras and is_controlnet(p)}
+    models = [Path(p) for p in paths if Path(p) not in loras | controlnets]
     components = scan(models)
     for path in paths:
         path = Path(path)
         if path in loras:
             lines += describe_lora(summarize_lora(path))
+            continue
+        if path in controlnets:
+            lines += [f"{path}  [ControlNet]", f"  {describe_controlnet(path)}"]
             continue
         mine = [c for c in components if c.source == path or path in c.source.parents]
         mine.sort(key=lambda c: KINDS.index(c.kind) if c.kind in KINDS else len(KINDS))

@@ -28,7 +28,7 @@ import torch
 
 from sd35.errors import CheckpointError, NotFound
 from sd35.loading.diffusers_mmditx import COPY, _key_table, from_table
-from sd35.loading.safetensors_io import open_safetensors, shards_of
+from sd35.loading.safetensors_io import open_safetensors, read_header, shards_of
 from sd35.loading.tensors import LazyTensor, StateDict, lazy
 from sd35.models.controlnet import ControlNet, ControlNetConfig
 from sd35.models.mmditx import MMDiTXConfig, mmditx_family
@@ -86,6 +86,47 @@ def foreign_controlnet(keys: set[str]) -> str | None:
     if "controlnet_blocks.0.weight" not in keys or "pos_embed_input.proj.weight" not in keys:
         return "not a ControlNet (no 'controlnet_blocks' and 'pos_embed_input' tensors)"
     return None
+
+
+CONTROL_MARKERS = ("controlnet_", "control_model.", "zero_convs.", "lora_controlnet")
+
+
+def is_controlnet(path: str | Path) -> bool:
+    """Whether ``path`` (a file or a diffusers ControlNet folder) holds a ControlNet of any family (headers only)."""
+    try:
+        files, _ = _weights(Path(path))
+        keys = read_header(files[0])
+    except (CheckpointError, NotFound):
+        return False
+    return any(k.startswith(CONTROL_MARKERS) for k in keys)
+
+
+def describe_controlnet(path: str | Path) -> str:
+    """One line on what the ControlNet at ``path`` is and what it fits, from its headers (``sd35 inspect``)."""
+    files, config = _weights(Path(path))
+    sd = open_safetensors(files)
+    foreign = foreign_controlnet(set(sd))
+    if foreign is not None:
+        return f"{foreign}: not for SD3-family models"
+    f = read_controlnet(path)
+    cfg = f.config
+    attn2 = (
+        f"dual attention in blocks {', '.join(map(str, cfg.attn2_layers))}"
+        if cfg.attn2_layers
+        else "no dual attention"
+    )
+    grid = (
+        f"positions {cfg.pos_embed_max_size}x{cfg.pos_embed_max_size}"
+        if cfg.pos_embed_max_size
+        else "no positions"
+    )
+    extra = f" + {cfg.extra_channels} extra" if cfg.extra_channels else ""
+    pooled = "zeroed" if cfg.force_zeros_for_pooled else "used"
+    return (
+        f"SD3 ControlNet for {controlnet_family(cfg)} ({f.layout} layout): {cfg.depth} blocks, hidden "
+        f"{cfg.hidden_size}, {attn2}, qk-norm {'on' if cfg.qk_norm else 'off'}, {grid}, "
+        f"{cfg.control_channels - cfg.extra_channels}{extra} control channels, pooled text {pooled}"
+    )
 
 
 def _diffusers_to_official(sd: StateDict, what: str) -> dict[str, LazyTensor]:

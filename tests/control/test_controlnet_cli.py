@@ -75,3 +75,19 @@ def test_bad_control_options_exit_2(capsys, tiny, tmp_path, files, extra, says):
     assert code == 2 and err.startswith("sd35: error: ") and says in err, err
     assert err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_inspect_describes_controlnets_and_the_model_flag_refuses_one(capsys, tiny, tmp_path, files):
+    cn, png, foreign = files
+    code, out, _ = run_cli(capsys, "inspect", str(cn), str(foreign))
+    assert code == 0
+    assert f"{cn}  [ControlNet]" in out
+    assert (
+        "SD3 ControlNet for an MMDiT-X of width 128 (diffusers layout): 2 blocks, hidden 128, dual attention"
+        in out
+    )
+    assert "an SDXL ControlNet: not for SD3-family models" in out
+    code, _, err = run_cli(
+        capsys, "generate", "--model", str(cn), "--prompt", "x", "-o", str(tmp_path / "x.png")
+    )
+    assert code == 2 and "a ControlNet (pass it with --control" in err
