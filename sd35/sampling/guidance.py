@@ -274,6 +274,10 @@ class GuidedDenoiser:
     paper and ComfyUI, also for samplers that evaluate more than once per step), starts empty, and is
     cleared when a call's sigma is higher than the previous call's (a new generation, ComfyUI's rule) or
     by :meth:`reset`. Make one GuidedDenoiser per generation.
+
+    ``control`` (keyword-only, :class:`sd35.control.apply.Controls`): ControlNets whose residuals every model
+    call adds, computed on that call's own batch (cond and uncond rows alike, and the SLG pass), each unit
+    acting in its window of the step this call belongs to (:meth:`step_index`, over the full schedule).
     """
 
     def __init__(
