@@ -24,7 +24,8 @@ W, H = 64, 48
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The tiny SD3.5 folder and two ControlNets for it: 2 blocks with dual attention, and 1 block without."""
+    """The tiny SD3.5 folder and three ControlNets for it: 2 blocks with dual attention, 1 block without (and
+    without positions), 3 blocks that read the pooled text."""
     weights = tiny_weights(seed=11)
     tmp = tmp_path_factory.mktemp("cnpipe")
     root = write_diffusers(tmp / "sd35-tiny", weights)
@@ -33,7 +34,11 @@ def files(tmp_path_factory):
     b = write_controlnet(
         diffusers_controlnet(cfg, layers=1, dual=(), pos_embed_type=None, seed=6), tmp / "cn-b"
     )
-    return root, a, b
+    # one that reads the pooled text and was trained on shifted latents (force_zeros_for_pooled_projection false)
+    c = write_controlnet(
+        diffusers_controlnet(cfg, layers=3, dual=(1,), force_zeros=False, seed=7), tmp / "cn-c"
+    )
+    return root, a, b, c
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +99,20 @@ def _close(ours_image, ours_latent, ref_image, ref_latent):
     assert np.abs(px - ref_image).max() <= 1 / 255 + 1e-6
 
 
-def test_one_controlnet_matches_diffusers(files, ours, monkeypatch):
-    root, a, _ = files
+@pytest.mark.parametrize("which", [1, 3])
+def test_one_controlnet_matches_diffusers(files, ours, monkeypatch, which):
+    root, net = files[0], files[which]
     image = control_image(1)
-    unit = ControlUnit(model=str(a), image=image, strength=0.8, start=0.0, end=0.75)
+    unit = ControlUnit(model=str(net), image=image, strength=0.8, start=0.0, end=0.75)
     got = _ours(ours, [unit])
-    ref = _theirs(root, [a], [image], [0.8], [0.0], [0.75], monkeypatch=monkeypatch)
+    ref = _theirs(root, [net], [image], [0.8], [0.0], [0.75], monkeypatch=monkeypatch)
     _close(*got, *ref)
     _, plain = _ours(ours, [])
     assert rel_err(got[1], plain) > 1e-3  # the ControlNet really acted
 
 
 def test_two_controlnets_match_diffusers(files, ours, monkeypatch):
-    root, a, b = files
+    root, a, b, _ = files
     images = [control_image(2), control_image(3)]
     units = [
         ControlUnit(model=str(a), image=images[0], strength=0.7, start=0.25, end=1.0),
@@ -118,7 +124,7 @@ def test_two_controlnets_match_diffusers(files, ours, monkeypatch):
 
 
 def test_strength_zero_is_the_image_without_controlnet(files, ours):
-    _, a, _ = files
+    a = files[1]
     off = ControlUnit(model=str(a), image=control_image(4), strength=0.0)
     image, latent = _ours(ours, [off])
     plain_image, plain = _ours(ours, [])
