@@ -49,14 +49,18 @@ class ControlUnit:
         default="steps",
         metadata={"help": "steps (A1111, diffusers) or percent (ComfyUI's start/end percent)"},
     )
-    preprocess: Preprocessor = field(default="none", metadata={"help": "none, canny, blur, tile, grayscale"})
+    preprocess: Preprocessor = field(default="none", metadata={"help": "what the image becomes first"})
     resize_mode: ResizeMode = field(
-        default="crop_and_resize", metadata={"help": "crop_and_resize, just_resize, resize_and_fill"}
+        default="crop_and_resize", metadata={"help": "how the image is fitted to the size (A1111's modes)"}
     )
-    low_threshold: float = 100.0
-    high_threshold: float = 200.0
-    blur_sigma: float = 5.0
-    tile_factor: float = 4.0
+    low_threshold: float = field(
+        default=100.0, metadata={"help": "canny: weak-edge gradient threshold, 0..255"}
+    )
+    high_threshold: float = field(
+        default=200.0, metadata={"help": "canny: strong-edge gradient threshold, 0..255"}
+    )
+    blur_sigma: float = field(default=5.0, metadata={"help": "blur: Gaussian sigma in pixels"})
+    tile_factor: float = field(default=4.0, metadata={"help": "tile: downsample by this factor and back"})
 
     def __post_init__(self) -> None:
         def fail(message: str, name: str) -> None:
