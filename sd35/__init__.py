@@ -42,6 +42,9 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["Edit", "GenerateRequest", "HiresFix", "LoraRef", "TextOptions"], "sd35.request"),
     **dict.fromkeys(["GenerateResult", "Progress"], "sd35.result"),
     **dict.fromkeys(["APG", "SkipLayerGuidance"], "sd35.sampling.guidance"),
+    "ControlUnit": "sd35.control.unit",
+    **dict.fromkeys(["ControlNet", "ControlNetConfig"], "sd35.models.controlnet"),
+    "load_controlnet": "sd35.control.files",
 }
 
 
@@ -68,6 +71,9 @@ __all__ = [
     "Cancelled",
     "CheckpointError",
     "Component",
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlUnit",
     "Edit",
     "GenerateRequest",
     "GenerateResult",
@@ -92,6 +98,7 @@ __all__ = [
     "__version__",
     "assemble",
     "load_component",
+    "load_controlnet",
     "load_models",
     "load_pipeline",
     "scan",

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from sd35._version import __version__
+from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest
 from sd35.request import GenerateRequest, LoraRef, TextOptions
 from sd35.sampling.samplers import SAMPLERS
@@ -118,8 +120,32 @@ def request_infotext(
         info["LoRA"] = ", ".join(f"{n}:{w:g}" for n, w in loras.items())
     if request.cache is not None:
         info["Step cache"] = request.cache
+    for i, unit in enumerate(request.controls):  # sd-webui-controlnet's "ControlNet N" entries
+        info[f"ControlNet {i}"] = controlnet_infotext(unit)
     info["Version"] = f"sd35 {__version__}"
     return infotext(request.prompt, request.negative_prompt, info)
+
+
+CONTROLNET_RESIZE_NAMES = {
+    "just_resize": "Just Resize",
+    "crop_and_resize": "Crop and Resize",
+    "resize_and_fill": "Resize and Fill",
+}
+
+
+def controlnet_infotext(unit: ControlUnit) -> str:
+    """One unit as sd-webui-controlnet writes it (``Module: canny, Model: ..., Weight: ...``); the model by
+    its name (a file's stem), never a path."""
+    knobs = {
+        "canny": f", Low Threshold: {unit.low_threshold:g}, High Threshold: {unit.high_threshold:g}",
+        "blur": f", Sigma: {unit.blur_sigma:g}",
+        "tile": f", Down Sampling Rate: {unit.tile_factor:g}",
+    }
+    return (
+        f"Module: {unit.preprocess}, Model: {Path(unit.model).stem}, Weight: {unit.strength:g}, "
+        f"Resize Mode: {CONTROLNET_RESIZE_NAMES[unit.resize_mode]}, Guidance Start: {unit.start:g}, "
+        f"Guidance End: {unit.end:g}{knobs.get(unit.preprocess, '')}"
+    )
 
 
 SAMPLERS_BY_A1111_NAME: dict[str, str] = {v.lower(): k for k, v in SAMPLER_NAMES.items()}

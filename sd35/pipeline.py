@@ -31,6 +31,11 @@ from PIL import Image
 from sd35.a1111 import request_infotext
 from sd35.conditioning.encode import TextConditioner
 from sd35.conditioning.tokenize import SD3Tokenizer
+from sd35.control.apply import ActiveControl, Controls
+from sd35.control.files import check_fits, load_controlnet, read_controlnet
+from sd35.control.image import fit_image, image_pixels
+from sd35.control.preprocess import preprocess
+from sd35.control.unit import ControlUnit
 from sd35.errors import Cancelled, InvalidRequest, NotFound, SD35Warning, Unsupported
 from sd35.imaging import (
     composite,
@@ -39,11 +44,12 @@ from sd35.imaging import (
     mask_to_tensor,
     tensor_to_image,
 )
-from sd35.memory import MemoryPlan, apply_memory_mode, check_memory_mode
+from sd35.memory import BlockStreamer, MemoryPlan, apply_memory_mode, check_memory_mode, move_except
+from sd35.models.controlnet import ControlNet
 from sd35.models.family import Identity, identify
 from sd35.models.mmditx import MMDiTX
 from sd35.models.step_cache import CachedRunner, FirstBlockCache, parse_step_cache
-from sd35.models.vae import VAE, latent_to_model, model_to_latent
+from sd35.models.vae import LATENT_SCALE, LATENT_SHIFT, VAE, latent_to_model, model_to_latent
 from sd35.models.vae_tiling import LOW_MEMORY_TILING, Tiling
 from sd35.presets import ModelDefaults, defaults_for
 from sd35.prompt_cache import PromptCache
@@ -112,12 +118,13 @@ def batch_key(request: GenerateRequest) -> tuple | None:
     A hashable tuple of ``(field, value)`` pairs of every request field but :data:`PER_REQUEST_FIELDS`
     (the size, steps, cfg, sampler, scheduler, shift, SLG, APG, LoRAs and text options; a field added to
     the request later joins the key by itself). None for a request that is never batched: img2img,
-    inpainting and outpainting (``edit``) and ``hires`` run one by one with :meth:`SD3Pipeline.run`.
+    inpainting and outpainting (``edit``), ``hires`` and ControlNet (``controls``) requests run one by
+    one with :meth:`SD3Pipeline.run`.
     ``request`` must be resolved (:meth:`SD3Pipeline.check` gives that), else ``ValueError``.
     """
     if not request.is_resolved:
         raise ValueError("batch_key needs a resolved request: pass SD3Pipeline.check(request).request.")
-    if request.edit is not None or request.hires is not None:
+    if request.edit is not None or request.hires is not None or request.controls:
         return None
     return tuple(
         (f.name, getattr(request, f.name)) for f in fields(request) if f.name not in PER_REQUEST_FIELDS
@@ -130,10 +137,10 @@ def check_batch(requests: Sequence[GenerateRequest]) -> None:
     keys = [batch_key(req) for req in requests]
     for i, (req, key) in enumerate(zip(requests, keys, strict=True)):
         if key is None:
-            param = "edit" if req.edit is not None else "hires"
+            param = "edit" if req.edit is not None else "hires" if req.hires is not None else "controls"
             raise InvalidRequest(
-                f"request {i} cannot share a sampling batch: img2img, inpainting, outpainting and hires fix "
-                "requests run one by one (SD3Pipeline.run).",
+                f"request {i} cannot share a sampling batch: img2img, inpainting, outpainting, hires fix "
+                "and ControlNet requests run one by one (SD3Pipeline.run).",
                 param=param,
             )
         if key != keys[0]:
@@ -229,7 +236,10 @@ class SD3Pipeline:
     "low" memory mode); "auto" tiles above 1024x1024 on CUDA, and always in the "low" memory mode. Prompt
     embeddings are cached (``prompt_cache_size`` entries, LRU), so a repeated prompt does not run the text
     encoders again. ``lora_source`` turns a request's LoRA name into a file (default: the name is a path;
-    a server passes one that looks names up in its models folder and never accepts a path).
+    a server passes one that looks names up in its models folder and never accepts a path);
+    ``control_source`` does the same for ControlNet names. ControlNets are loaded when a request first
+    names them, in the MMDiT-X's dtype, placed as ``memory`` places the MMDiT-X (on the device; in "low"
+    their joint blocks stream), and kept while requests go on naming them.
     """
 
     def __init__(
@@ -247,6 +257,7 @@ class SD3Pipeline:
         device: str | torch.device | None = None,
         prompt_cache_size: int = PROMPT_CACHE_SIZE,
         lora_source: Callable[[str], Path] | None = None,
+        control_source: Callable[[str], Path] | None = None,
     ):
         self.memory = check_memory_mode(memory)
         self.vae_tiling = check_vae_tiling(vae_tiling)
@@ -258,6 +269,11 @@ class SD3Pipeline:
             defaults if defaults is not None else defaults_for(mmditx.config, None, self.identity.variant)
         )
         self.lora_source = lora_source or lora_file
+        self.control_source = control_source or controlnet_file
+        self.controlnets: dict[
+            Path, ControlNet
+        ] = {}  # loaded ControlNets by file, those the last request named
+        self._control_streams: dict[Path, BlockStreamer] = {}
         self.loras: dict[str, float] = {}  # name -> strength of every applied LoRA, for the infotext
         self._request_loras: dict[str, LoraRef] = {}  # applied for the current request: loaded name -> ref
         self._text_loras: set[str] = set()  # loaded LoRAs that change a text encoder
@@ -382,6 +398,8 @@ class SD3Pipeline:
                 img2img_start(req.steps, req.edit.strength, param="edit.strength")
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
+        for unit in req.controls:  # names and files checked from their headers: nothing loads here
+            self._check_controlnet(self.control_source(unit.model))
         return CheckedRequest(req, tuple(notes))
 
     def _check_size(self, width: int, height: int, params: tuple[str, str], notes: list[str]) -> None:
@@ -466,6 +484,12 @@ class SD3Pipeline:
         strength = req.edit.strength if req.edit is not None else 1.0
         sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
         stages = 2 if req.hires is not None else 1
+        self._load_controlnets(req.controls)  # in the run, never in check(): a server checks on other threads
+        control = (
+            functools.cache(functools.partial(self._controls, req.controls, req.shift))
+            if req.controls
+            else None
+        )
 
         images, infotexts = [], []
         sample_time = decode_time = 0.0
@@ -481,10 +505,20 @@ class SD3Pipeline:
                 latent = init_latent  # nothing to denoise: the input through the VAE
             else:
                 latent = self._sample(
-                    req, cond, uncond, sigmas, strength, noise, generator, init_latent, lmask, report("base")
+                    req,
+                    cond,
+                    uncond,
+                    sigmas,
+                    strength,
+                    noise,
+                    generator,
+                    init_latent,
+                    lmask,
+                    report("base"),
+                    control,
                 )
             if req.hires is not None:
-                latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"))
+                latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"), control)
             t1 = time.perf_counter()
             image = self.decode_latent(latent)
             if pixel_mask is not None:
@@ -649,11 +683,16 @@ class SD3Pipeline:
         init_latent: torch.Tensor | None,
         mask: torch.Tensor | None,
         callback: StepCallback,
+        control: Callable[[int, int], Controls] | None = None,
     ) -> torch.Tensor:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
-        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`)."""
+        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`);
+        ``control(width, height)`` gives the request's ControlNets at this pass's size."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
-        denoiser = GuidedDenoiser(self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg)
+        controls = None if control is None else control(noise.shape[-1] * 8, noise.shape[-2] * 8)
+        denoiser = GuidedDenoiser(
+            self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg, control=controls
+        )
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
         # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
         x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
@@ -666,7 +705,8 @@ class SD3Pipeline:
         """What the sampler calls: the runner, or the MMDiT-X with a fresh step cache (``req.cache``)."""
         spec = parse_step_cache(req.cache)
         if spec is None:
-            return self.runner
+            # ControlNet residuals go into the MMDiT-X's forward, which a captured CUDA graph cannot take
+            return self.mmditx if req.controls else self.runner
         if self.runner is not self.mmditx:
             raise Unsupported(
                 f"the step cache ({req.cache}) does not combine with {', '.join(self.accelerations)}; "
@@ -683,8 +723,10 @@ class SD3Pipeline:
         uncond: Conditioning | None,
         generator: torch.Generator,
         callback: StepCallback,
+        control: Callable[[int, int], Controls] | None = None,
     ) -> torch.Tensor:
-        """Upscale (in latent space, or Lanczos in pixels) and refine with img2img at ``hires.strength``.
+        """Upscale (in latent space, or Lanczos in pixels) and refine with img2img at ``hires.strength``;
+        the ControlNets (A1111's "Both" hires option) read their images at the second pass's size.
 
         ``hires.steps`` is the number of steps actually run (A1111's convention), see
         :func:`hires_schedule_steps`.
@@ -697,7 +739,9 @@ class SD3Pipeline:
             big = self.encode_image(self.decode_latent(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
         full = get_sigmas(req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift)
         noise = torch.randn(big.shape, generator=generator).to(self.device)
-        return self._sample(req, cond, uncond, full, hires.strength, noise, generator, big, None, callback)
+        return self._sample(
+            req, cond, uncond, full, hires.strength, noise, generator, big, None, callback, control
+        )
 
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The model-space latent of ``image`` Lanczos-resized to ``width`` x ``height``: the VAE mean
@@ -711,6 +755,63 @@ class SD3Pipeline:
             self.mmditx.release_caches()  # its fused-adaLN copy would add to the decode's peak; graphs keep it
         tiling = self.vae_tiling_for(latent.shape[-1] * 8, latent.shape[-2] * 8)
         return tensor_to_image(self.vae.decode(model_to_latent(latent.float()), tiling=tiling))
+
+    # ------------------------------------------------------------------------------------ ControlNet
+
+    def _check_controlnet(self, path: Path) -> None:
+        """Refuse a ControlNet file that is foreign, broken or does not fit the MMDiT-X (its header only)."""
+        if path in self.controlnets:
+            return
+        f = read_controlnet(path, self.mmditx.config)
+        config = f.config
+        check_fits(config, self.mmditx.config, path.name)
+        if config.extra_channels:
+            raise Unsupported(
+                f"{path.name} reads {config.extra_channels} channel(s) besides the control image's latent "
+                "(an inpainting ControlNet); sd35 feeds ControlNets a control image only.",
+                param="controls",
+            )
+
+    def _load_controlnets(self, units: Sequence[ControlUnit]) -> None:
+        """Make :attr:`controlnets` exactly the files ``units`` name: load the new ones (checked to fit the
+        MMDiT-X, placed for the memory mode), drop the others."""
+        paths = [self.control_source(unit.model) for unit in units]
+        for path in [p for p in self.controlnets if p not in paths]:
+            stream = self._control_streams.pop(path, None)
+            if stream is not None:
+                stream.remove()
+            del self.controlnets[path]
+        for path in paths:
+            if path in self.controlnets:
+                continue
+            self._check_controlnet(path)
+            storage = "cpu" if self.memory == "low" else self.device
+            net = load_controlnet(path, self.mmditx.config, dtype=self.mmditx.dtype, device=storage)
+            net.fused_modulation = self.memory == "high"  # its stacked adaLN copy is memory, as the MMDiT-X's
+            if self.memory == "low":
+                move_except(net, self.device, net.joint_blocks)
+                self._control_streams[path] = BlockStreamer(net.joint_blocks, self.device, root=net)
+            self.controlnets[path] = net
+
+    def _controls(self, units: Sequence[ControlUnit], shift: float, width: int, height: int) -> Controls:
+        """The ControlNets of ``units`` (loaded) with their control latents at ``width`` x ``height``."""
+        active = []
+        for unit in units:
+            net = self.controlnets[self.control_source(unit.model)]
+            active.append(ActiveControl(net, unit, self.control_latent(unit, net, width, height)))
+        return Controls(active, shift)
+
+    def control_latent(self, unit: ControlUnit, net: ControlNet, width: int, height: int) -> torch.Tensor:
+        """The control image of ``unit`` fitted to the size, preprocessed and through the VAE (its mean).
+
+        Scaled into the model's latent space; ControlNets that take zeros for the pooled text (the InstantX
+        family) were trained without the VAE's shift (diffusers ``StableDiffusion3ControlNetPipeline``; ComfyUI
+        drops the shift for every SD3 ControlNet), the others with it.
+        """
+        pixels = preprocess(image_pixels(fit_image(unit.image, width, height, unit.resize_mode)), unit)
+        z = self.vae.encode((pixels * 2.0 - 1.0).to(self.device), tiling=self.vae_tiling_for(width, height))
+        shift = 0.0 if net.config.force_zeros_for_pooled else LATENT_SHIFT
+        return (z.float() - shift) * LATENT_SCALE
 
     # ------------------------------------------------------------------------------------ LoRA
 
@@ -761,6 +862,14 @@ class SD3Pipeline:
         for ref in refs:
             report = self.load_lora(self.lora_source(ref.name), ref.strength)
             self._request_loras[report.name] = ref
+
+
+def controlnet_file(name: str) -> Path:
+    """The library's ControlNet source: the name is a path to a file or a diffusers folder."""
+    path = Path(name)
+    if not path.exists():
+        raise NotFound(f"{path}: no such ControlNet file or folder.", param="controls")
+    return path
 
 
 def lora_file(name: str) -> Path:

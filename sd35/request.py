@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 from PIL import Image
 
 from sd35.conditioning.tokenize import T5_MAX_TOKENS, Weighting
+from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest
 from sd35.imaging import outpaint_canvas
 from sd35.models.step_cache import parse_step_cache
@@ -273,6 +274,9 @@ class GenerateRequest:
         metadata=_meta("hires fix: an upscaled img2img second pass", switch="--hires", prefix="hires"),
     )
     loras: tuple[LoraRef, ...] = field(default=(), metadata=_meta("LoRAs to apply, with strengths"))
+    controls: tuple[ControlUnit, ...] = field(
+        default=(), metadata=_meta("ControlNets, each with its image, strength and step window")
+    )
     text: TextOptions = field(default_factory=TextOptions, metadata=_meta("prompt encoding", prefix=""))
     cache: str | None = field(
         default=None,
@@ -335,6 +339,10 @@ class GenerateRequest:
             _fail("loras must be LoraRef(name, strength) values.", "loras")
         if len({ref.name for ref in loras}) != len(loras):
             _fail("a LoRA is named twice; give each LoRA once with its strength.", "loras")
+        controls = tuple(self.controls)
+        object.__setattr__(self, "controls", controls)
+        if not all(isinstance(unit, ControlUnit) for unit in controls):
+            _fail("controls must be ControlUnit(model, image, ...) values.", "controls")
         if (
             self.hires is not None
             and self.edit is not None

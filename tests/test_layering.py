@@ -91,6 +91,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd35.loading.writers",
         "sd35.conditioning",
         "sd35.sampling",
+        "sd35.control",
         "sd35.lora",
         "sd35.accel",
         "sd35.memory",

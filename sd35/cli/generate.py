@@ -131,7 +131,7 @@ def add_parser(sub) -> None:
     )
     g = sub.add_parser(
         "generate",
-        help="text to image (img2img, inpainting, outpainting, hires fix)",
+        help="text to image (img2img, inpainting, outpainting, hires fix, ControlNet)",
         description="Generate images from a prompt. Settings left out take the model's defaults: the official "
         f"reference's for each release ({releases}), the demo model's own for the demo ({DEMO_DEFAULTS.width}x"
         f"{DEMO_DEFAULTS.height}, {DEMO_DEFAULTS.steps} steps, CFG {DEMO_DEFAULTS.cfg}, {DEMO_DEFAULTS.sampler}).",
@@ -198,10 +198,13 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     request = request_from_args(args, prompts[0])  # every field checked (and images read) once
-    from sd35.pipeline import lora_file
+    from sd35.control.files import read_controlnet
+    from sd35.pipeline import controlnet_file, lora_file
 
     for ref in request.loras:
         lora_file(ref.name)
+    for unit in request.controls:  # a missing or foreign ControlNet is named before the model loads
+        read_controlnet(controlnet_file(unit.model))
     check_output_path(args.output)  # before spending minutes on loading and sampling
     if args.preview is not None:
         check_output_path(args.preview)

@@ -4,8 +4,8 @@ Reads only file headers (safetensors: shapes, dtypes, metadata; GGUF: the tensor
 key/values), so it answers in a moment even for 10 GB files. The MMDiT-X is named as its release
 (:func:`sd35.models.family.identify`: SD3.5 Medium, SD3.5 Large, SD3.5 Large Turbo, SD3 Medium) with the
 defaults a generation gets from it, and how each part is stored: its dtypes, or a GGUF's quantization types
-with their tensor counts. LoRA,
-DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
+with their tensor counts. ControlNets
+(:func:`sd35.control.files.describe_controlnet`) and LoRA, DoRA and LyCORIS files are described too (:func:`sd35.lora.summary.summarize_lora` reads them; this module
 only formats), including LoRAs for other model families: inspect is for finding out what a file is.
 """
 
@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from sd35.control.files import describe_controlnet, is_controlnet
 from sd35.loading.components import (
     CLIP_G,
     CLIP_L,
@@ -195,12 +196,16 @@ def report(paths: list[str | Path]) -> str:
     lines: list[str] = []
     found: dict[str, Component] = {}
     loras = {Path(p) for p in paths if Path(p).is_file() and not is_gguf(p) and is_lora_file(p)}
-    models = [Path(p) for p in paths if Path(p) not in loras]
+    controlnets = {Path(p) for p in paths if Path(p) not in loras and is_controlnet(p)}
+    models = [Path(p) for p in paths if Path(p) not in loras | controlnets]
     components = scan(models)
     for path in paths:
         path = Path(path)
         if path in loras:
             lines += describe_lora(summarize_lora(path))
+            continue
+        if path in controlnets:
+            lines += [f"{path}  [ControlNet]", f"  {describe_controlnet(path)}"]
             continue
         mine = [c for c in components if c.source == path or path in c.source.parents]
         mine.sort(key=lambda c: KINDS.index(c.kind) if c.kind in KINDS else len(KINDS))

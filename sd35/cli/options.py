@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from PIL import Image
 
+from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest
 from sd35.image_io import read_image, read_mask
 from sd35.request import GenerateRequest, LoraRef, TextOptions
@@ -112,8 +113,8 @@ def request_groups() -> tuple[list[Option], list[Group]]:
     groups: list[Group] = []
     hints = typing.get_type_hints(GenerateRequest)
     for f in dataclasses.fields(GenerateRequest):
-        # --prompt/--prompt-file and --lora FILE[:STRENGTH] are parsed by hand
-        if f.name in ("prompt", "loras"):
+        # --prompt/--prompt-file, --lora FILE[:STRENGTH] and --control FILE ... are parsed by hand
+        if f.name in ("prompt", "loras", "controls"):
             continue
         cls = _dataclass_of(hints[f.name])
         if cls is None:
@@ -135,6 +136,8 @@ def flag_for(param: str | None) -> str | None:
         return None
     if param in MODEL_FLAGS:
         return MODEL_FLAGS[param]
+    if param == "controls" or param.startswith("controls."):
+        return "--control" + param[len("controls") :].replace(".", "-").replace("_", "-")
     top, groups = request_groups()
     for option in top + [o for g in groups for o in g.options]:
         if option.param == param:
@@ -214,12 +217,73 @@ def add_request_arguments(parser: argparse.ArgumentParser, presets: dict[str, An
         metavar="FILE[:STRENGTH]",
         help="apply a LoRA/LyCORIS/DoRA file (any common format); repeatable; strength default 1.0",
     )
+    add_control_arguments(parser)
     for g in groups:
         arg_group = parser.add_argument_group(g.help)
         if g.switch:
             arg_group.add_argument(g.switch, dest=f"request__{g.name}", action="store_true", help=g.help)
         for option in g.options:
             _add(arg_group, option, _defaults_text(option, presets))
+
+
+CONTROL_DEST = "request__controls"
+
+
+def _control_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(flag, field, type) of every ControlUnit field but ``model`` (which is ``--control`` itself)."""
+    hints = typing.get_type_hints(ControlUnit)
+    return [
+        (f"--control-{f.name.replace('_', '-')}", f, hints[f.name])
+        for f in dataclasses.fields(ControlUnit)
+        if f.name != "model"
+    ]
+
+
+class _ControlAction(argparse.Action):
+    """``--control FILE`` starts a unit; each ``--control-*`` option sets a field of the latest one."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        units = getattr(namespace, CONTROL_DEST, None) or []
+        setattr(namespace, CONTROL_DEST, units)  # a fresh list per parse (never the parser's default)
+        if self.metavar == "FILE":
+            units.append({"model": value})
+        elif not units:
+            raise InvalidRequest(f"{option_string} needs a --control FILE before it.", param="controls")
+        else:
+            units[-1][self.dest.removeprefix("control__")] = value
+
+
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--control FILE`` and its ``--control-*`` options (repeatable: the options after a --control are its)."""
+    g = parser.add_argument_group("ControlNet (repeatable: options after --control FILE apply to it)")
+    g.add_argument(
+        "--control", action=_ControlAction, dest=CONTROL_DEST, metavar="FILE", default=None,
+        help="an SD3 ControlNet: a diffusers folder or .safetensors file",
+    )  # fmt: skip
+    for flag, f, hint in _control_fields():
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", f.name.replace("_", " "))}
+        if get_origin(hint) is Literal:
+            kwargs["choices"] = list(get_args(hint))
+        elif hint is Image.Image:
+            kwargs.update(type=Path, metavar="IMG")
+        else:
+            kwargs.update(type=hint, metavar=f.name.upper())
+        if f.default is not dataclasses.MISSING:
+            kwargs["help"] += f" (default: {f.default})"
+        g.add_argument(flag, action=_ControlAction, dest=f"control__{f.name}", default=None, **kwargs)
+
+
+def parse_controls(raw: list[dict[str, Any]]) -> tuple[ControlUnit, ...]:
+    """The units the ``--control`` options describe, their images read."""
+    units = []
+    for given in raw:
+        if "image" not in given:
+            raise InvalidRequest(
+                f"--control {given['model']} needs --control-image IMG.", param="controls.image"
+            )
+        image = read_image(given["image"], "control image", param="controls.image")
+        units.append(ControlUnit(**{**given, "image": image}))
+    return tuple(units)
 
 
 def parse_lora(value: str) -> LoraRef:
@@ -269,4 +333,5 @@ def request_from_args(args: argparse.Namespace, prompt: str) -> GenerateRequest:
                 )
         fields[g.name] = g.cls(**{o.path[-1]: _read(o, v) for o, v in given.items()})
     fields["loras"] = tuple(parse_lora(v) for v in args.request__loras)
+    fields["controls"] = parse_controls(getattr(args, CONTROL_DEST, None) or [])
     return GenerateRequest(prompt=prompt, **fields)

@@ -209,6 +209,7 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
 
     def prepare(pipe):
         pipe.lora_source = catalog.lora  # requests name LoRAs; only the catalog turns a name into a file
+        pipe.control_source = catalog.controlnet  # and ControlNets likewise
         for ref in loras:
             pipe.load_lora(ref.name, ref.strength)
         return pipe

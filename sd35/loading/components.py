@@ -99,6 +99,8 @@ def foreign_model(keys: set[str]) -> str | None:
         for k in keys
     ):
         return "a LoRA/LyCORIS file, not a base model (LoRA loading is a separate option)"
+    if "controlnet_blocks.0.weight" in keys or "pos_embed_input.proj.weight" in keys:
+        return "a ControlNet (pass it with --control or in a request's controls, not as the model)"
     if _has_prefix(keys, "double_blocks.") or _has_prefix(keys, "model.diffusion_model.double_blocks."):
         return "a Flux model"
     if _has_prefix(keys, "conditioner.embedders.") or "model.diffusion_model.label_emb.0.0.weight" in keys:

@@ -37,7 +37,11 @@ def is_diffusers_mmditx(keys) -> bool:
     return "pos_embed.proj.weight" in keys and any(k.startswith("transformer_blocks.") for k in keys)
 
 
-def _key_table(depth: int, attn2_layers: set[int], qk_norm: bool) -> list[tuple[str, tuple[str, ...], str]]:
+def _key_table(
+    depth: int, attn2_layers: set[int], qk_norm: bool, *, context_pre_only_last: bool = True
+) -> list[tuple[str, tuple[str, ...], str]]:
+    """(official key, diffusers keys, how) of every tensor. ``context_pre_only_last`` False: the last block
+    keeps its full context stream (an SD3 ControlNet's blocks, :mod:`sd35.control.files`)."""
     table: list[tuple[str, tuple[str, ...], str]] = [
         ("pos_embed", ("pos_embed.pos_embed",), COPY),
         ("context_embedder.weight", ("context_embedder.weight",), COPY),
@@ -57,7 +61,7 @@ def _key_table(depth: int, attn2_layers: set[int], qk_norm: bool) -> list[tuple[
             ]
     for i in range(depth):
         o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        last = i == depth - 1
+        last = context_pre_only_last and i == depth - 1
         for p in ("weight", "bias"):
             table += [
                 (f"{o}.x_block.attn.qkv.{p}", tuple(f"{d}.attn.to_{c}.{p}" for c in "qkv"), QKV),
@@ -121,6 +125,13 @@ def mmditx_from_diffusers(sd: StateDict, what: str = "diffusers transformer") ->
         raise CheckpointError(
             f"{what}: tensor(s) {', '.join(unknown[:5])}{more} have no place in MMDiT-X; unknown variant."
         )
+    return from_table(sd, table, what)
+
+
+def from_table(
+    sd: StateDict, table: list[tuple[str, tuple[str, ...], str]], what: str
+) -> dict[str, LazyTensor]:
+    """Official-layout lazy tensors of the diffusers tensors ``sd`` as ``table`` (:func:`_key_table`) says."""
     out: dict[str, LazyTensor] = {}
     for ours, theirs, op in table:
         missing = [k for k in theirs if k not in sd]

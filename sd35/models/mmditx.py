@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,24 +102,32 @@ class MMDiTXConfig:
             in_channels=in_ch,
             out_channels=out_dim // (patch * patch),
             pos_embed_max_size=grid,
-            pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
-            context_dim=shape_of(sd["context_embedder.weight"])[1],
-            mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
-            qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
-            attn2_layers=tuple(
-                sorted(
-                    int(m.group(1))
-                    for k in sd
-                    if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
-                )
-            ),
-            timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
+            **embedding_and_block_sizes(sd),
         )
 
     @property
     def max_image_size(self) -> int:
         """The largest image side in pixels the positional-embedding grid covers (8x VAE downsampling)."""
         return self.pos_embed_max_size * self.patch_size * 8
+
+
+def embedding_and_block_sizes(sd: StateDict) -> dict:
+    """The sizes an MMDiT-X and its ControlNet read alike from official-layout keys: the pooled-text and text
+    widths, the MLP width, qk-norm, the blocks with a second attention, the timestep embedding's width."""
+    return dict(
+        pooled_dim=shape_of(sd["y_embedder.mlp.0.weight"])[1],
+        context_dim=shape_of(sd["context_embedder.weight"])[1],
+        mlp_hidden=shape_of(sd["joint_blocks.0.x_block.mlp.fc1.weight"])[0],
+        qk_norm="joint_blocks.0.context_block.attn.ln_k.weight" in sd,
+        attn2_layers=tuple(
+            sorted(
+                int(m.group(1))
+                for k in sd
+                if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))
+            )
+        ),
+        timestep_dim=shape_of(sd["t_embedder.mlp.0.weight"])[1],
+    )
 
 
 def strip_prefix(sd: StateDict, prefix: str = PREFIX) -> StateDict:
@@ -179,6 +187,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def crop_pos_embed(
+    pos_embed: torch.Tensor, grid: int, h: int, w: int, offset: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """The (1, h*w, D) crop at ``offset`` (top, left) of a (1, grid*grid, D) positional table; by default the
+    centred crop (floor division, the reference's ``MMDiTX.cropped_pos_embed``, diffusers ``PatchEmbed``)."""
+    top, left = offset if offset is not None else ((grid - h) // 2, (grid - w) // 2)
+    if not (0 <= top <= grid - h and 0 <= left <= grid - w):
+        raise SD35Error(
+            f"pos-embed crop at {(top, left)} of size {h}x{w} does not fit the {grid}x{grid} grid."
+        )
+    pe = pos_embed.reshape(1, grid, grid, -1)[:, top : top + h, left : left + w, :]
+    return pe.reshape(1, h * w, -1)
 
 
 class RMSNorm(nn.Module):
@@ -295,10 +317,13 @@ class DismantledBlock(nn.Module):
 class JointBlock(nn.Module):
     """Joint attention over [context tokens ; image tokens] (context first, ``block_mixing``)."""
 
-    def __init__(self, cfg: MMDiTXConfig, index: int):
+    def __init__(self, cfg: MMDiTXConfig, index: int, context_pre_only: bool | None = None):
+        """``context_pre_only``: whether the context stream stops after attention; by default only in the
+        last block (the transformer's). A ControlNet's blocks all keep the full context stream
+        (diffusers ``SD3ControlNetModel``: ``context_pre_only=False``), so it passes False."""
         super().__init__()
         dim, heads = cfg.hidden_size, cfg.num_heads
-        last = index == cfg.depth - 1
+        last = index == cfg.depth - 1 if context_pre_only is None else context_pre_only
         self.context_block = DismantledBlock(dim, heads, cfg.mlp_hidden, cfg.qk_norm, pre_only=last)
         self.x_block = DismantledBlock(
             dim, heads, cfg.mlp_hidden, cfg.qk_norm, attn2=index in cfg.attn2_layers
@@ -331,6 +356,27 @@ class JointBlock(nn.Module):
 
         context = None if cb.pre_only else cb.finish(context, ctx_out, c_mods)
         return context, xb.finish(x, x_out, x_mods, attn2_out)
+
+
+ControlResiduals = Sequence[Sequence[torch.Tensor]]
+"""One sequence per ControlNet: its block outputs (B, L, hidden), already scaled by its strength."""
+
+
+def control_residual(control: ControlResiduals, index: int, depth: int) -> torch.Tensor | None:
+    """The ControlNet residual added to the image tokens after joint block ``index`` of ``depth``, or None.
+
+    As diffusers ``SD3Transformer2DModel.forward``: every block but the last (whose context stream is
+    pre-only) gets residual ``int(index / (depth / n))`` of a ControlNet with ``n`` blocks, so a 12-block
+    ControlNet on 24 blocks feeds each of its outputs to two consecutive blocks. Several ControlNets'
+    residuals are summed first (diffusers ``SD3MultiControlNetModel``), each by its own interval.
+    """
+    if index == depth - 1:
+        return None
+    total = None
+    for residuals in control:
+        r = residuals[int(index / (depth / len(residuals)))]
+        total = r if total is None else total + r
+    return total
 
 
 class FinalLayer(nn.Module):
@@ -458,14 +504,7 @@ class MMDiTX(nn.Module):
         ``offset`` = (top, left) to take random crops, an augmentation that keeps the model robust across
         sizes.
         """
-        grid = self.config.pos_embed_max_size
-        top, left = offset if offset is not None else ((grid - h) // 2, (grid - w) // 2)
-        if not (0 <= top <= grid - h and 0 <= left <= grid - w):
-            raise SD35Error(
-                f"pos-embed crop at {(top, left)} of size {h}x{w} does not fit the {grid}x{grid} grid."
-            )
-        pe = self.pos_embed.reshape(1, grid, grid, -1)[:, top : top + h, left : left + w, :]
-        return pe.reshape(1, h * w, -1)
+        return crop_pos_embed(self.pos_embed, self.config.pos_embed_max_size, h, w, offset)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) with channel fastest -> (B, C, h*p, w*p) (``MMDiTX.unpatchify``)."""
@@ -487,10 +526,12 @@ class MMDiTX(nn.Module):
         skip_layers: Iterable[int] = (),
         pos_offset: tuple[int, int] | None = None,
         step_cache: FirstBlockCache | None = None,
+        control: ControlResiduals = (),
     ) -> torch.Tensor:
         """``pos_offset`` (top, left) picks a non-centred crop of the position grid (training augmentation);
         ``step_cache`` (:mod:`sd35.models.step_cache`) may replace the blocks after the first by the residual
-        they added on an earlier call."""
+        they added on an earlier call; ``control``: ControlNet residuals added after the blocks
+        (:func:`control_residual`)."""
         out_dtype = x.dtype
         height, width = x.shape[-2:]
         self.check_latent_size(height, width)
@@ -505,7 +546,10 @@ class MMDiTX(nn.Module):
         key = (tuple(sorted(skip)), tuple(x.shape), tuple(context.shape))
         probe: torch.Tensor | None = None  # the tokens after the first block run, when caching
         for i, block in enumerate(self.joint_blocks):
+            # a skipped block still gets its ControlNet residual, as in diffusers
+            add = control_residual(control, i, self.config.depth) if control else None
             if i in skip:
+                tokens = tokens if add is None else tokens + add
                 continue
             m = None if mods is None else (mods[2 * i], mods[2 * i + 1])
             before = tokens
@@ -513,6 +557,8 @@ class MMDiTX(nn.Module):
                 ctx, tokens = torch.utils.checkpoint.checkpoint(block, ctx, tokens, c, m, use_reentrant=False)
             else:
                 ctx, tokens = block(ctx, tokens, c, m)
+            if add is not None:
+                tokens = tokens + add
             if step_cache is not None and probe is None:
                 probe, first_residual = tokens, tokens - before
                 cached = step_cache.reusable(key, first_residual)

@@ -19,7 +19,17 @@ import torch
 from sd35.errors import InvalidRequest, SD35Error
 
 if TYPE_CHECKING:
+    from sd35.control.apply import Controls
     from sd35.models.mmditx import MMDiTX
+
+
+@dataclass(frozen=True)
+class ControlStep:
+    """The ControlNets of a run and the (step, steps) of the current model call, for their windows."""
+
+    controls: Controls
+    at: tuple[int, int]
+
 
 FlowDenoiser = Callable[..., torch.Tensor]
 """``denoise(x, sigma, y, context, skip_layers=()) -> denoised`` for one batch."""
@@ -206,10 +216,15 @@ def flow_denoiser(mmditx: MMDiTX) -> FlowDenoiser:
         y: torch.Tensor,
         context: torch.Tensor,
         skip_layers: Sequence[int] = (),
+        control: ControlStep | None = None,
     ) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = sigma.to(device=x.device, dtype=torch.float32)
-        v = mmditx(x, sigma * 1000, y, context, skip_layers=tuple(skip_layers)).to(torch.float32)
+        t = sigma * 1000
+        extra = {}
+        if control is not None and (residuals := control.controls.residuals(x, t, y, context, *control.at)):
+            extra["control"] = residuals
+        v = mmditx(x, t, y, context, skip_layers=tuple(skip_layers), **extra).to(torch.float32)
         return x - v * sigma.reshape(-1, *([1] * (x.dim() - 1)))
 
     return denoise
@@ -259,6 +274,10 @@ class GuidedDenoiser:
     paper and ComfyUI, also for samplers that evaluate more than once per step), starts empty, and is
     cleared when a call's sigma is higher than the previous call's (a new generation, ComfyUI's rule) or
     by :meth:`reset`. Make one GuidedDenoiser per generation.
+
+    ``control`` (keyword-only, :class:`sd35.control.apply.Controls`): ControlNets whose residuals every model
+    call adds, computed on that call's own batch (cond and uncond rows alike, and the SLG pass), each unit
+    acting in its window of the step this call belongs to (:meth:`step_index`, over the full schedule).
     """
 
     def __init__(
@@ -271,6 +290,7 @@ class GuidedDenoiser:
         sigmas: torch.Tensor,
         *,
         apg: APG | None = None,
+        control: Controls | None = None,
     ):
         if slg is not None and not (isinstance(slg, SkipLayerGuidance) and slg.complete):
             raise TypeError(f"slg must be a complete SkipLayerGuidance or None, got {slg!r}")
@@ -299,6 +319,7 @@ class GuidedDenoiser:
         self.steps = len(sigmas) - 1
         self.slg = slg
         self.apg = apg
+        self.control = control
         self.reset()
 
     def reset(self) -> None:
@@ -344,8 +365,11 @@ class GuidedDenoiser:
         batch = x.shape[0]
         sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(batch)
         c_ctx, c_y = (t.to(x.device) for t in _batched(self.cond, batch, "the prompt"))
+        ctl = (
+            None if self.control is None else ControlStep(self.control, (self.step_index(sigma), self.steps))
+        )
         if self.uncond is None:
-            d_cond = self.denoise(x, sigma, c_y, c_ctx)
+            d_cond = self.denoise(x, sigma, c_y, c_ctx, control=ctl)
             out = d_cond
         else:
             u_ctx, u_y = (t.to(x.device) for t in _batched(self.uncond, batch, "the negative prompt"))
@@ -355,16 +379,17 @@ class GuidedDenoiser:
                     torch.cat([sigma, sigma]),
                     torch.cat([c_y, u_y]),
                     torch.cat([c_ctx, u_ctx]),
+                    control=ctl,
                 )
                 d_cond, d_uncond = both.chunk(2)
             else:
-                d_cond = self.denoise(x, sigma, c_y, c_ctx)
-                d_uncond = self.denoise(x, sigma, u_y, u_ctx)
+                d_cond = self.denoise(x, sigma, c_y, c_ctx, control=ctl)
+                d_uncond = self.denoise(x, sigma, u_y, u_ctx, control=ctl)
             if self.apg is None:
                 out = d_uncond + (d_cond - d_uncond) * self.cfg
             else:
                 out = self.apg_combine(d_cond, d_uncond, sigma)
         if self.slg_active(sigma):
-            d_skip = self.denoise(x, sigma, c_y, c_ctx, self.slg.layers)
+            d_skip = self.denoise(x, sigma, c_y, c_ctx, self.slg.layers, control=ctl)
             out = out + (d_cond - d_skip) * self.slg.scale
         return out

@@ -170,5 +170,6 @@ def create_app(
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(a1111.router)
+    app.include_router(a1111.controlnet_router)
     page.mount(app)
     return app

@@ -2,9 +2,11 @@
 
 Clients never send a file path: they send a name that a list endpoint returned, and this catalog, which
 alone knows the files, turns it back into a path. Checkpoints are the ``.safetensors`` files at the top of
-``models_dir``; LoRAs are those in its ``loras/`` (or A1111's ``Lora/``) folder. A name is the file's stem.
-The model the server started with is always listed, under its own name. Each checkpoint's release
-(SD3.5 Medium, SD3.5 Large ...) is read from its file's header the first time a list asks for it.
+``models_dir``; LoRAs are those in its ``loras/`` (or A1111's ``Lora/``) folder; ControlNets those in its
+``controlnet/`` (ComfyUI's name; A1111's ``ControlNet/``), as files or diffusers folders. A name is the
+file's stem (a folder's name). The model the server started with is always listed, under its own name.
+Each checkpoint's release (SD3.5 Medium, SD3.5 Large ...) is read from its file's header the first time a
+list asks for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from sd35.models.mmditx import MMDiTXConfig
 
 WEIGHT_SUFFIXES = (".safetensors",)
 LORA_FOLDERS = ("loras", "Lora", "lora")
+CONTROLNET_FOLDERS = ("controlnet", "ControlNet")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _scan(folder: Path | None) -> dict[str, Path]:
@@ -44,6 +48,21 @@ def release_of(path: Path) -> str | None:
         return None
 
 
+def _scan_controlnets(folder: Path) -> dict[str, Path]:
+    """Weight files and diffusers ControlNet folders (those holding diffusion_pytorch_model.safetensors)."""
+    found = _scan(folder)
+    if folder.is_dir():
+        found.update(
+            {p.name: p for p in folder.iterdir() if p.is_dir() and (p / DIFFUSERS_WEIGHTS).is_file()}
+        )
+    return dict(sorted(found.items()))
+
+
+def _missing(kind: str, name: str, known: list[str]) -> NotFound:
+    listing = f"the server has: {', '.join(known)}" if known else "the server has none (see --models-dir)"
+    return NotFound(f"no {kind} named {name!r}; {listing}.", param="loras" if kind == "LoRA" else "controls")
+
+
 class ModelCatalog:
     """Names to files, rescanned by :meth:`refresh` (A1111's refresh-checkpoints / refresh-loras)."""
 
@@ -55,19 +74,24 @@ class ModelCatalog:
         self._checkpoints: dict[str, Path] = {}
         self._loras: dict[str, Path] = {}
         self._releases: dict[tuple[Path, int], str | None] = {}  # (file, mtime) -> release_of(file)
+        self._controlnets: dict[str, Path] = {}
         self.refresh()
 
     def refresh(self) -> None:
         """Read the folders again (new files appear, removed ones go)."""
         checkpoints = _scan(self.models_dir)
         loras: dict[str, Path] = {}
+        controlnets: dict[str, Path] = {}
         if self.models_dir is not None:
             for name in LORA_FOLDERS:
                 loras.update(_scan(self.models_dir / name))
+            for name in CONTROLNET_FOLDERS:
+                controlnets.update(_scan_controlnets(self.models_dir / name))
         checkpoints.pop(self.default_name, None)
         with self._lock:
             self._checkpoints = {self.default_name: self.default_path, **checkpoints}  # type: ignore[dict-item]
             self._loras = loras
+            self._controlnets = controlnets
 
     @property
     def checkpoints(self) -> list[str]:
@@ -78,6 +102,20 @@ class ModelCatalog:
     def loras(self) -> list[str]:
         with self._lock:
             return list(self._loras)
+
+    @property
+    def controlnets(self) -> list[str]:
+        with self._lock:
+            return list(self._controlnets)
+
+    def controlnet(self, name: str) -> Path:
+        """The file or folder of ControlNet ``name``; the pipeline's ``control_source``."""
+        with self._lock:
+            path = self._controlnets.get(name)
+            known = list(self._controlnets)
+        if path is None:
+            raise _missing("ControlNet", name, known)
+        return path
 
     def checkpoint(self, name: str) -> Path | None:
         """The file of checkpoint ``name`` (None: the model the server started with, as it was loaded)."""
@@ -105,8 +143,5 @@ class ModelCatalog:
             path = self._loras.get(name)
             known = list(self._loras)
         if path is None:
-            listing = (
-                f"the server has: {', '.join(known)}" if known else "the server has none (see --models-dir)"
-            )
-            raise NotFound(f"no LoRA named {name!r}; {listing}.", param="loras")
+            raise _missing("LoRA", name, known)
         return path

@@ -45,7 +45,7 @@ def status_of(kind: str | type[SD35Error]) -> int:
 
 
 def family_of(path: str) -> Family:
-    if path.startswith("/sdapi/"):
+    if path.startswith(("/sdapi/", "/controlnet/")):
         return "a1111"
     if path.startswith(("/v1/images/generations", "/v1/images/edits", "/v1/models")):
         return "openai"

@@ -4,7 +4,7 @@ Every operation the schema lists is called with generated inputs, valid and inva
 examples, coverage and fuzzing phases, positive and negative modes). Whatever arrives, the server must:
 
 * never answer 5xx (an input the code did not expect is a 4xx naming the field, not a crash);
-* answer every 4xx in its API family's error shape: ``/sdapi/`` routes A1111's
+* answer every 4xx in its API family's error shape: ``/sdapi/`` and ``/controlnet/`` routes A1111's
   ``{"error": str, "detail": str, ...}``, all others OpenAI's ``{"error": {"message", "type", "param",
   "code"}}``;
 * never show a Python traceback.
@@ -156,7 +156,7 @@ def check_response(method: str, path: str, response) -> None:
     if response.status_code < 400:
         return
     body = response.json()
-    if path.startswith("/sdapi/"):
+    if path.startswith(("/sdapi/", "/controlnet/")):
         assert isinstance(body.get("error"), str) and isinstance(body.get("detail"), str), where
     else:
         error = body.get("error")

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from pydantic import ValidationError
 
 from sd35.a1111 import infotext, parse_infotext, request_infotext
+from sd35.control.unit import ControlUnit
 from sd35.demo import DEMO_DEFAULTS
 from sd35.errors import InvalidRequest
 from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
@@ -78,6 +79,17 @@ REQUESTS = {
     "outpainting": GenerateRequest(prompt="a cat", edit=Edit(image=_image(), outpaint=(16, 0, 16, 8))),
     "hires, slg left to the model": GenerateRequest(prompt="x", hires=HiresFix(), slg=SkipLayerGuidance()),
     "zeros are not unset": GenerateRequest(prompt="", cfg=0.0, seed=0, apg=APG()),
+    "two ControlNets": GenerateRequest(
+        prompt="a cat",
+        controls=(
+            ControlUnit(
+                model="canny", image=_image(seed=3), strength=0.7, start=0.1, end=0.9, preprocess="canny"
+            ),
+            ControlUnit(
+                model="depth", image=_image(seed=4), resize_mode="resize_and_fill", low_threshold=50.0
+            ),
+        ),
+    ),
 }
 
 
@@ -136,7 +148,16 @@ def test_native_fields_left_out_stay_unset_and_take_the_models_defaults():
     assert resolved.hires.steps == 20
     # and the JSON of an unset request carries no value for them
     dumped = JobCreate.from_request(req).model_dump(exclude_none=True)
-    assert set(dumped) == {"prompt", "negative_prompt", "num_images", "slg", "hires", "loras", "text"}
+    assert set(dumped) == {
+        "prompt",
+        "negative_prompt",
+        "num_images",
+        "slg",
+        "hires",
+        "loras",
+        "controls",
+        "text",
+    }
     assert dumped["slg"] == {}
 
 

@@ -15,10 +15,18 @@ from sd35.errors import InvalidRequest
 from sd35.image_io import png_bytes
 from sd35.preview import latent_preview
 from sd35.server.routes.common import JobFailed, engine_of, run_job
-from sd35.server.schemas.a1111 import Img2ImgBody, PngInfoBody, Txt2ImgBody, info, model_name
+from sd35.server.schemas.a1111 import (
+    Img2ImgBody,
+    PngInfoBody,
+    Txt2ImgBody,
+    controlnet_modules,
+    info,
+    model_name,
+)
 from sd35.server.schemas.native import decode_base64
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+controlnet_router = APIRouter(prefix="/controlnet", tags=["a1111"])
 
 
 async def _generate(request: Request, body: Txt2ImgBody | Img2ImgBody, api: str) -> dict[str, Any]:
@@ -225,3 +233,21 @@ async def png_info(body: PngInfoBody) -> dict[str, Any]:
         }
 
     return await run_in_threadpool(read)
+
+
+@controlnet_router.get("/version")
+async def controlnet_version() -> dict[str, Any]:
+    """The ControlNet extension's API version (2: units as ``alwayson_scripts.controlnet.args``)."""
+    return {"version": 2}
+
+
+@controlnet_router.get("/model_list")
+async def controlnet_model_list(request: Request) -> dict[str, Any]:
+    """The ControlNets a unit's ``model`` may name (the models folder's ``controlnet/``; names, never paths)."""
+    return {"model_list": engine_of(request).catalog.controlnets}
+
+
+@controlnet_router.get("/module_list")
+async def controlnet_module_list() -> dict[str, Any]:
+    """The preprocessors a unit's ``module`` may name (those that need no weights)."""
+    return {"module_list": controlnet_modules(), "module_detail": {}}

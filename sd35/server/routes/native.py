@@ -169,6 +169,12 @@ async def list_loras(request: Request) -> dict:
     return {"loras": engine_of(request).catalog.loras}
 
 
+@router.get("/v1/controlnets")
+async def list_controlnets(request: Request) -> dict:
+    """The ControlNet names a request's ``controls`` may use."""
+    return {"controlnets": engine_of(request).catalog.controlnets}
+
+
 ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (21, 9), (9, 21))
 """The aspect ratios offered as size presets (SD3.5 Medium's training buckets are these at about 1 MP)."""
 TRAINING_SIDES = (512, 768, 1024, 1440)
@@ -225,6 +231,7 @@ async def info(request: Request) -> ServerInfo:
         default_model=engine.default_model,
         models=engine.catalog.checkpoints,
         loras=engine.catalog.loras,
+        controlnets=engine.catalog.controlnets,
         defaults=ModelDefaultsView(
             preset=d.name,
             width=d.width,

@@ -2,9 +2,10 @@
 
 Only the mapping lives here: A1111 names for samplers and schedules (:mod:`sd35.a1111`), ``batch_size x
 n_iter`` images with seeds ``seed, seed+1, ...`` (A1111's ``all_seeds``), ``<lora:name:weight>`` tags in
-the prompt, hires fix fields, init images and masks. Every value is checked by the request itself. A1111
-clients send many fields we have no use for (``restore_faces``, ``subseed``, ``alwayson_scripts``...), so
-unknown fields are accepted and ignored, as A1111 does.
+the prompt, hires fix fields, init images and masks, and the ControlNet extension's units
+(``alwayson_scripts.controlnet.args``, as ``webuiapi.ControlNetUnit`` sends them). Every value is checked by
+the request itself. A1111 clients send many fields we have no use for (``restore_faces``, ``subseed``, other
+scripts...), so unknown fields are accepted and ignored, as A1111 does.
 """
 
 from __future__ import annotations
@@ -19,12 +20,95 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sd35._version import __version__
 from sd35.a1111 import SAMPLER_NAMES, extract_lora_tags, sampler_from_a1111, scheduler_from_a1111
+from sd35.control.unit import ControlUnit, Preprocessor, ResizeMode
 from sd35.errors import InvalidRequest
 from sd35.request import Edit, GenerateRequest, HiresFix
 from sd35.server.schemas.native import decode_image
 
 LATENT_UPSCALERS = ("latent", "latent (antialiased)", "latent (bicubic)", "latent (bicubic antialiased)")
 PIXEL_UPSCALERS = ("lanczos",)
+
+CONTROLNET_MODULES: dict[str, tuple[Preprocessor, str | None, str | None]] = {
+    # A1111 module -> (our preprocessor, the unit field threshold_a sets, the one threshold_b sets)
+    "none": ("none", None, None),
+    "canny": ("canny", "low_threshold", "high_threshold"),
+    "blur_gaussian": ("blur", "blur_sigma", None),
+    "tile_resample": ("tile", "tile_factor", None),
+    "recolor_luminance": ("grayscale", None, None),
+}
+"""The sd-webui-controlnet preprocessor ("module") names this server runs, by what they map to; our own
+names (blur, tile, grayscale) are accepted too. ``threshold_a``/``threshold_b`` carry a module's sliders."""
+CONTROLNET_RESIZE: dict[object, ResizeMode] = {
+    "just resize": "just_resize",
+    "crop and resize": "crop_and_resize",
+    "resize and fill": "resize_and_fill",
+    "inner fit (scale to fit)": "crop_and_resize",
+    "outer fit (shrink to fit)": "resize_and_fill",
+    0: "just_resize",
+    1: "crop_and_resize",
+    2: "resize_and_fill",
+}
+
+
+def controlnet_modules() -> list[str]:
+    """What ``GET /controlnet/module_list`` lists."""
+    return list(CONTROLNET_MODULES)
+
+
+def _controlnet_unit(raw: object, index: int) -> ControlUnit | None:
+    """One ``alwayson_scripts.controlnet.args`` entry as a unit, or None for a disabled or model-less one."""
+    param = f"alwayson_scripts.controlnet.args.{index}"
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{param} must be an object (a ControlNet unit).", param=param)
+    model = raw.get("model") or "None"
+    if raw.get("enabled", True) is False or not isinstance(model, str) or model == "None":
+        return None
+    image = raw.get("image", raw.get("input_image"))
+    if isinstance(image, dict):  # newer clients: {"image": ..., "mask": ...}
+        image = image.get("image")
+    if not image:
+        raise InvalidRequest(f"ControlNet unit {index} ({model}) has no image.", param=f"{param}.image")
+    module = str(raw.get("module") or "none").strip().lower()
+    known = {v[0]: v for v in CONTROLNET_MODULES.values()} | CONTROLNET_MODULES
+    if module not in known:
+        raise InvalidRequest(
+            f"unknown ControlNet module {module!r}; this server has {', '.join(CONTROLNET_MODULES)} "
+            "(depth and pose maps go in ready-made with module none).",
+            param=f"{param}.module",
+        )
+    preprocess, slider_a, slider_b = known[module]
+    fields: dict[str, Any] = {"model": model_name(model), "preprocess": preprocess}
+    for name, slider in (("threshold_a", slider_a), ("threshold_b", slider_b)):
+        value = raw.get(name)
+        if slider is not None and value is not None and value != -1:  # -1: the module's default
+            fields[slider] = value
+    resize = raw.get("resize_mode", "Crop and Resize")
+    key = resize.strip().lower() if isinstance(resize, str) else resize
+    if key not in CONTROLNET_RESIZE:
+        raise InvalidRequest(
+            f"unknown ControlNet resize_mode {resize!r}; use Just Resize, Crop and Resize or Resize and Fill.",
+            param=f"{param}.resize_mode",
+        )
+    for ours, theirs in (("strength", "weight"), ("start", "guidance_start"), ("end", "guidance_end")):
+        if raw.get(theirs) is not None:
+            fields[ours] = raw[theirs]
+    return ControlUnit(
+        image=decode_image(image, f"{param}.image"), resize_mode=CONTROLNET_RESIZE[key], **fields
+    )
+
+
+def controlnet_units(scripts: object) -> tuple[ControlUnit, ...]:
+    """The units of A1111's ``alwayson_scripts`` (script names match case-insensitively, as A1111 does)."""
+    if not isinstance(scripts, dict):
+        return ()
+    entry = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    args = entry.get("args", []) if isinstance(entry, dict) else []
+    if not isinstance(args, list):
+        raise InvalidRequest(
+            "alwayson_scripts.controlnet.args must be a list of units.", param="alwayson_scripts"
+        )
+    units = [_controlnet_unit(raw, i) for i, raw in enumerate(args)]
+    return tuple(u for u in units if u is not None)
 
 
 def model_name(title: str) -> str:
@@ -87,6 +171,7 @@ class _A1111Body(BaseModel):
             "width": self.width,
             "height": self.height,
             "loras": loras,
+            "controls": controlnet_units((self.model_extra or {}).get("alwayson_scripts")),
         }
 
 

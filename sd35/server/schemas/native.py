@@ -17,6 +17,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest
 from sd35.image_io import png_bytes, read_image, read_mask
 from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
@@ -96,6 +97,21 @@ class LoraBody(_Body):
     strength: float = 1.0
 
 
+class ControlBody(_Body):
+    model: str = Field(description="a name from GET /v1/controlnets")
+    image: str = Field(description="base64 control image (or a ready-made map with preprocess none)")
+    strength: float | None = None
+    start: float | None = Field(None, description="first fraction of the steps it acts on")
+    end: float | None = Field(None, description="last fraction of the steps it acts on")
+    window: str | None = Field(None, description="steps (A1111, diffusers) or percent (ComfyUI's)")
+    preprocess: str | None = Field(None, description="none, canny, blur, tile, grayscale")
+    resize_mode: str | None = Field(None, description="crop_and_resize, just_resize, resize_and_fill")
+    low_threshold: float | None = None
+    high_threshold: float | None = None
+    blur_sigma: float | None = None
+    tile_factor: float | None = None
+
+
 class JobCreate(_Body):
     """``POST /v1/jobs``: a :class:`GenerateRequest` as JSON. Left-out fields take the model's defaults."""
 
@@ -116,6 +132,7 @@ class JobCreate(_Body):
     edit: EditBody | None = None
     hires: HiresBody | None = None
     loras: list[LoraBody] | None = None
+    controls: list[ControlBody] | None = None
     text: TextBody | None = None
     cache: str | None = Field(
         None,
@@ -133,6 +150,7 @@ class JobCreate(_Body):
             "hires": lambda b: HiresFix(**b.given()),
             "text": lambda b: TextOptions(**b.given()),
             "loras": lambda items: tuple(LoraRef(i.name, i.strength) for i in items),
+            "controls": lambda items: tuple(_control(i, n) for n, i in enumerate(items)),
         }
         for name, build in parts.items():
             if name in given:
@@ -156,8 +174,19 @@ class JobCreate(_Body):
                     value["mask"] = encode_png(value["mask"])
             elif f.name == "loras":
                 value = [{"name": r.name, "strength": r.strength} for r in value]
+            elif f.name == "controls":
+                value = [
+                    {k.name: getattr(u, k.name) for k in fields(u)} | {"image": encode_png(u.image)}
+                    for u in value
+                ]
             body[f.name] = value
         return cls.model_validate(body)
+
+
+def _control(body: ControlBody, index: int) -> ControlUnit:
+    given = body.given()
+    given["image"] = decode_image(body.image, f"controls.{index}.image")
+    return ControlUnit(**given)
 
 
 def _edit(body: EditBody) -> Edit:
@@ -174,6 +203,8 @@ def settings_view(request: GenerateRequest) -> dict[str, Any]:
     body.pop("model", None)
     if "edit" in body:
         body["edit"] = {k: v for k, v in body["edit"].items() if k not in ("image", "mask")}
+    for unit in body.get("controls", []):
+        unit.pop("image")
     return body
 
 
@@ -268,6 +299,7 @@ class ServerInfo(BaseModel):
     default_model: str = Field(description="what a request that names no model gets")
     models: list[str]
     loras: list[str]
+    controlnets: list[str] = Field([], description="ControlNets a request's controls may name")
     defaults: ModelDefaultsView
     samplers: list[NamedChoice]
     schedulers: list[NamedChoice]

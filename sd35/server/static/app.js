@@ -258,6 +258,7 @@
     setValue("hires-strength", 0.5);
     $("hires-upscaler").value = state.info.upscalers[0];
     $("lora-list").replaceChildren();
+    $("control-list").replaceChildren();
     setValue("edit-strength", "");
     setValue("edit-mask_blur", "");
     syncPreset();
@@ -276,6 +277,9 @@
     const n = $("lora-list").children.length;
     $("loras-badge").hidden = n === 0;
     $("loras-badge").textContent = String(n);
+    const units = $("control-list").children.length;
+    $("controls-badge").hidden = units === 0;
+    $("controls-badge").textContent = String(units);
     $("edit-badge").hidden = !state.init;
     $("edit-badge").textContent = state.init ? (maskPainted() ? "inpaint" : "img2img") : "";
   }
@@ -324,6 +328,12 @@
       strength: Number(li.querySelector("input").value || 1),
     }));
     if (loras.length) body.loras = loras;
+    const controls = [...$("control-list").children].map((li) => {
+      const [strength, start, end] = [...li.querySelectorAll("input")].map((i) => Number(i.value));
+      const { name, image, preprocess, resize } = li.dataset;
+      return { model: name, image, preprocess, resize_mode: resize, strength, start, end };
+    });
+    if (controls.length) body.controls = controls;
     if (state.init) {
       body.edit = { image: state.init.dataUrl, strength: num("edit-strength"), mask_blur: num("edit-mask_blur") };
       if (maskPainted()) body.edit.mask = maskDataUrl();
@@ -354,6 +364,8 @@
       if (state.loras.includes(ref.name)) addLora(ref.name, ref.strength);
       else missing.push(ref.name);
     }
+    // a job's settings keep no images: its ControlNet units cannot be filled back in
+    if ((s.controls || []).length) missing.push("ControlNet images");
     if (s.edit) {
       if (s.edit.strength !== undefined) setValue("edit-strength", s.edit.strength);
       if (s.edit.mask_blur !== undefined) setValue("edit-mask_blur", s.edit.mask_blur);
@@ -371,6 +383,20 @@
 
   // ------------------------------------------------------------------------------------ LoRAs
 
+  // A list entry's "Remove" button (LoRAs and ControlNet units).
+  function removeButton(li, name) {
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "quiet";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove ${name}`);
+    remove.onclick = () => {
+      li.remove();
+      syncBadges();
+    };
+    return remove;
+  }
+
   function addLora(name, strength = 1) {
     const list = $("lora-list");
     const existing = [...list.children].find((li) => li.dataset.name === name);
@@ -387,16 +413,7 @@
     const input = document.createElement("input");
     Object.assign(input, { type: "number", step: "0.05", value: String(strength), id: label.htmlFor, inputMode: "decimal" });
     input.setAttribute("aria-label", `${name} strength`);
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "quiet";
-    remove.textContent = "Remove";
-    remove.setAttribute("aria-label", `Remove ${name}`);
-    remove.onclick = () => {
-      li.remove();
-      syncBadges();
-    };
-    li.append(label, input, remove);
+    li.append(label, input, removeButton(li, name));
     list.append(li);
     syncBadges();
   }
@@ -407,6 +424,56 @@
     $("lora-pick").replaceChildren(...state.loras.map((n) => option(n, n)));
     $("lora-empty").hidden = state.loras.length > 0;
     $("lora-pick").disabled = $("lora-add").disabled = state.loras.length === 0;
+  }
+
+  // ------------------------------------------------------------------------------------ ControlNet
+
+  function numberInput(value, step, label, min, max) {
+    const input = document.createElement("input");
+    Object.assign(input, { type: "number", step, value: String(value), min, max, inputMode: "decimal" });
+    input.setAttribute("aria-label", label);
+    return input;
+  }
+
+  async function addControl() {
+    const name = $("control-pick").value;
+    const file = $("control-file").files[0];
+    if (!name || !file) {
+      showError("controls", "Pick a ControlNet and a control image first.");
+      return;
+    }
+    clearError("controls");
+    const li = document.createElement("li");
+    Object.assign(li.dataset, {
+      name,
+      image: await readDataUrl(file),
+      preprocess: $("control-preprocess").value,
+      resize: $("control-resize").value,
+    });
+    const thumb = document.createElement("img");
+    thumb.src = li.dataset.image;
+    thumb.alt = `control image for ${name}`;
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = `${name} (${li.dataset.preprocess})`;
+    li.append(
+      thumb,
+      label,
+      numberInput(1, "0.05", `${name} strength`, "0", "10"),
+      numberInput(0, "0.05", `${name} start`, "0", "1"),
+      numberInput(1, "0.05", `${name} end`, "0", "1"),
+      removeButton(li, name),
+    );
+    $("control-list").append(li);
+    $("control-file").value = "";
+    syncBadges();
+  }
+
+  function loadControlNets() {
+    const names = state.info.controlnets || [];
+    $("control-pick").replaceChildren(...names.map((n) => option(n, n)));
+    $("control-empty").hidden = names.length > 0;
+    $("control-pick").disabled = $("control-add").disabled = names.length === 0;
   }
 
   // ------------------------------------------------------------------------------- token counts
@@ -1110,6 +1177,7 @@
       if ($("lora-pick").value) addLora($("lora-pick").value);
       clearError("loras");
     };
+    $("control-add").onclick = () => addControl().catch((e) => handleError(e, "controls"));
     $("mask-clear").onclick = clearMask;
     $("mask-invert").onclick = invertMask;
     $("init-remove").onclick = removeInitImage;
@@ -1153,6 +1221,7 @@
     }
     fillChoices(state.info);
     resetForm();
+    loadControlNets();
     document.title = `sd35 — ${state.info.model}`;
     await Promise.all([loadLoras(), loadHistory()]).catch((e) => handleError(e));
     document.body.dataset.ready = "true";
