@@ -458,7 +458,7 @@ class SD3Pipeline:
         pixel_mask = mask_to_tensor(mask, width, height, req.edit.mask_blur) if mask is not None else None
         lmask = latent_mask(pixel_mask, *latent_shape[2:]).to(self.device) if pixel_mask is not None else None
         strength = req.edit.strength if req.edit is not None else 1.0
-        sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
+        sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
         stages = 2 if req.hires is not None else 1
 
         images, infotexts = [], []
@@ -570,7 +570,7 @@ class SD3Pipeline:
         noises, generators = zip(*(self._initial_noise(seed, shape) for seed, _ in rows), strict=True)
         cond = _stack([c for _, (c, _) in rows])
         uncond = None if rows[0][1][1] is None else _stack([u for _, (_, u) in rows])
-        sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
+        sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
         noise = torch.cat(noises)
         return self._sample(req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback)
 
@@ -689,7 +689,9 @@ class SD3Pipeline:
             big = F.interpolate(latent, size=(h2 // 8, w2 // 8), mode="bicubic", align_corners=False)
         else:
             big = self.encode_image(self.decode_latent(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
-        full = get_sigmas(req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift)
+        full = get_sigmas(
+            req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift, sampler=req.sampler
+        )
         noise = torch.randn(big.shape, generator=generator).to(self.device)
         return self._sample(req, cond, uncond, full, hires.strength, noise, generator, big, None, callback)
 
