@@ -96,7 +96,7 @@ def build_model(c, standin: StandInVelocity, shift: float):
             super().__init__()
             self.dtype = torch.float32
 
-        def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
             replaced = transformer_options.get("patches_replace", {}).get("dit", {})
             skip = sorted(i for kind, i in replaced if kind == "double_block")
             return standin(x, timesteps, y, context, skip)
@@ -180,7 +180,9 @@ def ksample(c, model, sampler, scheduler, steps, cfg, batch=1, seed=SEED, firsts
         latent_preview.prepare_callback = prepare_callback
         c.nodes.latent_preview.prepare_callback = prepare_callback
     try:
-        (out,) = c.nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)
+        (out,) = c.nodes.common_ksampler(
+            model, seed, steps, cfg, sampler, scheduler, positive, negative, latent
+        )
     finally:
         if firsts is not None:
             latent_preview.prepare_callback = original
@@ -210,7 +212,9 @@ def main() -> None:
     model = build_model(c, standin, 3.0)
     samplers = args.samplers.split(",") if args.samplers else list(c.comfy.samplers.SAMPLER_NAMES)
     tensors = {f"standin.{k}": v.contiguous() for k, v in standin.tensors().items()}
-    for name, t in zip(("context", "pooled", "neg_context", "neg_pooled"), standin_conditioning(), strict=True):
+    for name, t in zip(
+        ("context", "pooled", "neg_context", "neg_pooled"), standin_conditioning(), strict=True
+    ):
         tensors[f"cond.{name}"] = t.contiguous()
     failures = {}
     t0 = time.time()
@@ -221,7 +225,9 @@ def main() -> None:
                     for cfg in CFGS:
                         firsts = [] if steps == 8 else None
                         key = f"{sampler}/{scheduler}/{steps}/{cfg:g}"
-                        tensors[f"run/{key}"] = ksample(c, model, sampler, scheduler, steps, cfg, firsts=firsts)
+                        tensors[f"run/{key}"] = ksample(
+                            c, model, sampler, scheduler, steps, cfg, firsts=firsts
+                        )
                         if firsts:
                             tensors[f"first/{key}"] = firsts[0][1].contiguous()
             for label, (layers, scale, start, end) in SLG_SETTINGS.items():
@@ -231,7 +237,9 @@ def main() -> None:
                         c, slg_model, sampler, scheduler, 8, 4.5
                     )
             tensors[f"batch/{sampler}/normal/8/4.5"] = ksample(c, model, sampler, "normal", 8, 4.5, batch=2)
-            tensors[f"seed1/{sampler}/normal/8/4.5"] = ksample(c, model, sampler, "normal", 8, 4.5, seed=SEED + 1)
+            tensors[f"seed1/{sampler}/normal/8/4.5"] = ksample(
+                c, model, sampler, "normal", 8, 4.5, seed=SEED + 1
+            )
         except Exception as error:  # a sampler ComfyUI cannot run on this model: recorded, not fatal
             failures[sampler] = f"{type(error).__name__}: {error}"
             for key in [k for k in tensors if k.split("/")[1:2] == [sampler]]:

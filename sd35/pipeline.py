@@ -50,8 +50,10 @@ from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
-from sd35.sampling.samplers import Generators, get_sampler
+from sd35.sampling.noise import BatchRows, Generators, NoiseSampler, stack_rows, stream_noise
+from sd35.sampling.samplers import run_sampler
 from sd35.sampling.schedules import get_sigmas, img2img_sigmas, img2img_start
+from sd35.sampling.stochastic import comfy_noise_sampler
 
 if TYPE_CHECKING:
     from sd35.accel import GraphedDenoiser
@@ -145,6 +147,20 @@ def check_batch(requests: Sequence[GenerateRequest]) -> None:
 
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+StepNoise = Callable[[torch.Tensor, torch.Tensor], NoiseSampler | None]
+"""``step_noise(x, sigmas) -> noise sampler`` for an image sampled from ``x`` on the schedule ``sigmas``;
+None means the generator's own stream (the samplers' default)."""
+
+
+def _own_step_noise(x: torch.Tensor, sigmas: torch.Tensor) -> None:
+    """``noise="sd35"``: the samplers draw on from the image's generator."""
+    return None
+
+
+def _comfy_step_noise(sampler: str, seed: int, x: torch.Tensor, sigmas: torch.Tensor) -> NoiseSampler:
+    """``noise="comfyui"`` for one image with its own seed (ComfyUI's batch of one)."""
+    return comfy_noise_sampler(sampler, x, sigmas, seed)
 
 
 def _step_callback(
@@ -463,10 +479,11 @@ class SD3Pipeline:
 
         images, infotexts = [], []
         sample_time = decode_time = 0.0
+        noises = self._image_noises(req, latent_shape)
         for i, seed in enumerate(req.seeds):
             _check_cancel(cancel)
             t0 = time.perf_counter()
-            noise, generator = self._initial_noise(seed, latent_shape)
+            noise, generator, step_noise = noises[i]
 
             def report(stage: Stage, image: int = i) -> StepCallback:
                 return _step_callback(on_progress, cancel, image, req.num_images, stage, stages)
@@ -475,8 +492,9 @@ class SD3Pipeline:
                 latent = init_latent  # nothing to denoise: the input through the VAE
             else:
                 latent = self._sample(
-                    req, cond, uncond, sigmas, strength, noise, generator, init_latent, lmask, report("base")
-                )
+                    req, cond, uncond, sigmas, strength, noise, generator, init_latent, lmask, report("base"),
+                    step_noise,
+                )  # fmt: skip
             if req.hires is not None:
                 latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"))
             t1 = time.perf_counter()
@@ -543,7 +561,7 @@ class SD3Pipeline:
             report = None if on_progress is None else functools.partial(_fan_out, on_progress, spans)
             callback = _step_callback(report, cancel, 0, spans[-1][2], "base", 1)
             rows = [(seed, conds[r]) for r in group for seed in reqs[r].seeds]
-            latents = self._sample_rows(first, rows, callback)
+            latents = self._sample_rows(first, [reqs[r] for r in group], rows, callback)
             sample_time = time.perf_counter() - t0
             for r, lo, _ in spans:
                 t1 = time.perf_counter()
@@ -561,18 +579,28 @@ class SD3Pipeline:
     def _sample_rows(
         self,
         req: GenerateRequest,
+        requests: Sequence[GenerateRequest],
         rows: Sequence[tuple[int, tuple[Conditioning, Conditioning | None]]],
         callback: StepCallback,
     ) -> torch.Tensor:
-        """The latents of one txt2img batch at ``req``'s settings, a row per ``(seed, (cond, uncond))``:
-        each row starts from its seed's noise and draws on from its own generator, as in :meth:`run`."""
+        """The latents of one txt2img batch at ``req``'s settings, a row per ``(seed, (cond, uncond))`` of
+        ``requests`` (in order): each row starts from the noise :meth:`run` gives that image and draws the
+        step noise :meth:`run` draws for it (:meth:`_image_noises`)."""
         shape = self._latent_shape(req.width, req.height)
-        noises, generators = zip(*(self._initial_noise(seed, shape) for seed, _ in rows), strict=True)
+        per_row = [row for r in requests for row in self._image_noises(r, shape)]
+        noises, generators, factories = zip(*per_row, strict=True)
         cond = _stack([c for _, (c, _) in rows])
         uncond = None if rows[0][1][1] is None else _stack([u for _, (_, u) in rows])
         sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
         noise = torch.cat(noises)
-        return self._sample(req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback)
+
+        def step_noise(x: torch.Tensor, run: torch.Tensor) -> NoiseSampler | None:
+            samplers = [make(x[i : i + 1], run) for i, make in enumerate(factories)]
+            return None if samplers[0] is None else stack_rows(samplers)
+
+        return self._sample(
+            req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback, step_noise
+        )
 
     def _conditioning(
         self, req: GenerateRequest, notes: list[str], on_warning: WarningCallback | None
@@ -598,11 +626,45 @@ class SD3Pipeline:
         """The shape of one image's latent."""
         return (1, self.mmditx.config.in_channels, height // 8, width // 8)
 
-    def _initial_noise(self, seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-        """An image's starting noise on the compute device and the seeded CPU generator that drew it (its
-        sampler draws on from it)."""
+    def _image_noises(
+        self, req: GenerateRequest, shape: tuple[int, ...]
+    ) -> list[tuple[torch.Tensor, torch.Generator, StepNoise]]:
+        """Per image of a resolved request: its starting noise (on the compute device), the seeded CPU
+        generator that drew it (a hires pass draws on from it) and its step noise (:data:`StepNoise`).
+
+        ``batch_noise="per_image"``: image i's noise is ``randn`` from a generator seeded with ``seed + i``
+        (A1111's way); ``"batch"``: one generator seeded with ``seed`` draws the whole batch's noise at once
+        (ComfyUI's ``prepare_noise``), and image i takes row i of it. The step noise is the generator's
+        stream (``noise="sd35"``; None, the samplers' default) or ComfyUI's
+        (:func:`~sd35.sampling.stochastic.comfy_noise_sampler`, seeded per image or per batch alike); in
+        batch mode each image gets its row of the batch's draws (:class:`~sd35.sampling.noise.BatchRows`).
+        """
+        sampler = req.sampler
+        if req.batch_noise == "per_image":
+            out = []
+            for seed in req.seeds:
+                generator = torch.Generator().manual_seed(seed)
+                noise = torch.randn(shape, generator=generator).to(self.device)
+                if req.noise == "comfyui":
+                    out.append((noise, generator, functools.partial(_comfy_step_noise, sampler, seed)))
+                else:
+                    out.append((noise, generator, _own_step_noise))
+            return out
+        count, seed = req.num_images, req.seed
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(shape, generator=generator).to(self.device), generator
+        noise = torch.randn((count, *shape[1:]), generator=generator).to(self.device)
+        rows: list[BatchRows] = []
+
+        def row_noise(i: int, x: torch.Tensor, run: torch.Tensor) -> NoiseSampler:
+            if not rows:  # the first image to sample sets the batch's draws up
+                whole = x.new_zeros((count, *x.shape[1:]))
+                if req.noise == "comfyui":
+                    rows.append(BatchRows(lambda: comfy_noise_sampler(sampler, whole, run, seed)))
+                else:
+                    rows.append(BatchRows(lambda: stream_noise(whole, generator)))
+            return rows[0].row(i)
+
+        return [(noise[i : i + 1], generator, functools.partial(row_noise, i)) for i in range(count)]
 
     def _labelled(self, image: Image.Image, req: GenerateRequest, seed: int) -> Image.Image:
         """``image`` with its infotext in ``info["parameters"]``."""
@@ -643,18 +705,31 @@ class SD3Pipeline:
         init_latent: torch.Tensor | None,
         mask: torch.Tensor | None,
         callback: StepCallback,
+        step_noise: StepNoise | None = None,
     ) -> torch.Tensor:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
-        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`)."""
+        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.noise.Generators`), and
+        ``step_noise`` gives the stochastic samplers' noise (None: ``generator``'s stream)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
-        denoiser = GuidedDenoiser(self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg)
+        denoiser = GuidedDenoiser(
+            self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg, shift=req.shift
+        )
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
         # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
         x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
         if mask is not None:
             denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
-        sample = get_sampler(req.sampler)
-        return sample(denoiser, x, run.to(self.device), callback=callback, generator=generator)
+        run = run.to(self.device)
+        return run_sampler(
+            req.sampler,
+            denoiser,
+            x,
+            run,
+            shift=req.shift,
+            callback=callback,
+            generator=generator,
+            noise_sampler=None if step_noise is None else step_noise(x, run),
+        )
 
     def _step_model(self, req: GenerateRequest):
         """What the sampler calls: the runner, or the MMDiT-X with a fresh step cache (``req.cache``)."""

@@ -132,7 +132,7 @@ def test_resolution_fills_every_unset_field_from_the_model():
     req = GenerateRequest(prompt="a cat", slg=SkipLayerGuidance(scale=3.0), hires=HiresFix())
     done = req.resolved(DEMO_LIKE, rng=random.Random(0))
     assert (done.width, done.height, done.steps, done.cfg) == (64, 48, 20, 4.0)
-    assert (done.sampler, done.scheduler, done.shift) == ("euler", "simple", 1.0)
+    assert (done.sampler, done.scheduler, done.shift) == ("euler", "normal", 1.0)
     assert done.slg == SkipLayerGuidance(layers=(2,), scale=3.0, start=0.01, end=0.3)  # the given scale stays
     assert done.hires.steps == 20  # the first pass's
     assert 0 <= done.seed < 2**32 and done.is_resolved and not req.is_resolved

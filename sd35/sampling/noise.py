@@ -21,6 +21,7 @@ comes from ``seeds[i]`` alone (for the Brownian tree, ComfyUI's ``BatchedBrownia
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,7 +126,11 @@ def brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, seeds: int | Sequence[
         t0 = torch.as_tensor(sigma, dtype=torch.float32)
         t1 = torch.as_tensor(sigma_next, dtype=torch.float32)
         lo, hi, sign = (t0, t1, 1.0) if t0 < t1 else (t1, t0, -1.0)
-        w = torch.stack([tree(lo, hi) for tree in trees]) * sign
+        with warnings.catch_warnings():
+            # torchsde compares a float32 query at the tree's end with the end it printed to 6 digits
+            # ("Should have ta>=t0 but got ta=0.0089285718 and t0=0.008929"): the same time, no problem
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(lo, hi) for tree in trees]) * sign
         w = w[0] if per_row is None else w
         return (w / (t1 - t0).abs().sqrt()).to(x.device)
 

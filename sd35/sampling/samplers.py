@@ -534,7 +534,9 @@ def _ipndm_v_weights(sig: list[float], i: int, order: int) -> list[float]:
     With ``h_n = s_{i+1} - s_i`` and the earlier steps ``h_{n-1}, h_{n-2}, h_{n-3}``: order 1 ``[1]``;
     order 2 ``[(2 + h_n/h_{n-1}) / 2, -(h_n/h_{n-1}) / 2]``; orders 3 and 4 add the terms ``temp1``,
     ``temp2`` of that method (written out below), which reduce to the fixed Adams-Bashforth weights of
-    :func:`sample_ipndm` on a uniform grid.
+    :func:`sample_ipndm` on a uniform grid. On an uneven grid the order-4 weights sum to
+    ``1 + q (h_{n-2}/h_{n-3} - h_{n-1}/h_{n-2})``, not 1 (so the method is not consistent there); that is
+    ComfyUI's formula, kept as it is.
     """
     if order == 1:
         return [1.0]
@@ -670,6 +672,7 @@ SamplerName = Literal[
 
 _2M_SDE_HEUN = functools.partial(stochastic.sample_dpmpp_2m_sde, solver_type="heun")
 _UNI_PC_BH2 = functools.partial(sample_uni_pc, variant="bh2")
+_RES_MULTISTEP_ANCESTRAL = functools.partial(stochastic.sample_res_multistep, eta=1.0)
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": sample_euler,
@@ -695,7 +698,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ipndm_v": sample_ipndm_v,
     "deis": sample_deis,
     "res_multistep": stochastic.sample_res_multistep,
-    "res_multistep_ancestral": stochastic.sample_res_multistep_ancestral,
+    "res_multistep_ancestral": _RES_MULTISTEP_ANCESTRAL,
     "gradient_estimation": sample_gradient_estimation,
     "er_sde": stochastic.sample_er_sde,
     "seeds_2": stochastic.sample_seeds_2,

@@ -496,7 +496,8 @@ def sample_res_multistep(
     (lambda(sigma_prev) - lambda(sd_prev)) / h``, ``phi1 = expm1(-h) / -h``, ``phi2 = (phi1 - 1) / -h``,
     ``b1 = phi1 - phi2 / c2``, ``b2 = phi2 / c2`` (0 where undefined):
     ``x' = e^-h x + h (b1 D + b2 D_prev)``; then ``+ s_noise su noise`` if ``sigma' > 0``. ``eta = 0`` is
-    ComfyUI's ``res_multistep`` (deterministic), ``eta = 1`` its ``res_multistep_ancestral``. One model
+    ComfyUI's ``res_multistep`` (deterministic), ``eta = 1`` its ``res_multistep_ancestral``
+    (registered with that default in :data:`sd35.sampling.samplers.SAMPLERS`). One model
     call per step.
     """
     x, sigmas, s_in = prepare(x, sigmas)
@@ -528,11 +529,6 @@ def sample_res_multistep(
         if callback is not None:
             callback(i, total, x, denoised)
     return x
-
-
-def sample_res_multistep_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, **options):
-    """:func:`sample_res_multistep` with ``eta = 1`` (ComfyUI ``res_multistep_ancestral``)."""
-    return sample_res_multistep(model, x, sigmas, **{"eta": 1.0, **options})
 
 
 def _er_sde_scaler(v: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,9 @@ class StandInVelocity:
     ) -> torch.Tensor:
         x = x.to(torch.float32)
         gain = 1.0 - sum(float(self.layer_gains[layer]) for layer in skip_layers)
-        prompt = context.to(torch.float32).mean(dim=1) @ self.context_proj + y.to(torch.float32) @ self.pooled_proj
+        prompt = (
+            context.to(torch.float32).mean(dim=1) @ self.context_proj + y.to(torch.float32) @ self.pooled_proj
+        )
         h = torch.einsum("oc,bchw->bohw", self.mix, x)
         h = h + (prompt * gain)[:, :, None, None]
         h = h + (t.to(torch.float32) / 1000.0)[:, None, None, None] * self.time_bias[None, :, None, None]
