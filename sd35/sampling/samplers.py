@@ -709,19 +709,11 @@ SAMPLERS: dict[str, Sampler] = {
 }
 assert tuple(SAMPLERS) == get_args(SamplerName)
 
-STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
+STOCHASTIC_SAMPLERS: frozenset[str] = stochastic.BROWNIAN_SAMPLERS | frozenset(
     {
         "euler_ancestral",
         "dpm_2_ancestral",
         "dpmpp_2s_ancestral",
-        "dpmpp_sde",
-        "dpmpp_sde_gpu",
-        "dpmpp_2m_sde",
-        "dpmpp_2m_sde_gpu",
-        "dpmpp_2m_sde_heun",
-        "dpmpp_2m_sde_heun_gpu",
-        "dpmpp_3m_sde",
-        "dpmpp_3m_sde_gpu",
         "ddpm",
         "lcm",
         "res_multistep_ancestral",
