@@ -136,8 +136,10 @@ def test_native_fields_left_out_stay_unset_and_take_the_models_defaults():
     assert resolved.hires.steps == 20
     # and the JSON of an unset request carries no value for them
     dumped = JobCreate.from_request(req).model_dump(exclude_none=True)
-    assert set(dumped) == {"prompt", "negative_prompt", "num_images", "slg", "hires", "loras", "text"}
-    assert dumped["slg"] == {}
+    assert set(dumped) == {
+        "prompt", "negative_prompt", "num_images", "noise", "batch_noise", "slg", "hires", "loras", "text"
+    }  # fmt: skip
+    assert dumped["slg"] == {"window": "steps"}
 
 
 @pytest.mark.parametrize(
