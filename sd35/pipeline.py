@@ -449,7 +449,8 @@ class SD3Pipeline:
         cancel: Callable[[], bool] | None = None,
         on_warning: Callable[[str], None] | None = None,
     ) -> GenerateResult:
-        """The images of ``request``; image i uses seed+i.
+        """The images of ``request``; image i uses seed+i (or, with ``batch_noise="batch"``, row i of the
+        batch's noise drawn from ``seed``, ComfyUI's way: :meth:`_image_noises`).
 
         txt2img by default; with ``request.edit`` img2img (from the init image noised to the strength),
         inpainting (with a mask: masked latent blending at every step, then a pixel composite) or
