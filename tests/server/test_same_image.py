@@ -108,7 +108,7 @@ def native_image(server) -> Image.Image:
 def a1111_image(server) -> Image.Image:
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     result = api.txt2img(prompt=PROMPT, seed=SEED, steps=STEPS, cfg_scale=CFG, sampler_name="Euler",
-                         scheduler="Simple", width=SIZE, height=SIZE)  # fmt: skip
+                         scheduler="Normal", width=SIZE, height=SIZE)  # fmt: skip
     assert result.info["all_seeds"] == [SEED]
     return result.image
 
