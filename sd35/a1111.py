@@ -28,22 +28,42 @@ SAMPLER_NAMES: dict[str, str] = {
     "euler": "Euler",
     "euler_ancestral": "Euler a",
     "heun": "Heun",
+    "heunpp2": "Heun++ 2",
     "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS",
     "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_sde_gpu": "DPM++ SDE GPU",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_gpu": "DPM++ 2M SDE GPU",
+    "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "dpmpp_2m_sde_heun_gpu": "DPM++ 2M SDE Heun GPU",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpmpp_3m_sde_gpu": "DPM++ 3M SDE GPU",
+    "ddpm": "DDPM",
     "lcm": "LCM",
     "ipndm": "IPNDM",
+    "ipndm_v": "IPNDM_V",
     "deis": "DEIS",
+    "res_multistep": "Res Multistep",
+    "res_multistep_ancestral": "Res Multistep a",
+    "gradient_estimation": "Gradient Estimation",
+    "er_sde": "ER SDE",
+    "seeds_2": "SEEDS 2",
+    "seeds_3": "SEEDS 3",
+    "ddim": "DDIM",
     "uni_pc": "UniPC",
+    "uni_pc_bh2": "UniPC BH2",
 }
-"""Our (ComfyUI's) sampler name -> A1111's."""
+"""Our (ComfyUI's) sampler name -> A1111's (Forge/reForge's where A1111 has none; each label maps back to one
+sampler)."""
 
 SCHEDULER_NAMES: dict[str, str] = {
     "simple": "Simple",
     "sgm_uniform": "SGM Uniform",
+    "ddim_uniform": "DDIM",
     "normal": "Normal",
     "karras": "Karras",
     "exponential": "Exponential",
@@ -51,7 +71,8 @@ SCHEDULER_NAMES: dict[str, str] = {
     "linear_quadratic": "Linear Quadratic",
     "kl_optimal": "KL Optimal",
 }
-"""Our scheduler name -> A1111's label (``Schedule type: Karras``)."""
+"""Our scheduler name -> A1111's label (``Schedule type: Karras``). A1111's Simple, Normal and DDIM
+schedules are ComfyUI's simple, normal and ddim_uniform (``modules/sd_schedulers.py``)."""
 
 assert set(SAMPLER_NAMES) == set(SAMPLERS) and set(SCHEDULER_NAMES) == set(SCHEDULERS)
 
@@ -104,6 +125,12 @@ def request_infotext(
     if slg is not None:
         info["SLG layers"] = ",".join(map(str, slg.layers))
         info.update({"SLG scale": slg.scale, "SLG start": slg.start, "SLG end": slg.end})
+        if slg.window != "steps":
+            info["SLG window"] = slg.window
+    if request.noise != "sd35":
+        info["Noise"] = request.noise
+    if request.batch_noise != "per_image":
+        info["Batch noise"] = request.batch_noise
     apg = request.apg
     if apg is not None:
         info.update(

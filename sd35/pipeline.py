@@ -57,8 +57,10 @@ from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
 from sd35.sampling.inpaint import MaskedDenoiser
-from sd35.sampling.samplers import Generators, get_sampler
+from sd35.sampling.noise import BatchRows, Generators, NoiseSampler, stack_rows, stream_noise
+from sd35.sampling.samplers import run_sampler
 from sd35.sampling.schedules import get_sigmas, img2img_sigmas, img2img_start
+from sd35.sampling.stochastic import comfy_noise_sampler
 
 if TYPE_CHECKING:
     from sd35.accel import GraphedDenoiser
@@ -153,6 +155,20 @@ def check_batch(requests: Sequence[GenerateRequest]) -> None:
 
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+StepNoise = Callable[[torch.Tensor, torch.Tensor], NoiseSampler | None]
+"""``step_noise(x, sigmas) -> noise sampler`` for an image sampled from ``x`` on the schedule ``sigmas``;
+None means the generator's own stream (the samplers' default)."""
+
+
+def _own_step_noise(x: torch.Tensor, sigmas: torch.Tensor) -> None:
+    """``noise="sd35"``: the samplers draw on from the image's generator."""
+    return None
+
+
+def _comfy_step_noise(sampler: str, seed: int, x: torch.Tensor, sigmas: torch.Tensor) -> NoiseSampler:
+    """``noise="comfyui"`` for one image with its own seed (ComfyUI's batch of one)."""
+    return comfy_noise_sampler(sampler, x, sigmas, seed)
 
 
 def _step_callback(
@@ -457,7 +473,8 @@ class SD3Pipeline:
         cancel: Callable[[], bool] | None = None,
         on_warning: Callable[[str], None] | None = None,
     ) -> GenerateResult:
-        """The images of ``request``; image i uses seed+i.
+        """The images of ``request``; image i uses seed+i (or, with ``batch_noise="batch"``, row i of the
+        batch's noise drawn from ``seed``, ComfyUI's way: :meth:`_image_noises`).
 
         txt2img by default; with ``request.edit`` img2img (from the init image noised to the strength),
         inpainting (with a mask: masked latent blending at every step, then a pixel composite) or
@@ -482,7 +499,7 @@ class SD3Pipeline:
         pixel_mask = mask_to_tensor(mask, width, height, req.edit.mask_blur) if mask is not None else None
         lmask = latent_mask(pixel_mask, *latent_shape[2:]).to(self.device) if pixel_mask is not None else None
         strength = req.edit.strength if req.edit is not None else 1.0
-        sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
+        sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
         stages = 2 if req.hires is not None else 1
         self._load_controlnets(req.controls)  # in the run, never in check(): a server checks on other threads
         control = (
@@ -493,10 +510,11 @@ class SD3Pipeline:
 
         images, infotexts = [], []
         sample_time = decode_time = 0.0
+        noises = self._image_noises(req, latent_shape)
         for i, seed in enumerate(req.seeds):
             _check_cancel(cancel)
             t0 = time.perf_counter()
-            noise, generator = self._initial_noise(seed, latent_shape)
+            noise, generator, step_noise = noises[i]
 
             def report(stage: Stage, image: int = i) -> StepCallback:
                 return _step_callback(on_progress, cancel, image, req.num_images, stage, stages)
@@ -505,18 +523,9 @@ class SD3Pipeline:
                 latent = init_latent  # nothing to denoise: the input through the VAE
             else:
                 latent = self._sample(
-                    req,
-                    cond,
-                    uncond,
-                    sigmas,
-                    strength,
-                    noise,
-                    generator,
-                    init_latent,
-                    lmask,
-                    report("base"),
-                    control,
-                )
+                    req, cond, uncond, sigmas, strength, noise, generator, init_latent, lmask, report("base"),
+                    control, step_noise,
+                )  # fmt: skip
             if req.hires is not None:
                 latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"), control)
             t1 = time.perf_counter()
@@ -583,7 +592,7 @@ class SD3Pipeline:
             report = None if on_progress is None else functools.partial(_fan_out, on_progress, spans)
             callback = _step_callback(report, cancel, 0, spans[-1][2], "base", 1)
             rows = [(seed, conds[r]) for r in group for seed in reqs[r].seeds]
-            latents = self._sample_rows(first, rows, callback)
+            latents = self._sample_rows(first, [reqs[r] for r in group], rows, callback)
             sample_time = time.perf_counter() - t0
             for r, lo, _ in spans:
                 t1 = time.perf_counter()
@@ -601,18 +610,28 @@ class SD3Pipeline:
     def _sample_rows(
         self,
         req: GenerateRequest,
+        requests: Sequence[GenerateRequest],
         rows: Sequence[tuple[int, tuple[Conditioning, Conditioning | None]]],
         callback: StepCallback,
     ) -> torch.Tensor:
-        """The latents of one txt2img batch at ``req``'s settings, a row per ``(seed, (cond, uncond))``:
-        each row starts from its seed's noise and draws on from its own generator, as in :meth:`run`."""
+        """The latents of one txt2img batch at ``req``'s settings, a row per ``(seed, (cond, uncond))`` of
+        ``requests`` (in order): each row starts from the noise :meth:`run` gives that image and draws the
+        step noise :meth:`run` draws for it (:meth:`_image_noises`)."""
         shape = self._latent_shape(req.width, req.height)
-        noises, generators = zip(*(self._initial_noise(seed, shape) for seed, _ in rows), strict=True)
+        per_row = [row for r in requests for row in self._image_noises(r, shape)]
+        noises, generators, factories = zip(*per_row, strict=True)
         cond = _stack([c for _, (c, _) in rows])
         uncond = None if rows[0][1][1] is None else _stack([u for _, (_, u) in rows])
-        sigmas = get_sigmas(req.scheduler, req.steps, req.shift)
+        sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
         noise = torch.cat(noises)
-        return self._sample(req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback)
+
+        def step_noise(x: torch.Tensor, run: torch.Tensor) -> NoiseSampler | None:
+            samplers = [make(x[i : i + 1], run) for i, make in enumerate(factories)]
+            return None if samplers[0] is None else stack_rows(samplers)
+
+        return self._sample(
+            req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback, step_noise
+        )
 
     def _conditioning(
         self, req: GenerateRequest, notes: list[str], on_warning: WarningCallback | None
@@ -638,11 +657,45 @@ class SD3Pipeline:
         """The shape of one image's latent."""
         return (1, self.mmditx.config.in_channels, height // 8, width // 8)
 
-    def _initial_noise(self, seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-        """An image's starting noise on the compute device and the seeded CPU generator that drew it (its
-        sampler draws on from it)."""
+    def _image_noises(
+        self, req: GenerateRequest, shape: tuple[int, ...]
+    ) -> list[tuple[torch.Tensor, torch.Generator, StepNoise]]:
+        """Per image of a resolved request: its starting noise (on the compute device), the seeded CPU
+        generator that drew it (a hires pass draws on from it) and its step noise (:data:`StepNoise`).
+
+        ``batch_noise="per_image"``: image i's noise is ``randn`` from a generator seeded with ``seed + i``
+        (A1111's way); ``"batch"``: one generator seeded with ``seed`` draws the whole batch's noise at once
+        (ComfyUI's ``prepare_noise``), and image i takes row i of it. The step noise is the generator's
+        stream (``noise="sd35"``; None, the samplers' default) or ComfyUI's
+        (:func:`~sd35.sampling.stochastic.comfy_noise_sampler`, seeded per image or per batch alike); in
+        batch mode each image gets its row of the batch's draws (:class:`~sd35.sampling.noise.BatchRows`).
+        """
+        sampler = req.sampler
+        if req.batch_noise == "per_image":
+            out = []
+            for seed in req.seeds:
+                generator = torch.Generator().manual_seed(seed)
+                noise = torch.randn(shape, generator=generator).to(self.device)
+                if req.noise == "comfyui":
+                    out.append((noise, generator, functools.partial(_comfy_step_noise, sampler, seed)))
+                else:
+                    out.append((noise, generator, _own_step_noise))
+            return out
+        count, seed = req.num_images, req.seed
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(shape, generator=generator).to(self.device), generator
+        noise = torch.randn((count, *shape[1:]), generator=generator).to(self.device)
+        rows: list[BatchRows] = []
+
+        def row_noise(i: int, x: torch.Tensor, run: torch.Tensor) -> NoiseSampler:
+            if not rows:  # the first image to sample sets the batch's draws up
+                whole = x.new_zeros((count, *x.shape[1:]))
+                if req.noise == "comfyui":
+                    rows.append(BatchRows(lambda: comfy_noise_sampler(sampler, whole, run, seed)))
+                else:
+                    rows.append(BatchRows(lambda: stream_noise(whole, generator)))
+            return rows[0].row(i)
+
+        return [(noise[i : i + 1], generator, functools.partial(row_noise, i)) for i in range(count)]
 
     def _labelled(self, image: Image.Image, req: GenerateRequest, seed: int) -> Image.Image:
         """``image`` with its infotext in ``info["parameters"]``."""
@@ -684,22 +737,41 @@ class SD3Pipeline:
         mask: torch.Tensor | None,
         callback: StepCallback,
         control: Callable[[int, int], Controls] | None = None,
+        step_noise: StepNoise | None = None,
     ) -> torch.Tensor:
         """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
-        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.samplers.Generators`);
-        ``control(width, height)`` gives the request's ControlNets at this pass's size."""
+        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.noise.Generators`);
+        ``control(width, height)`` gives the request's ControlNets at this pass's size, and ``step_noise`` the
+        stochastic samplers' noise (None: ``generator``'s stream)."""
         run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
         controls = None if control is None else control(noise.shape[-1] * 8, noise.shape[-2] * 8)
         denoiser = GuidedDenoiser(
-            self._step_model(req), cond, uncond, req.cfg, req.slg, sigmas, apg=req.apg, control=controls
+            self._step_model(req),
+            cond,
+            uncond,
+            req.cfg,
+            req.slg,
+            sigmas,
+            apg=req.apg,
+            control=controls,
+            shift=req.shift,
         )
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
         # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
         x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
         if mask is not None:
             denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
-        sample = get_sampler(req.sampler)
-        return sample(denoiser, x, run.to(self.device), callback=callback, generator=generator)
+        run = run.to(self.device)
+        return run_sampler(
+            req.sampler,
+            denoiser,
+            x,
+            run,
+            shift=req.shift,
+            callback=callback,
+            generator=generator,
+            noise_sampler=None if step_noise is None else step_noise(x, run),
+        )
 
     def _step_model(self, req: GenerateRequest):
         """What the sampler calls: the runner, or the MMDiT-X with a fresh step cache (``req.cache``)."""
@@ -737,7 +809,9 @@ class SD3Pipeline:
             big = F.interpolate(latent, size=(h2 // 8, w2 // 8), mode="bicubic", align_corners=False)
         else:
             big = self.encode_image(self.decode_latent(latent).resize((w2, h2), Image.LANCZOS), w2, h2)
-        full = get_sigmas(req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift)
+        full = get_sigmas(
+            req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift, sampler=req.sampler
+        )
         noise = torch.randn(big.shape, generator=generator).to(self.device)
         return self._sample(
             req, cond, uncond, full, hires.strength, noise, generator, big, None, callback, control

@@ -56,7 +56,7 @@ SD35_MEDIUM = ModelDefaults(
     steps=50,
     cfg=5.0,
     sampler="dpmpp_2m",
-    scheduler="simple",
+    scheduler="normal",
     shift=3.0,
     slg=SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.20),
     trained_size=1440,  # the model card: progressive training up to 1440 px
@@ -102,15 +102,23 @@ def defaults_for(
     return replace(preset, width=side, height=side, trained_size=config.max_image_size)
 
 
+NAMING_KEY = "schedule_names"
+"""Marks metadata written since scheduler names mean ComfyUI's (``"comfyui"``). Before, ``"simple"`` named the
+reference's schedule, which is ComfyUI's ``normal``: :func:`from_metadata` reads an unmarked ``"simple"``
+(the built-in demo model's file has one) as ``"normal"``, so an older file keeps its image."""
+
+
 def to_metadata(defaults: ModelDefaults) -> str:
     """The JSON text stored under :data:`METADATA_KEY` (see :func:`from_metadata`)."""
-    return json.dumps(dataclasses.asdict(defaults), sort_keys=True)
+    return json.dumps({**dataclasses.asdict(defaults), NAMING_KEY: "comfyui"}, sort_keys=True)
 
 
 def from_metadata(text: str) -> ModelDefaults:
     """A :class:`ModelDefaults` from its JSON form; a clear :class:`CheckpointError` for anything malformed."""
     try:
         raw = json.loads(text)
+        if raw.pop(NAMING_KEY, None) != "comfyui" and raw.get("scheduler") == "simple":
+            raw["scheduler"] = "normal"
         raw["slg"] = SkipLayerGuidance(**raw["slg"])
         defaults = ModelDefaults(**raw)
     except Exception as e:

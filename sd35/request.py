@@ -46,6 +46,8 @@ MAX_CANVAS_PIXELS = (
 )
 MIN_HIRES_STRENGTH = 0.01  # the hires schedule is steps / strength long; A1111's finest denoise step
 Upscaler = Literal["latent", "lanczos"]
+NoiseMode = Literal["sd35", "comfyui"]
+BatchNoise = Literal["per_image", "batch"]
 
 
 def _meta(help: str, **more: Any) -> dict[str, Any]:
@@ -258,6 +260,20 @@ class GenerateRequest:
     shift: float | None = field(default=None, metadata=_meta("flow shift", preset="shift"))
     seed: int | None = field(default=None, metadata=_meta("random if omitted or -1; image i uses seed+i"))
     num_images: int = field(default=1, metadata=_meta("images to make (seeds seed, seed+1, ...)"))
+    noise: NoiseMode = field(
+        default="sd35",
+        metadata=_meta(
+            "step noise of the stochastic samplers: sd35 (each image's seeded generator draws on) or comfyui "
+            "(ComfyUI's: a fresh generator seeded with the seed; a Brownian tree for the SDE samplers)"
+        ),
+    )
+    batch_noise: BatchNoise = field(
+        default="per_image",
+        metadata=_meta(
+            "per_image: image i from seed+i (A1111's way); batch: ComfyUI's, one generator seeded with the "
+            "seed draws the noise of the whole batch"
+        ),
+    )
     slg: SkipLayerGuidance | None = field(
         default=None,
         metadata=_meta(
@@ -307,6 +323,12 @@ class GenerateRequest:
             value = getattr(self, name)
             if value is not None and value not in get_args(kind):
                 _fail(f"unknown {name} {value!r}; choose one of: {', '.join(get_args(kind))}.", name)
+        for name, kind in (("noise", NoiseMode), ("batch_noise", BatchNoise)):
+            if getattr(self, name) not in get_args(kind):
+                _fail(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of: {', '.join(get_args(kind))}.",
+                    name,
+                )
         if not (_is_int(self.num_images) and self.num_images >= 1):
             _fail(f"num_images must be a positive integer, got {self.num_images!r}.", "num_images")
         if self.seed is not None:
@@ -397,6 +419,7 @@ class GenerateRequest:
 
     @property
     def seeds(self) -> list[int]:
-        """The seed of each image (a resolved request's)."""
+        """The seed of each image (a resolved request's): ``seed + i``. (With ``batch_noise="batch"``
+        every image's noise comes from ``seed`` alone, as one batch; the list still names the images.)"""
         assert self.seed is not None and self.seed != RANDOM_SEED
         return [self.seed + i for i in range(self.num_images)]

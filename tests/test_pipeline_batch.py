@@ -190,3 +190,28 @@ def test_cancel_stops_the_batch(tiny_pipe):
     assert steps == [0, 0, 1, 1]
     with pytest.raises(Cancelled):
         tiny_pipe.run_batch(_requests(), cancel=lambda: True)
+
+
+@pytest.mark.parametrize(
+    "sampler,noise",
+    [("euler_ancestral", "comfyui"), ("dpmpp_2m_sde", "comfyui"), ("euler_ancestral", "sd35")],
+)
+def test_comfyui_batch_noise_is_the_same_sampled_one_by_one_or_as_a_batch(tiny_pipe, sampler, noise):
+    """batch_noise="batch" (one generator for the batch, ComfyUI's): run() samples image by image, each on
+    its row of the batch's draws, and run_batch() samples the rows together: the same images."""
+    requests = _requests(sampler=sampler, noise=noise, batch_noise="batch")
+    _assert_like_run(tiny_pipe, requests, tiny_pipe.run_batch(requests))
+
+
+def test_batch_noise_and_comfyui_noise_change_what_they_should(tiny_pipe):
+    """batch mode: image 0's noise is the first row of one draw, i.e. the per-image draw of the seed, and
+    image 1 another; ComfyUI's step noise changes a stochastic sampler's image, not a deterministic one's."""
+    base = dict(SETTINGS, prompt="a red circle", seed=5, num_images=2)
+    per_image = tiny_pipe.run(GenerateRequest(**base, sampler="euler")).images
+    batch = tiny_pipe.run(GenerateRequest(**base, sampler="euler", batch_noise="batch")).images
+    assert pixel_diff(per_image[0], batch[0]).max() == 0
+    assert not _close(per_image[1], batch[1])
+    for sampler, changes in (("euler_ancestral", True), ("dpmpp_3m_sde", True), ("heun", False)):
+        ours = tiny_pipe.run(GenerateRequest(**base, sampler=sampler)).images[0]
+        comfy = tiny_pipe.run(GenerateRequest(**base, sampler=sampler, noise="comfyui")).images[0]
+        assert bool(pixel_diff(ours, comfy).max() > 0) is changes, sampler

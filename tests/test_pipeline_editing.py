@@ -178,7 +178,7 @@ def test_hires_schedule_runs_exactly_the_steps_asked(steps, strength):
     from sd35.sampling.schedules import get_sigmas, img2img_sigmas
 
     n = hires_schedule_steps(steps, strength)
-    assert len(img2img_sigmas(get_sigmas("simple", n, 3.0), strength)) - 1 == steps
+    assert len(img2img_sigmas(get_sigmas("normal", n, 3.0), strength)) - 1 == steps
 
 
 def test_hires_second_pass_step_count_at_an_awkward_strength(tiny_pipe):

@@ -25,6 +25,15 @@ def _edit(**kw):
 BAD = [
     # (what, request fields (made inside the test: sub-settings check themselves), error param, message)
     ("width 0 is not 'unset'", lambda: dict(width=0), "width", "positive multiple of 16"),
+    ("unknown noise mode", lambda: dict(noise="a1111"), "noise", "choose one of: sd35, comfyui"),
+    ("unknown batch noise", lambda: dict(batch_noise="rows"), "batch_noise", "per_image, batch"),
+    (
+        "unknown SLG window",
+        lambda: dict(slg=SkipLayerGuidance(window="time")),
+        "slg.window",
+        "'steps' or 'sigma'",
+    ),
+    ("a ComfyUI sampler we lack", lambda: dict(sampler="dpm_fast"), "sampler", "unknown sampler 'dpm_fast'"),
     ("width not a multiple of 16", lambda: dict(width=50), "width", "use 48 or 64"),
     ("height just above a multiple", lambda: dict(height=1000), "height", "use 992 or 1008"),
     ("tiny width", lambda: dict(width=8), "width", "use 16"),
@@ -132,7 +141,7 @@ def test_resolution_fills_every_unset_field_from_the_model():
     req = GenerateRequest(prompt="a cat", slg=SkipLayerGuidance(scale=3.0), hires=HiresFix())
     done = req.resolved(DEMO_LIKE, rng=random.Random(0))
     assert (done.width, done.height, done.steps, done.cfg) == (64, 48, 20, 4.0)
-    assert (done.sampler, done.scheduler, done.shift) == ("euler", "simple", 1.0)
+    assert (done.sampler, done.scheduler, done.shift) == ("euler", "normal", 1.0)
     assert done.slg == SkipLayerGuidance(layers=(2,), scale=3.0, start=0.01, end=0.3)  # the given scale stays
     assert done.hires.steps == 20  # the first pass's
     assert 0 <= done.seed < 2**32 and done.is_resolved and not req.is_resolved
@@ -163,6 +172,19 @@ def test_edit_size_and_strength_defaults():
     assert (out.width, out.height) == (128, 64) and out.edit.strength == 1.0  # the canvas 132x64
     fixed = GenerateRequest(prompt="a", width=32, edit=_edit()).resolved(DEMO_LIKE)
     assert (fixed.width, fixed.height) == (32, 48)
+
+
+def test_metadata_written_before_comfyui_names_reads_simple_as_normal():
+    """Files written when "simple" named the reference's schedule (the demo model's) keep their image."""
+    old = (
+        to_metadata(DEMO_DEFAULTS)
+        .replace('"schedule_names": "comfyui", ', "")
+        .replace('"normal"', '"simple"')
+    )
+    assert "schedule_names" not in old and '"simple"' in old
+    assert from_metadata(old).scheduler == "normal"
+    new = to_metadata(dataclasses.replace(DEMO_DEFAULTS, scheduler="simple"))
+    assert from_metadata(new).scheduler == "simple"  # a marked file's "simple" is ComfyUI's
 
 
 def test_presets_round_trip_through_file_metadata():

@@ -23,7 +23,7 @@ DEMO_DEFAULTS = ModelDefaults(
     steps=20,
     cfg=4.0,
     sampler="euler",
-    scheduler="simple",
+    scheduler="normal",
     shift=1.0,
     slg=SkipLayerGuidance(layers=(2,), scale=2.0, start=0.01, end=0.3),
     trained_size=64,

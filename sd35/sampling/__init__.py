@@ -5,9 +5,12 @@ The pieces follow the official reference (Stability-AI/sd3.5 ``sd3_impls.py`` an
 - :mod:`sd35.sampling.schedules`: the flow time shift and the reference's sigma schedule (with its
   deliberate double shift of ``sigma_min``), ComfyUI's other schedulers (:func:`get_sigmas`), plus the
   img2img cut;
-- :mod:`sd35.sampling.samplers`: ComfyUI's samplers (``euler`` and ``dpmpp_2m`` as the reference, the
-  ancestral and SDE ones in their rectified-flow form) as plain functions of ``(model, x, sigmas)``,
-  where ``model(x, sigma) -> denoised`` works in x0-space, as in k-diffusion;
+- :mod:`sd35.sampling.samplers`: ComfyUI's samplers under its names (``euler`` and ``dpmpp_2m`` as the
+  reference) as plain functions of ``(model, x, sigmas)``, where ``model(x, sigma) -> denoised`` works in
+  x0-space, as in k-diffusion; the stochastic ones are in :mod:`sd35.sampling.stochastic`, their shared
+  helpers in :mod:`sd35.sampling.sampler_base`;
+- :mod:`sd35.sampling.noise`: where the stochastic samplers' step noise comes from (our seeded stream,
+  ComfyUI's seeded draws or its Brownian tree), a parameter of those samplers;
 - :mod:`sd35.sampling.inpaint`: masked latent blending for inpainting;
 - :mod:`sd35.sampling.guidance`: the MMDiT-X velocity turned into a denoiser, classifier-free guidance
   adaptive projected guidance (APG) and Skip Layer Guidance.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
@@ -39,6 +39,21 @@ Conditioning = tuple[torch.Tensor, torch.Tensor]
 
 SIGMA_RTOL = 1e-5  # how close a sigma must be to a schedule entry to count as that entry (rounding slack)
 
+SLGWindow = Literal["steps", "sigma"]
+"""How the SLG window's ``start`` / ``end`` fractions are read: of the steps (the reference's) or of the
+model's time, by sigma (ComfyUI's ``SkipLayerGuidanceSD3`` node)."""
+
+
+def percent_to_sigma(percent: float, shift: float) -> float:
+    """The flow model's sigma at ``percent`` of the way through its time: 1 at 0, 0 at 1, else
+    ``flow_sigma(1 - percent, shift)`` (ComfyUI ``ModelSamplingDiscreteFlow.percent_to_sigma``)."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    t = 1.0 - percent
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
 
 @dataclass(frozen=True)
 class SkipLayerGuidance:
@@ -64,8 +79,19 @@ class SkipLayerGuidance:
     end: float | None = field(
         default=None, metadata={"help": "end of the SLG window, a fraction of the steps"}
     )
+    window: SLGWindow = field(
+        default="steps",
+        metadata={
+            "help": "read start/end as fractions of the steps (the reference's) or of sigma (ComfyUI's node)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.window not in get_args(SLGWindow):
+            raise InvalidRequest(
+                f"Skip Layer Guidance window must be 'steps' or 'sigma', got {self.window!r}.",
+                param="slg.window",
+            )
         if self.layers is not None:
             layers = tuple(self.layers)
             object.__setattr__(self, "layers", layers)
@@ -107,7 +133,8 @@ class SkipLayerGuidance:
     def filled(self, defaults: SkipLayerGuidance) -> SkipLayerGuidance:
         """These settings with every None taken from ``defaults`` (a model's complete preset)."""
         return SkipLayerGuidance(
-            *(getattr(defaults, f) if getattr(self, f) is None else getattr(self, f) for f in _SLG_FIELDS)
+            *(getattr(defaults, f) if getattr(self, f) is None else getattr(self, f) for f in _SLG_FIELDS),
+            window=self.window,
         )
 
     def active(self, step: int, steps: int) -> bool:
@@ -121,6 +148,17 @@ class SkipLayerGuidance:
                 "incomplete Skip Layer Guidance settings: fill them from the model's preset first"
             )
         return self.scale > 0 and self.start * steps < step < self.end * steps
+
+    def active_at_sigma(self, sigma: float, shift: float) -> bool:
+        """Whether a call at ``sigma`` gets the skip pass in the ``"sigma"`` window: ``percent_to_sigma(end)
+        <= sigma <= percent_to_sigma(start)`` (ComfyUI ``SkipLayerGuidanceDiT``'s test, made on every model
+        call, also a sampler's intermediate ones)."""
+        if not self.complete:
+            raise ValueError(
+                "incomplete Skip Layer Guidance settings: fill them from the model's preset first"
+            )
+        low, high = percent_to_sigma(self.end, shift), percent_to_sigma(self.start, shift)
+        return self.scale > 0 and low <= sigma <= high
 
 
 _SLG_FIELDS = ("layers", "scale", "start", "end")
@@ -268,6 +306,8 @@ class GuidedDenoiser:
     ``cond`` and ``uncond`` are ``(context, pooled)`` with batch 1 or the latents' batch B; ``slg`` is
     None for plain CFG.
 
+    ``shift`` (keyword-only) is the model's flow shift, which places a ``window="sigma"`` SLG window.
+
     ``apg`` (keyword-only) replaces the CFG combination by adaptive projected guidance (:class:`APG`); the
     SLG term is still added after it. APG does nothing when ``cfg == 1`` (there is no uncond pass). Its
     momentum state lives in this object: it is updated on every call (so per model evaluation, as in the
@@ -291,6 +331,7 @@ class GuidedDenoiser:
         *,
         apg: APG | None = None,
         control: Controls | None = None,
+        shift: float = 3.0,
     ):
         if slg is not None and not (isinstance(slg, SkipLayerGuidance) and slg.complete):
             raise TypeError(f"slg must be a complete SkipLayerGuidance or None, got {slg!r}")
@@ -320,6 +361,7 @@ class GuidedDenoiser:
         self.slg = slg
         self.apg = apg
         self.control = control
+        self.shift = float(shift)
         self.reset()
 
     def reset(self) -> None:
@@ -356,8 +398,14 @@ class GuidedDenoiser:
         return int(at_or_above[-1]) if len(at_or_above) else 0
 
     def slg_active(self, sigma: torch.Tensor) -> bool:
-        """Whether the call at ``sigma`` gets the Skip Layer Guidance pass."""
-        return self.slg is not None and self.slg.active(self.step_index(sigma), self.steps)
+        """Whether the call at ``sigma`` gets the Skip Layer Guidance pass (by step or by sigma, as
+        ``slg.window`` says)."""
+        if self.slg is None:
+            return False
+        if self.slg.window == "sigma":
+            value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+            return self.slg.active_at_sigma(value, self.shift)
+        return self.slg.active(self.step_index(sigma), self.steps)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

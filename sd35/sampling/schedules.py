@@ -97,9 +97,18 @@ def img2img_start(steps: int, denoise: float, param: str | None = None) -> int:
 # --------------------------------------------------------------------------------------------- schedulers
 
 SchedulerName = Literal[
-    "simple", "sgm_uniform", "normal", "karras", "exponential", "beta", "linear_quadratic", "kl_optimal"
+    "simple",
+    "sgm_uniform",
+    "karras",
+    "exponential",
+    "ddim_uniform",
+    "beta",
+    "normal",
+    "linear_quadratic",
+    "kl_optimal",
 ]
-"""The scheduler names :func:`get_sigmas` accepts (ComfyUI's names; ComfyUI's ``ddim_uniform`` is not here)."""
+"""The scheduler names :func:`get_sigmas` accepts: ComfyUI's (``comfy/samplers.py`` ``SCHEDULER_HANDLERS``), in
+its order, each meaning what it means there. ``normal`` is also the official reference's schedule."""
 
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
@@ -129,22 +138,40 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _uniform_timesteps(steps: int, shift: float, sgm: bool) -> torch.Tensor:
-    """``normal`` / ``sgm_uniform``: timesteps spaced linearly, then mapped through the shifted sigma.
+def _sgm_uniform(steps: int, shift: float) -> torch.Tensor:
+    """``sgm_uniform``: ``normal``'s timesteps with one more point and the end point dropped.
 
-    ComfyUI ``normal_scheduler``: with ``start = 1000 * sigma_max`` and ``end = 1000 * sigma_min``,
-    ``t = linspace(start, end, steps)`` (``normal``) or ``linspace(start, end, steps + 1)[:-1]``
-    (``sgm_uniform``, i.e. the end point dropped), and ``sigma_i = flow_sigma(t_i / 1000, shift)``, then 0.
-    As in the reference, ``sigma_min`` (already shifted) is shifted again on the way back.
+    ComfyUI ``normal_scheduler(sgm=True)``: with ``start = 1000 * sigma_max`` and ``end = 1000 * sigma_min``,
+    ``t = linspace(start, end, steps + 1)[:-1]`` and ``sigma_i = flow_sigma(t_i / 1000, shift)``, then 0.
     """
     table = discrete_flow_sigmas(shift)
     start = float(table[-1] * NUM_TRAIN_TIMESTEPS)
     end = float(table[0] * NUM_TRAIN_TIMESTEPS)
-    if sgm:
-        timesteps = torch.linspace(start, end, steps + 1, dtype=torch.float32)[:-1]
-    else:
-        timesteps = torch.linspace(start, end, steps, dtype=torch.float32)
+    timesteps = torch.linspace(start, end, steps + 1, dtype=torch.float32)[:-1]
     return _append_zero(flow_sigma(timesteps / float(NUM_TRAIN_TIMESTEPS), shift))
+
+
+def _simple(steps: int, shift: float) -> torch.Tensor:
+    """ComfyUI's ``simple``: every (1000 / steps)-th entry of the 1000-entry table, from the top, then 0.
+
+    ``sigma_i = table[999 - floor(i * 1000 / steps)]`` for ``i = 0..steps-1`` (``comfy/samplers.py``
+    ``simple_scheduler``; the float ratio ``1000 / steps`` is what is floored, so 30 steps skip 33 or 34).
+    """
+    table = discrete_flow_sigmas(shift)
+    ratio = NUM_TRAIN_TIMESTEPS / steps
+    return _append_zero(table[[NUM_TRAIN_TIMESTEPS - 1 - int(i * ratio) for i in range(steps)]])
+
+
+def _ddim_uniform(steps: int, shift: float) -> torch.Tensor:
+    """ComfyUI's ``ddim_uniform``: table entries 1, 1 + k, 1 + 2k, ... (``k = max(1000 // steps, 1)``), reversed.
+
+    (``comfy/samplers.py`` ``ddim_scheduler``.) The schedule starts below sigma_max (at entry
+    ``1 + k * floor(998 / k)``) and, as ``k`` is floored, can have MORE than ``steps`` steps: 31 for 30
+    (``k = 33``). Then 0.
+    """
+    table = discrete_flow_sigmas(shift)
+    stride = max(NUM_TRAIN_TIMESTEPS // steps, 1)
+    return _append_zero(table[list(range(1, NUM_TRAIN_TIMESTEPS, stride))[::-1]])
 
 
 def _karras(steps: int, shift: float) -> torch.Tensor:
@@ -274,21 +301,33 @@ def _linear_quadratic(steps: int, shift: float) -> torch.Tensor:
     return torch.tensor([1.0 - v for v in u], dtype=torch.float32) * sigma_max
 
 
-def get_sigmas(scheduler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+"""Samplers for which ComfyUI computes ``steps + 1`` sigmas and drops the second-to-last (``comfy/samplers.py``
+``KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS``): their last step then runs from a smaller sigma straight
+to 0, which these solvers (whose last step is first order) handle better. :func:`get_sigmas` applies it
+when given the sampler's name."""
+
+
+def get_sigmas(scheduler: str, steps: int, shift: float = 3.0, *, sampler: str | None = None) -> torch.Tensor:
     """The sigma schedule ``scheduler`` (one of :data:`SCHEDULERS`) for ``steps`` steps of the shifted model.
 
-    Returns float32, length ``steps + 1`` (``beta``: possibly fewer, see below), strictly decreasing, the
-    last entry 0. All schedules come from the same shifted discrete flow model (ComfyUI
-    ``ModelSamplingDiscreteFlow`` with ``ModelSamplingSD3``'s shift): ``sigma(t) = flow_sigma(t/1000, shift)``,
-    ``sigma_min = sigma(1)``, ``sigma_max = sigma(1000) = 1``. Per scheduler (``n = steps``):
+    With ``sampler`` one of :data:`DISCARD_PENULTIMATE_SIGMA_SAMPLERS`, the schedule is ComfyUI's for it:
+    ``steps + 1`` sigmas with the second-to-last dropped (still ``steps`` steps).
 
-    - ``simple``: the reference's schedule, :func:`reference_sigmas` (``SD3Inferencer.get_sigmas``): timesteps
-      ``linspace(1000 sigma_max, 1000 sigma_min, n)`` mapped through ``sigma``. NOTE: this is what ComfyUI
-      calls ``normal``; ComfyUI's own ``simple`` instead picks table entries
-      ``sigmas[999 - floor(i * 1000 / n)]``. Our ``simple`` is the reference's, so that the default
-      schedule stays the reference's;
-    - ``normal``: ComfyUI ``normal_scheduler``, the same formula as ``simple`` (identical values here);
+    Returns float32, length ``steps + 1`` (``beta``: possibly fewer, ``ddim_uniform``: possibly more, see
+    below), strictly decreasing, the last entry 0. Every name means what it means in ComfyUI v0.3.64
+    (``comfy/samplers.py`` ``calculate_sigmas``; checked against its output in
+    ``tests/sampling/test_comfyui_parity.py``). All schedules come from the same shifted discrete flow model
+    (ComfyUI ``ModelSamplingDiscreteFlow`` with ``ModelSamplingSD3``'s shift): ``sigma(t) =
+    flow_sigma(t/1000, shift)``, ``sigma_min = sigma(1)``, ``sigma_max = sigma(1000) = 1``. Per scheduler
+    (``n = steps``):
+
+    - ``normal`` (the default): the official reference's schedule, :func:`reference_sigmas`
+      (``SD3Inferencer.get_sigmas``, which is ComfyUI's ``normal_scheduler``): timesteps
+      ``linspace(1000 sigma_max, 1000 sigma_min, n)`` mapped through ``sigma``;
+    - ``simple``: table entries ``sigmas[999 - floor(i * 1000 / n)]`` (:func:`_simple`);
     - ``sgm_uniform``: ``linspace(1000 sigma_max, 1000 sigma_min, n + 1)[:-1]`` mapped through ``sigma``;
+    - ``ddim_uniform``: table entries ``1, 1 + k, ...`` (``k = 1000 // n``) reversed (:func:`_ddim_uniform`);
     - ``karras``: ``(s_max^(1/7) + i/(n-1) (s_min^(1/7) - s_max^(1/7)))^7`` (Karras et al. 2022, eq. 5);
     - ``exponential``: ``exp(linspace(log s_max, log s_min, n))`` (k-diffusion);
     - ``kl_optimal``: ``tan(i/(n-1) atan(s_min) + (1 - i/(n-1)) atan(s_max))`` (A1111 PR #15608);
@@ -302,16 +341,20 @@ def get_sigmas(scheduler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
         raise SD35Error(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
     _check_steps(steps)
     _check_shift(shift)
+    if sampler in DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+        sigmas = _BUILDERS[scheduler](steps + 1, shift)
+        return torch.cat([sigmas[:-2], sigmas[-1:]]).contiguous()
     return _BUILDERS[scheduler](steps, shift).contiguous()
 
 
 _BUILDERS = {
-    "simple": reference_sigmas,
-    "sgm_uniform": lambda steps, shift: _uniform_timesteps(steps, shift, sgm=True),
-    "normal": lambda steps, shift: _uniform_timesteps(steps, shift, sgm=False),
+    "simple": _simple,
+    "sgm_uniform": _sgm_uniform,
     "karras": _karras,
     "exponential": _exponential,
+    "ddim_uniform": _ddim_uniform,
     "beta": _beta,
+    "normal": reference_sigmas,
     "linear_quadratic": _linear_quadratic,
     "kl_optimal": _kl_optimal,
 }

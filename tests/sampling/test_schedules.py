@@ -84,10 +84,21 @@ def _linear_quadratic(n, shift, tau=0.025):
     return (1 - u) * _table(shift)[-1]
 
 
+def _simple(n, shift):
+    """ComfyUI's simple: table entries 999 - floor(i * 1000 / n)."""
+    return _table(shift)[[999 - int(i * 1000 / n) for i in range(n)]]
+
+
+def _ddim_uniform(n, shift):
+    """ComfyUI's ddim_uniform: table entries 1, 1 + k, ... (k = 1000 // n), reversed."""
+    return _table(shift)[list(range(1, 1000, max(1000 // n, 1)))[::-1]]
+
+
 FORMULAS = {
-    # the reference's schedule (Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.get_sigmas``), which is
-    # ComfyUI's "normal" formula
-    "simple": _normal,
+    # "normal" is the reference's schedule (Stability-AI/sd3.5 ``sd3_infer.py`` ``SD3Inferencer.get_sigmas``),
+    # which is ComfyUI's "normal" formula
+    "simple": _simple,
+    "ddim_uniform": _ddim_uniform,
     "normal": _normal,
     "sgm_uniform": lambda n, shift: _normal(n, shift, sgm=True),
     "karras": _karras,
@@ -100,7 +111,7 @@ FORMULAS = {
 
 def test_names():
     assert set(FORMULAS) == set(SCHEDULERS)
-    assert SCHEDULERS[0] == "simple"
+    assert SCHEDULERS[0] == "simple"  # ComfyUI's order
 
 
 @pytest.mark.parametrize("shift", SHIFTS)
@@ -109,17 +120,19 @@ def test_names():
 def test_scheduler_equals_its_formula(name, steps, shift):
     s = get_sigmas(name, steps, shift)
     assert s.dtype == torch.float32 and s.dim() == 1
-    assert len(s) == steps + 1
-    assert s[-1] == 0 and s[0] == pytest.approx(1.0, abs=1e-6)
-    assert bool((s[1:] < s[:-1]).all()), s
     expected = np.append(FORMULAS[name](steps, shift), 0.0)
+    if name == "ddim_uniform":  # starts below sigma_max and may have more steps (its stride is floored)
+        assert len(s) == len(expected) >= steps + 1
+    else:
+        assert len(s) == steps + 1
+        assert s[-1] == 0 and s[0] == pytest.approx(1.0, abs=1e-6)
+    assert bool((s[1:] < s[:-1]).all()), s
     np.testing.assert_allclose(s.double().numpy(), expected, rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 10, 28, 40, 50, 100])
 @pytest.mark.parametrize("shift", SHIFTS)
-def test_simple_is_the_reference_schedule_bit_for_bit(steps, shift):
-    assert torch.equal(get_sigmas("simple", steps, shift), reference_sigmas(steps, shift))
+def test_normal_is_the_reference_schedule_bit_for_bit(steps, shift):
     assert torch.equal(get_sigmas("normal", steps, shift), reference_sigmas(steps, shift))
 
 
@@ -190,10 +203,8 @@ def test_beta_ppf_matches_scipy():
 
 
 def test_errors():
-    with pytest.raises(
-        SD35Error, match="unknown scheduler 'ddim_uniform'.*simple, sgm_uniform, normal, karras"
-    ):
-        get_sigmas("ddim_uniform", 10, 3.0)
+    with pytest.raises(SD35Error, match="unknown scheduler 'uniform'.*simple, sgm_uniform, karras"):
+        get_sigmas("uniform", 10, 3.0)
     with pytest.raises(SD35Error, match="kl_optimal"):
         get_sigmas("Karras", 10, 3.0)
     for steps in (0, -1, 2.5, True):

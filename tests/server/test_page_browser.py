@@ -416,7 +416,7 @@ def test_dropping_a_png_fills_the_form(server, page, shots):
         "cfg": 3.5, "seed": 1234, "width": 48, "height": 80,
     }  # fmt: skip
     assert (settings["sampler"], settings["scheduler"], settings["shift"]) == ("dpmpp_2m", "karras", 2.0)
-    assert settings["slg"] == {"layers": [1, 2], "scale": 2.5, "start": 0.05, "end": 0.4}
+    assert settings["slg"] == {"layers": [1, 2], "scale": 2.5, "start": 0.05, "end": 0.4, "window": "steps"}
     assert settings["hires"] == {"scale": 2.0, "steps": 3, "strength": 0.6, "upscaler": "latent"}
     assert settings["loras"] == [{"name": "demo_style", "strength": 0.7}]
 

@@ -11,7 +11,7 @@ server and the CLI by OMP_NUM_THREADS, this process by ``torch_threads``): the s
 over threads is part of "the same operations", and one thread is also the fastest on a busy machine.
 
 OpenAI's API has no steps, cfg or sampler fields, so that route runs the demo model's defaults (20 steps,
-CFG 4.0, euler, simple schedule, 64x64); the other four send those values explicitly. webuiapi in
+CFG 4.0, euler, normal schedule, 64x64); the other four send those values explicitly. webuiapi in
 particular would otherwise send its own defaults (cfg_scale 7, "Euler a", 512x512).
 """
 
@@ -39,7 +39,7 @@ SEED = 7
 STEPS = DEMO_DEFAULTS.steps  # what OpenAI's route gets; sent explicitly everywhere else
 CFG = DEMO_DEFAULTS.cfg
 SIZE = DEMO_DEFAULTS.width
-assert (DEMO_DEFAULTS.sampler, DEMO_DEFAULTS.scheduler, DEMO_DEFAULTS.height) == ("euler", "simple", SIZE)
+assert (DEMO_DEFAULTS.sampler, DEMO_DEFAULTS.scheduler, DEMO_DEFAULTS.height) == ("euler", "normal", SIZE)
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -66,7 +66,7 @@ def from_bytes(data: bytes) -> Image.Image:
 def cli_image(tmp_path_factory, server):
     out = tmp_path_factory.mktemp("cli") / "out.png"
     command = [sys.executable, "-m", "sd35.cli", "generate", "--prompt", PROMPT, "--seed", str(SEED),
-               "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler", "--scheduler", "simple",
+               "--steps", str(STEPS), "--cfg", str(CFG), "--sampler", "euler", "--scheduler", "normal",
                "--width", str(SIZE), "--height", str(SIZE), "-o", str(out)]  # fmt: skip
     # the server's environment: PYTHONPATH and one intra-op thread
     done = subprocess.run(command, cwd=REPO, env=server.env, capture_output=True, text=True, timeout=300)
@@ -79,7 +79,7 @@ def python_image() -> Image.Image:
     from sd35.request import GenerateRequest
 
     pipe = load_demo_pipeline()
-    request = GenerateRequest(prompt=PROMPT, seed=SEED, steps=STEPS, cfg=CFG, sampler="euler", scheduler="simple",
+    request = GenerateRequest(prompt=PROMPT, seed=SEED, steps=STEPS, cfg=CFG, sampler="euler", scheduler="normal",
                               width=SIZE, height=SIZE)  # fmt: skip
     with torch_threads(1):
         [image] = pipe.run(request).images
@@ -88,7 +88,7 @@ def python_image() -> Image.Image:
 
 def native_image(server) -> Image.Image:
     body = {"prompt": PROMPT, "seed": SEED, "steps": STEPS, "cfg": CFG, "sampler": "euler",
-            "scheduler": "simple", "width": SIZE, "height": SIZE}  # fmt: skip
+            "scheduler": "normal", "width": SIZE, "height": SIZE}  # fmt: skip
     with httpx.Client(base_url=server.url, timeout=30) as http:
         accepted = http.post("/v1/jobs", json=body)
         assert accepted.status_code == 202, accepted.text
@@ -108,7 +108,7 @@ def native_image(server) -> Image.Image:
 def a1111_image(server) -> Image.Image:
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
     result = api.txt2img(prompt=PROMPT, seed=SEED, steps=STEPS, cfg_scale=CFG, sampler_name="Euler",
-                         scheduler="Simple", width=SIZE, height=SIZE)  # fmt: skip
+                         scheduler="Normal", width=SIZE, height=SIZE)  # fmt: skip
     assert result.info["all_seeds"] == [SEED]
     return result.image
 

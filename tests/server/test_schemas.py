@@ -152,13 +152,15 @@ def test_native_fields_left_out_stay_unset_and_take_the_models_defaults():
         "prompt",
         "negative_prompt",
         "num_images",
+        "noise",
+        "batch_noise",
         "slg",
         "hires",
         "loras",
         "controls",
         "text",
     }
-    assert dumped["slg"] == {}
+    assert dumped["slg"] == {"window": "steps"}
 
 
 @pytest.mark.parametrize(

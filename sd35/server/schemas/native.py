@@ -63,6 +63,7 @@ class SLGBody(_Body):
     scale: float | None = None
     start: float | None = None
     end: float | None = None
+    window: str | None = Field(None, description="steps (the reference's, default) or sigma (ComfyUI's node)")
 
 
 class APGBody(_Body):
@@ -123,10 +124,16 @@ class JobCreate(_Body):
     steps: int | None = None
     cfg: float | None = None
     sampler: str | None = Field(None, description="ComfyUI's sampler names: euler, dpmpp_2m, ...")
-    scheduler: str | None = Field(None, description="simple, sgm_uniform, karras, beta, ...")
+    scheduler: str | None = Field(
+        None, description="ComfyUI's scheduler names: normal, simple, karras, beta, ..."
+    )
     shift: float | None = None
     seed: int | None = Field(None, description="-1 or left out: random; image i uses seed + i")
     num_images: int | None = None
+    noise: str | None = Field(
+        None, description="sd35 (default) or comfyui: the stochastic samplers' step noise"
+    )
+    batch_noise: str | None = Field(None, description="per_image (default: seed + i) or batch (ComfyUI's)")
     slg: SLGBody | None = None
     apg: APGBody | None = None
     edit: EditBody | None = None
