@@ -16,7 +16,7 @@ from tests.server.server_helpers import ServerProcess, free_port
 from tests.server.test_security import assert_one_line_error, refused_start
 
 JOBS = 12
-STEPS = 20  # long enough that the kill rarely lands between one job ending and the next claimed
+STEPS = 100  # a job of about a second on a quiet machine: the kill, a few ms after b is seen running one, lands in it
 LEASE_S = 3.0
 
 
