@@ -278,10 +278,9 @@ def _negative(parts: tuple[CondPart, ...], name: str) -> tuple[CondPart, float |
     )
 
 
-def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
+    """One full txt2img sampling from an empty latent, as KSampler (and KSamplerAdvanced over all steps)."""
     model, latent = i["model"], i["latent_image"]
-    if i["denoise"] != 1.0:
-        raise _Fail("denoise", "denoise below 1 on an empty latent is not supported; use 1.0")
     positive = _prompt(i["positive"], "positive")
     negative, until = _negative(i["negative"], "negative")
     if negative.clip != positive.clip:
@@ -301,7 +300,7 @@ def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
             sampler=i["sampler_name"],
             scheduler=i["scheduler"],
             shift=model.shift,
-            seed=int(i["seed"]),
+            seed=seed,
             num_images=latent.batch,
             noise="comfyui",
             batch_noise="batch",
@@ -313,6 +312,24 @@ def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
     except SD35Error as e:
         raise _Fail(e.param, e.message, type(e)) from None
     return (Sampling(node, _load_spec(model, positive.clip), request),)
+
+
+def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    if i["denoise"] != 1.0:
+        raise _Fail("denoise", "denoise below 1 on an empty latent is not supported; use 1.0")
+    return _sampling(node, i, int(i["seed"]))
+
+
+def _ksampler_advanced(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    """KSamplerAdvanced with noise added, from step 0 to the end: KSampler's run (ComfyUI cuts the
+    schedule only when ``end_at_step`` is below ``steps``, and then only is leftover noise kept)."""
+    if i["add_noise"] != "enable":
+        raise _Fail("add_noise", "add_noise 'disable' (a second pass over a noisy latent) is not supported")
+    if i["start_at_step"] != 0:
+        raise _Fail("start_at_step", "starting past step 0 is not supported; use 0")
+    if i["end_at_step"] < i["steps"]:
+        raise _Fail("end_at_step", f"ending before the last step ({i['steps']}) is not supported")
+    return _sampling(node, i, int(i["noise_seed"]))
 
 
 def _decode(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
@@ -341,6 +358,7 @@ HANDLERS: dict[str, Handler] = {
     "SkipLayerGuidanceSD3": _slg,
     "EmptySD3LatentImage": _empty_latent,
     "KSampler": _ksampler,
+    "KSamplerAdvanced": _ksampler_advanced,
     "VAEDecode": _decode,
     "SaveImage": lambda node, i, c: (),
     "PreviewImage": lambda node, i, c: (),

@@ -60,6 +60,22 @@ def _model(folder: str) -> Input:
 
 STRING = Input("STRING")
 
+
+def _sampler_inputs(seed: str) -> dict[str, Input]:
+    """The inputs KSampler and KSamplerAdvanced share (``seed``: the seed input's name)."""
+    return {
+        "model": _link("MODEL"),
+        seed: _int(0, MAX_SEED),
+        "steps": _int(1, 10000),
+        "cfg": _float(0, 100),
+        "sampler_name": Input("COMBO", choices=get_args(SamplerName)),
+        "scheduler": Input("COMBO", choices=get_args(SchedulerName)),
+        "positive": _link("CONDITIONING"),
+        "negative": _link("CONDITIONING"),
+        "latent_image": _link("LATENT"),
+    }
+
+
 NODES: dict[str, NodeType] = {
     "CheckpointLoaderSimple": NodeType({"ckpt_name": _model("checkpoints")}, ("MODEL", "CLIP", "VAE")),
     "UNETLoader": NodeType(
@@ -123,18 +139,14 @@ NODES: dict[str, NodeType] = {
         {"width": _int(16, MAX_RESOLUTION), "height": _int(16, MAX_RESOLUTION), "batch_size": _int(1, 4096)},
         ("LATENT",),
     ),
-    "KSampler": NodeType(
+    "KSampler": NodeType({**_sampler_inputs("seed"), "denoise": _float(0, 1)}, ("LATENT",)),
+    "KSamplerAdvanced": NodeType(
         {
-            "model": _link("MODEL"),
-            "seed": _int(0, MAX_SEED),
-            "steps": _int(1, 10000),
-            "cfg": _float(0, 100),
-            "sampler_name": Input("COMBO", choices=get_args(SamplerName)),
-            "scheduler": Input("COMBO", choices=get_args(SchedulerName)),
-            "positive": _link("CONDITIONING"),
-            "negative": _link("CONDITIONING"),
-            "latent_image": _link("LATENT"),
-            "denoise": _float(0, 1),
+            **_sampler_inputs("noise_seed"),
+            "add_noise": Input("COMBO", choices=("enable", "disable")),
+            "start_at_step": _int(0, 10000),
+            "end_at_step": _int(0, 10000),
+            "return_with_leftover_noise": Input("COMBO", choices=("disable", "enable")),
         },
         ("LATENT",),
     ),

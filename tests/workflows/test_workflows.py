@@ -357,3 +357,37 @@ def test_sd35_run_bad_input_is_one_line(capsys, models, tmp_path):
     ui.write_text(json.dumps({"nodes": [], "links": []}))
     code, _, err = run_cli(capsys, "run", str(ui), "--models-dir", str(models))
     assert code == 2 and "Export (API)" in err
+
+
+def _advanced(workflow: dict, **inputs) -> dict:
+    """The example's KSampler as a KSamplerAdvanced."""
+    ks = workflow["3"]["inputs"]
+    ks.pop("denoise")
+    workflow["3"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": ks
+        | {"noise_seed": ks.pop("seed"), "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000}
+        | {"return_with_leftover_noise": "disable"}
+        | inputs,
+    }
+    return workflow
+
+
+def test_ksampler_advanced_over_all_steps_is_ksampler(models):
+    plain = prepare(Source(sd35_example()), ModelsDir(models)).outputs[0].image.sampling
+    advanced = prepare(Source(_advanced(sd35_example())), ModelsDir(models)).outputs[0].image.sampling
+    assert advanced.request == plain.request and advanced.load == plain.load
+
+
+@pytest.mark.parametrize(
+    "inputs, name",
+    [
+        ({"add_noise": "disable"}, "add_noise"),
+        ({"start_at_step": 1}, "start_at_step"),
+        ({"end_at_step": 2}, "end_at_step"),
+    ],
+)
+def test_ksampler_advanced_partial_runs_are_refused(models, inputs, name):
+    with pytest.raises(WorkflowError) as info:
+        prepare(Source(_advanced(sd35_example(), **inputs)), ModelsDir(models))
+    assert info.value.node_errors["3"]["errors"][0]["extra_info"]["input_name"] == name
