@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sd35.errors import NotFound
 from sd35.files import check_writable_folder
 
 
@@ -53,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from sd35.workflows.models import ModelsDir
     from sd35.workflows.run import default_loader, prepare, run_plan
 
-    models_dir = args.models_dir if args.models_dir is not None else Path("models")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise NotFound(
+            f"{args.models_dir}: no such models folder (ComfyUI's models/, with checkpoints/ ...)."
+        )
+    models_dir = args.models_dir or Path("models")
     source = read_source(args.workflow)
     plan = prepare(source, ModelsDir(models_dir if models_dir.is_dir() else None), args.set)
     for note in plan.notes:

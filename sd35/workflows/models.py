@@ -112,10 +112,9 @@ class ModelsDir:
             if candidate.is_file() or (candidate.is_dir() and folder != "loras"):
                 return candidate, None
         where = " or ".join(f"{n}/" for n in FOLDERS[folder])
+        root = f"the models folder {self.root}" if self.root else "the models folder (none was given)"
         if folder not in WANTED:
-            raise NotFound(
-                f"{name!r} is not in {where} of the models folder ({self.root}); put the file there."
-            )
+            raise NotFound(f"{name!r} is not in {where} of {root}; put the file there.")
         pool = [
             p
             for other in WANTED
@@ -128,6 +127,5 @@ class ModelsDir:
                 shown = p.relative_to(self.root).as_posix() if self.root else str(p)
                 return p, f"{name!r} is not in {where}; using {shown}, {WANTED[folder]} found by content."
         raise NotFound(
-            f"{name!r} is not in {where} of the models folder ({self.root}), and no file there is "
-            f"{WANTED[folder]}; put the file there."
+            f"{name!r} is not in {where} of {root}, and no file there is {WANTED[folder]}; put the file there."
         )
