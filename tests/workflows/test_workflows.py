@@ -12,8 +12,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 from sd35.errors import WorkflowError
+from sd35.loading.components import scan
+from sd35.loading.tensors import materialize
 from sd35.request import GenerateRequest, TextOptions
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.workflows.graph import Source, read_source
@@ -391,3 +394,49 @@ def test_ksampler_advanced_partial_runs_are_refused(models, inputs, name):
     with pytest.raises(WorkflowError) as info:
         prepare(Source(_advanced(sd35_example(), **inputs)), ModelsDir(models))
     assert info.value.node_errors["3"]["errors"][0]["extra_info"]["input_name"] == name
+
+
+def test_unet_and_vae_loaders_name_the_files_to_load(tiny, tmp_path):
+    root = tmp_path / "models"
+    for folder in ("unet", "vae", "clip"):
+        (root / folder).mkdir(parents=True)
+    (root / "unet" / "sd3.5_medium.safetensors").symlink_to(tiny["official"])
+    for name in TE_NAMES:
+        (root / "clip" / name).symlink_to(tiny["text_encoders"] / name)
+    vae = next(c for c in scan([tiny["official"]]) if c.kind == "vae")
+    save_file({k: materialize(t) for k, t in vae.tensors.items()}, root / "vae" / "ae.safetensors")
+    workflow = sd35_example()
+    workflow["4"] = {
+        "class_type": "UNETLoader",
+        "inputs": {"unet_name": "sd3.5_medium.safetensors", "weight_dtype": "default"},
+    }
+    workflow["5"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}}
+    workflow["231"]["inputs"]["vae"] = ["5", 0]
+    plan = prepare(Source(workflow), ModelsDir(root))
+    load = plan.outputs[0].image.sampling.load
+    assert load.model == root / "unet" / "sd3.5_medium.safetensors"
+    assert load.vae == root / "vae" / "ae.safetensors"  # found by content: the only VAE-only file
+    assert [p.parent.name for p in load.text_encoders] == ["clip"] * 3
+    assert plan.notes == [
+        "node 5 (VAELoader) vae_name: 'sdxl_vae.safetensors' is not in vae/; using vae/ae.safetensors, a VAE "
+        "found by content."
+    ]
+    workflow["4"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    with pytest.raises(WorkflowError, match=r"node 4 \(UNETLoader\) input 'weight_dtype'"):
+        prepare(Source(workflow), ModelsDir(root))
+
+
+def test_sd3_text_encode_with_one_text_is_clip_text_encode(models):
+    plain = prepare(Source(sd35_example()), ModelsDir(models)).outputs[0].image.sampling.request
+    workflow = sd35_example()
+    text = workflow["6"]["inputs"]["text"]
+    workflow["6"] = {
+        "class_type": "CLIPTextEncodeSD3",
+        "inputs": {"clip": ["11", 0], "clip_l": text, "clip_g": text, "t5xxl": text, "empty_padding": "none"},
+    }
+    assert (
+        prepare(Source(copy.deepcopy(workflow)), ModelsDir(models)).outputs[0].image.sampling.request == plain
+    )
+    workflow["6"]["inputs"]["t5xxl"] = "something else"
+    with pytest.raises(WorkflowError, match=r"node 6 \(CLIPTextEncodeSD3\) input 't5xxl'"):
+        prepare(Source(workflow), ModelsDir(models))
