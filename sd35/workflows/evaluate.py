@@ -22,7 +22,7 @@ from sd35.errors import InvalidRequest, SD35Error, Unsupported, WorkflowError
 from sd35.lora.summary import summarize_lora
 from sd35.request import GenerateRequest, LoraRef, TextOptions
 from sd35.sampling.guidance import SkipLayerGuidance
-from sd35.workflows.graph import Checked, is_link
+from sd35.workflows.graph import Checked, declared_inputs, error_entry, is_link
 
 
 @dataclass(frozen=True)
@@ -372,16 +372,15 @@ def evaluate(checked: Checked) -> Plan:
     plan = Plan(notes=list(checked.notes))
     for node_id in checked.order:
         node = checked.workflow[node_id]
-        inputs = {name: values[str(v[0])][v[1]] if is_link(v) else v for name, v in node["inputs"].items()}
+        inputs = {
+            name: values[str(v[0])][v[1]] if is_link(v) else v for name, v in declared_inputs(node).items()
+        }
         try:
             values[node_id] = HANDLERS[node["class_type"]](node_id, inputs, checked)
         except _Fail as e:
-            error = {
-                "type": "unsupported" if e.kind is Unsupported else "invalid_input",
-                "message": e.message,
-                "details": "",
-                "extra_info": {} if e.name is None else {"input_name": e.name},
-            }
+            error = error_entry(
+                "unsupported" if e.kind is Unsupported else "invalid_input", e.message, e.name
+            )
             where = f"node {node_id} ({node['class_type']})" + (f" input {e.name!r}" if e.name else "")
             raise WorkflowError(
                 f"workflow: {where}: {e.message}.",

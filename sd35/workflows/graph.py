@@ -128,7 +128,8 @@ class Checked:
     notes: list[str] = field(default_factory=list)
 
 
-def _error(kind: str, message: str, name: str | None = None, details: str = "") -> dict[str, Any]:
+def error_entry(kind: str, message: str, name: str | None = None, details: str = "") -> dict[str, Any]:
+    """One entry of a node's ``errors`` in ComfyUI's shape."""
     return {
         "type": kind,
         "message": message,
@@ -143,24 +144,26 @@ def _widget_error(spec: Input, name: str, value: Any) -> dict[str, Any] | None:
         if isinstance(value, bool) or not (
             isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         ):
-            return _error("invalid_input_type", f"{name} must be a whole number, got {value!r}", name)
+            return error_entry("invalid_input_type", f"{name} must be a whole number, got {value!r}", name)
     elif spec.type == "FLOAT":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return _error("invalid_input_type", f"{name} must be a number, got {value!r}", name)
+            return error_entry("invalid_input_type", f"{name} must be a number, got {value!r}", name)
     elif spec.type in ("STRING", "MODEL_NAME"):
         if not isinstance(value, str):
-            return _error("invalid_input_type", f"{name} must be text, got {value!r}", name)
+            return error_entry("invalid_input_type", f"{name} must be text, got {value!r}", name)
     elif spec.type == "COMBO" and value not in spec.choices:
-        return _error(
+        return error_entry(
             "value_not_in_list",
             f"{name}: {value!r} not in the list",
             name,
             f"choose one of: {', '.join(spec.choices)}",
         )
     if spec.min is not None and value < spec.min:
-        return _error("value_smaller_than_min", f"{name} {value} is below the minimum {spec.min:g}", name)
+        return error_entry(
+            "value_smaller_than_min", f"{name} {value} is below the minimum {spec.min:g}", name
+        )
     if spec.max is not None and value > spec.max:
-        return _error("value_bigger_than_max", f"{name} {value} is above the maximum {spec.max:g}", name)
+        return error_entry("value_bigger_than_max", f"{name} {value} is above the maximum {spec.max:g}", name)
     return None
 
 
@@ -169,7 +172,7 @@ def _node_errors(workflow: Workflow, node_id: str) -> Iterator[dict[str, Any]]:
     node = workflow[node_id]
     kind = NODES.get(node["class_type"])
     if kind is None:
-        yield _error(
+        yield error_entry(
             "missing_node_type",
             f"node type {node['class_type']!r} is not one sd35 runs",
             details=f"sd35 runs: {', '.join(sorted(NODES))}",
@@ -178,13 +181,13 @@ def _node_errors(workflow: Workflow, node_id: str) -> Iterator[dict[str, Any]]:
     inputs = node["inputs"]
     for name, spec in kind.inputs.items():
         if name not in inputs:
-            yield _error("required_input_missing", f"required input {name!r} is missing", name)
+            yield error_entry("required_input_missing", f"required input {name!r} is missing", name)
             continue
         value = inputs[name]
         if is_link(value):
             source, index = str(value[0]), value[1]
             if source not in workflow:
-                yield _error(
+                yield error_entry(
                     "bad_linked_input", f"{name} links to node {source}, which is not in the workflow", name
                 )
                 continue
@@ -196,7 +199,7 @@ def _node_errors(workflow: Workflow, node_id: str) -> Iterator[dict[str, Any]]:
                 or not isinstance(index, int)
                 or not 0 <= index < len(source_kind.outputs)
             ):
-                yield _error(
+                yield error_entry(
                     "bad_linked_input",
                     f"{name} links to output {index!r} of node {source} ({workflow[source]['class_type']}), "
                     f"which has {len(source_kind.outputs)} outputs",
@@ -205,20 +208,27 @@ def _node_errors(workflow: Workflow, node_id: str) -> Iterator[dict[str, Any]]:
                 continue
             got = source_kind.outputs[index]
             if got != spec.type:
-                yield _error(
+                yield error_entry(
                     "return_type_mismatch",
                     f"{name} needs {spec.type}, but node {source} output {index} is {got}",
                     name,
                     f"received_type({got}) mismatch input_type({spec.type})",
                 )
         elif spec.type in LINK_TYPES:
-            yield _error(
+            yield error_entry(
                 "bad_linked_input", f"{name} must be a link to a {spec.type} output, got {value!r}", name
             )
         else:
             error = _widget_error(spec, name, value)
             if error is not None:
                 yield error
+
+
+def declared_inputs(node: dict[str, Any]) -> dict[str, Any]:
+    """A node's inputs that its type declares (ComfyUI reads no others); all of an unknown node's."""
+    kind = NODES.get(node["class_type"])
+    inputs = node["inputs"]
+    return inputs if kind is None else {name: inputs[name] for name in kind.inputs if name in inputs}
 
 
 def _needed(workflow: Workflow, outputs: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -234,7 +244,7 @@ def _needed(workflow: Workflow, outputs: list[str]) -> tuple[list[str], list[lis
             cycles.append(path[path.index(node_id) :])
             return
         state[node_id] = "open"
-        for value in workflow[node_id]["inputs"].values():
+        for value in declared_inputs(workflow[node_id]).values():
             if is_link(value) and str(value[0]) in workflow:
                 visit(str(value[0]), [*path, node_id])
         state[node_id] = "done"
@@ -272,7 +282,7 @@ def check(workflow: Workflow, models: ModelsDir) -> Checked:
             errors.setdefault(node_id, []).extend(e for e in found if e not in errors.get(node_id, []))
     for cycle in cycles:
         errors.setdefault(cycle[0], []).append(
-            _error(
+            error_entry(
                 "dependency_cycle",
                 f"node {cycle[0]} depends on itself: {' -> '.join([*cycle, cycle[0]])}",
                 details="a workflow must not loop",
@@ -301,10 +311,10 @@ def _resolve_models(checked: Checked, models: ModelsDir, errors: dict[str, list[
             try:
                 path, note = models.resolve(spec.folder, value, role=roles.get(name), avoid=used)
             except NotFound as e:
-                errors.setdefault(node_id, []).append(_error("value_not_in_list", e.message, name))
+                errors.setdefault(node_id, []).append(error_entry("value_not_in_list", e.message, name))
                 continue
             except SD35Error as e:
-                errors.setdefault(node_id, []).append(_error("invalid_model_name", e.message, name))
+                errors.setdefault(node_id, []).append(error_entry("invalid_model_name", e.message, name))
                 continue
             used.append(path)
             checked.files[(node_id, name)] = path

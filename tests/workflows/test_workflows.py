@@ -440,3 +440,10 @@ def test_sd3_text_encode_with_one_text_is_clip_text_encode(models):
     workflow["6"]["inputs"]["t5xxl"] = "something else"
     with pytest.raises(WorkflowError, match=r"node 6 \(CLIPTextEncodeSD3\) input 't5xxl'"):
         prepare(Source(workflow), ModelsDir(models))
+
+
+def test_inputs_a_node_does_not_declare_are_ignored_as_in_comfyui(models):
+    workflow = sd35_example()
+    workflow["3"]["inputs"]["stale_widget"] = ["404", 0]  # left by an older version of the node
+    request = prepare(Source(workflow), ModelsDir(models)).outputs[0].image.sampling.request
+    assert request == _equivalent()
