@@ -630,7 +630,17 @@ class SD3Pipeline:
             return None if samplers[0] is None else stack_rows(samplers)
 
         return self._sample(
-            req, cond, uncond, sigmas, 1.0, noise, list(generators), None, None, callback, step_noise
+            req,
+            cond,
+            uncond,
+            sigmas,
+            1.0,
+            noise,
+            list(generators),
+            None,
+            None,
+            callback,
+            step_noise=step_noise,
         )
 
     def _conditioning(

@@ -61,7 +61,7 @@ def _ours(pipe, units, steps=4, cfg=4.0, seed=42):
         cfg=cfg,
         seed=seed,
         sampler="euler",
-        scheduler="simple",
+        scheduler="normal",
         text=TextOptions(t5_max_tokens=77),
         controls=tuple(units),
     )

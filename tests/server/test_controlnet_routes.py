@@ -66,7 +66,7 @@ def python_image(models, control_image, strength=0.8) -> Image.Image:
     pipe = load_demo_pipeline()
     unit = ControlUnit(model=str(models / "controlnet" / NAME), image=control_image, strength=strength,
                        preprocess="canny", resize_mode="just_resize", end=0.75)  # fmt: skip
-    request = GenerateRequest(prompt=PROMPT, seed=SEED, steps=STEPS, cfg=4.0, sampler="euler", scheduler="simple",
+    request = GenerateRequest(prompt=PROMPT, seed=SEED, steps=STEPS, cfg=4.0, sampler="euler", scheduler="normal",
                               width=SIZE, height=SIZE, controls=(unit,))  # fmt: skip
     with torch_threads(1):
         return pipe.run(request).images[0]
@@ -77,7 +77,7 @@ def cli_image(server, models, control_image, tmp_path) -> Image.Image:
     control_image.save(png)
     out = tmp_path / "out.png"
     command = [sys.executable, "-m", "sd35.cli", "generate", "--prompt", PROMPT, "--seed", str(SEED),
-               "--steps", str(STEPS), "--cfg", "4.0", "--sampler", "euler", "--scheduler", "simple",
+               "--steps", str(STEPS), "--cfg", "4.0", "--sampler", "euler", "--scheduler", "normal",
                "--width", str(SIZE), "--height", str(SIZE), "-o", str(out),
                "--control", str(models / "controlnet" / NAME), "--control-image", str(png),
                "--control-strength", "0.8", "--control-preprocess", "canny", "--control-resize-mode", "just_resize",
@@ -96,7 +96,7 @@ def a1111_image(api, control_image) -> Image.Image:
         steps=STEPS,
         cfg_scale=4.0,
         sampler_name="Euler",
-        scheduler="Simple",
+        scheduler="Normal",
         width=SIZE,
         height=SIZE,
         controlnet_units=[unit],
@@ -110,7 +110,7 @@ def native_image(server, control_image) -> Image.Image:
     control_image.save(buffer, format="PNG")
     unit = {"model": NAME, "image": base64.b64encode(buffer.getvalue()).decode(), "strength": 0.8,
             "preprocess": "canny", "resize_mode": "just_resize", "end": 0.75}  # fmt: skip
-    body = {"prompt": PROMPT, "seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler": "euler", "scheduler": "simple",
+    body = {"prompt": PROMPT, "seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler": "euler", "scheduler": "normal",
             "width": SIZE, "height": SIZE, "controls": [unit]}  # fmt: skip
     with httpx.Client(base_url=server.url, timeout=30) as http:
         accepted = http.post("/v1/jobs", json=body)
@@ -151,7 +151,7 @@ def test_four_routes_one_image(server, models, control_image, tmp_path):
         assert image.size == (SIZE, SIZE), route
         assert np.abs(pixels(image) - reference).max() == 0, route
     without = api.txt2img(prompt=PROMPT, seed=SEED, steps=STEPS, cfg_scale=4.0, sampler_name="Euler",
-                          scheduler="Simple", width=SIZE, height=SIZE, alwayson_scripts={}).image  # fmt: skip
+                          scheduler="Normal", width=SIZE, height=SIZE, alwayson_scripts={}).image  # fmt: skip
     assert np.abs(pixels(without) - reference).mean() > 1.0  # the ControlNet changed the image
 
 
