@@ -127,6 +127,8 @@ def request_infotext(
         info.update({"SLG scale": slg.scale, "SLG start": slg.start, "SLG end": slg.end})
         if slg.window != "steps":
             info["SLG window"] = slg.window
+    if request.negative_until is not None:
+        info["Negative until"] = request.negative_until
     if request.noise != "sd35":
         info["Noise"] = request.noise
     if request.batch_noise != "per_image":

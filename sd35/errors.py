@@ -64,3 +64,20 @@ class MissingComponentError(SD35Error):
 
 class SD35Warning(UserWarning):
     """Something the user should know (a truncated prompt, a missing optional part); the run goes on."""
+
+
+class WorkflowError(InvalidRequest):
+    """A ComfyUI workflow that cannot run as given, with ComfyUI's ``node_errors``: node id ->
+    ``{"errors": [{"type", "message", "details", "extra_info": {"input_name"}}], "dependent_outputs",
+    "class_type"}``, the shape ComfyUI's ``POST /prompt`` answers, so an HTTP route can return it as is."""
+
+    def __init__(self, message: str, *, param: str | None = None, node_errors: dict | None = None):
+        super().__init__(message, param=param)
+        self.node_errors = node_errors or {}
+
+    def __reduce__(self):
+        return _rebuild_workflow_error, (self.message, self.param, self.node_errors)
+
+
+def _rebuild_workflow_error(message: str, param: str | None, node_errors: dict) -> WorkflowError:
+    return WorkflowError(message, param=param, node_errors=node_errors)

@@ -100,25 +100,35 @@ def check_output_path(path: Path) -> Path:
     return path.parent
 
 
-def _png_info(parameters: str | None) -> PngImagePlugin.PngInfo:
+def _png_info(parameters: str | None, text: dict[str, str] | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     return info
 
 
-def _png_writer(image: Image.Image, parameters: str | None):
+def _png_writer(image: Image.Image, parameters: str | None, text: dict[str, str] | None = None):
     def write(tmp: Path) -> None:
-        image.save(tmp, format="PNG", pnginfo=_png_info(parameters))
+        image.save(tmp, format="PNG", pnginfo=_png_info(parameters, text))
 
     return write
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Save ``image`` as a PNG at ``path`` or the next free numbered name (``x-1.png``...); returns the path."""
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike,
+    parameters: str | None = None,
+    *,
+    text: dict[str, str] | None = None,
+) -> Path:
+    """Save ``image`` as a PNG at ``path`` or the next free numbered name (``x-1.png``...); returns the path.
+
+    ``text``: more text chunks (a ComfyUI workflow's ``prompt`` and ``workflow``)."""
     path = Path(path)
     check_output_path(path)
-    return write_atomic(path, _png_writer(image, parameters), "number")
+    return write_atomic(path, _png_writer(image, parameters, text), "number")
 
 
 def replace_png(image: Image.Image, path: Path, parameters: str | None = None) -> None:

@@ -765,6 +765,7 @@ class SD3Pipeline:
             apg=req.apg,
             control=controls,
             shift=req.shift,
+            negative_until=req.negative_until,
         )
         # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
         # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)

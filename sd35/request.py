@@ -259,6 +259,13 @@ class GenerateRequest:
     )
     shift: float | None = field(default=None, metadata=_meta("flow shift", preset="shift"))
     seed: int | None = field(default=None, metadata=_meta("random if omitted or -1; image i uses seed+i"))
+    negative_until: float | None = field(
+        default=None,
+        metadata=_meta(
+            "zero the negative after this fraction of the model's time (by sigma), as ComfyUI's SD3 example "
+            "graphs do (ConditioningZeroOut + ConditioningSetTimestepRange); 0: zeroed throughout"
+        ),
+    )
     num_images: int = field(default=1, metadata=_meta("images to make (seeds seed, seed+1, ...)"))
     noise: NoiseMode = field(
         default="sd35",
@@ -319,6 +326,13 @@ class GenerateRequest:
             _fail(f"cfg must be a finite number >= 0, got {self.cfg!r}.", "cfg")
         if self.shift is not None and not (_is_number(self.shift) and self.shift > 0):
             _fail(f"shift must be a positive number (SD3.5 Medium uses 3.0), got {self.shift!r}.", "shift")
+        if self.negative_until is not None and not (
+            _is_number(self.negative_until) and 0 <= self.negative_until <= 1
+        ):
+            _fail(
+                f"negative_until must be a fraction of the model's time from 0 to 1, got {self.negative_until!r}.",
+                "negative_until",
+            )
         for name, kind in (("sampler", SamplerName), ("scheduler", SchedulerName)):
             value = getattr(self, name)
             if value is not None and value not in get_args(kind):

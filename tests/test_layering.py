@@ -103,7 +103,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sd35.presets", "sd35.a1111", "sd35.request", "sd35.result"),
     ("sd35.pipeline",),
     ("sd35.loading.assemble",),
-    ("sd35.train", "sd35.demo", "sd35.bench", "sd35.testing", "sd35.loading.convert"),
+    ("sd35.train", "sd35.demo", "sd35.bench", "sd35.testing", "sd35.loading.convert", "sd35.workflows"),
     ("sd35.cli", "sd35.server"),
 ]
 """The package from the bottom up. A module may import its own layer and those below, never one above:

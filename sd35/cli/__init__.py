@@ -1,5 +1,5 @@
 """The ``sd35`` command line: one dispatcher for every subcommand (``inspect``, ``generate``, ``train``,
-``bench``, ``convert``), each run through one error report (:mod:`sd35.cli.errors`)."""
+``bench``, ``convert``, ``serve``, ``run``), each run through one error report (:mod:`sd35.cli.errors`)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sd35.cli import bench, convert, generate, inspect, serve
+    from sd35.cli import bench, convert, generate, inspect, run, serve
 
     parser = Parser(prog="sd35", description="Stable Diffusion 3.5 Medium engine.")
     parser.add_argument("--version", action="version", version=f"sd35 {__version__}")
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     bench.add_parser(sub)
     serve.add_parser(sub)
+    run.add_parser(sub)
     sub.add_parser(
         "train",
         help="fine-tune (LoRA, DoRA or full) on a folder of captioned images; see `sd35 train --help`",

@@ -315,6 +315,16 @@ class GuidedDenoiser:
     cleared when a call's sigma is higher than the previous call's (a new generation, ComfyUI's rule) or
     by :meth:`reset`. Make one GuidedDenoiser per generation.
 
+    ``negative_until`` (keyword-only, a fraction of the model's time or None) zeroes the negative part way:
+    ComfyUI's SD3 example graphs give the sampler the negative text's encoding with the timestep range
+    [0, p] combined with its ``ConditioningZeroOut`` (zero context and pooled vector, same shapes) with
+    the range [p, 1]. ComfyUI keeps a conditioning whose range covers the call's sigma
+    (``comfy/samplers.py`` ``get_area_and_mult``: active while ``sigma_end <= sigma <= sigma_start``, the
+    bounds by ``percent_to_sigma``), so the text guides while ``sigma >= percent_to_sigma(p)``, the zeros
+    while ``sigma <= percent_to_sigma(p)``, and at that sigma itself (a schedule can hit it exactly) the
+    uncond prediction is the mean of both, as ComfyUI averages overlapping conditionings. ``0`` means the
+    zeroed negative throughout (``ConditioningZeroOut`` alone); None the text throughout.
+
     ``control`` (keyword-only, :class:`sd35.control.apply.Controls`): ControlNets whose residuals every model
     call adds, computed on that call's own batch (cond and uncond rows alike, and the SLG pass), each unit
     acting in its window of the step this call belongs to (:meth:`step_index`, over the full schedule).
@@ -332,6 +342,7 @@ class GuidedDenoiser:
         apg: APG | None = None,
         control: Controls | None = None,
         shift: float = 3.0,
+        negative_until: float | None = None,
     ):
         if slg is not None and not (isinstance(slg, SkipLayerGuidance) and slg.complete):
             raise TypeError(f"slg must be a complete SkipLayerGuidance or None, got {slg!r}")
@@ -362,6 +373,7 @@ class GuidedDenoiser:
         self.apg = apg
         self.control = control
         self.shift = float(shift)
+        self.negative_until = negative_until
         self.reset()
 
     def reset(self) -> None:
@@ -407,6 +419,30 @@ class GuidedDenoiser:
             return self.slg.active_at_sigma(value, self.shift)
         return self.slg.active(self.step_index(sigma), self.steps)
 
+    def negative_parts(self, sigma: torch.Tensor) -> tuple[bool, bool]:
+        """Whether the call at ``sigma`` uses the negative text, and whether its zeroed form
+        (``negative_until``, see the class doc; both: their mean)."""
+        p = self.negative_until
+        if p is None:
+            return True, False
+        if p <= 0:
+            return False, True
+        edge = percent_to_sigma(p, self.shift)
+        value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        return value >= edge * (1 - SIGMA_RTOL), value <= edge * (1 + SIGMA_RTOL)
+
+    def _uncond_denoised(
+        self, x: torch.Tensor, sigma: torch.Tensor, u_y: torch.Tensor, u_ctx: torch.Tensor, ctl
+    ) -> torch.Tensor:
+        """``D_uncond`` when the negative is zeroed for part of the time (``negative_until``)."""
+        text, zero = self.negative_parts(sigma)
+        outs = []
+        if text:
+            outs.append(self.denoise(x, sigma, u_y, u_ctx, control=ctl))
+        if zero:
+            outs.append(self.denoise(x, sigma, torch.zeros_like(u_y), torch.zeros_like(u_ctx), control=ctl))
+        return outs[0] if len(outs) == 1 else (outs[0] + outs[1]) / 2
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32)
@@ -421,7 +457,10 @@ class GuidedDenoiser:
             out = d_cond
         else:
             u_ctx, u_y = (t.to(x.device) for t in _batched(self.uncond, batch, "the negative prompt"))
-            if u_ctx.shape[1:] == c_ctx.shape[1:]:
+            if self.negative_until is not None:
+                d_cond = self.denoise(x, sigma, c_y, c_ctx, control=ctl)
+                d_uncond = self._uncond_denoised(x, sigma, u_y, u_ctx, ctl)
+            elif u_ctx.shape[1:] == c_ctx.shape[1:]:
                 both = self.denoise(
                     torch.cat([x, x]),
                     torch.cat([sigma, sigma]),

@@ -208,3 +208,31 @@ def test_euler_cfg_slg_trajectory_equals_diffusers_v_space_loop(mmditx):
     sigmas = reference_sigmas(steps)
     ours = sample_euler(GuidedDenoiser(mmditx, cond, uncond, cfg, SLG, sigmas), x0, sigmas)
     _assert_rel(ours, latents)
+
+
+@pytest.mark.parametrize(
+    "until, sigma, uses",
+    [
+        (None, 0.5, "text"),
+        (0.0, 1.0, "zero"),  # ConditioningZeroOut alone: zeros even at sigma 1
+        (0.1, 0.99, "text"),  # before 10% of the model's time (sigma above the edge)
+        (0.1, 0.5, "zero"),
+        (0.1, "edge", "both"),  # on the edge ComfyUI averages the two conditionings
+    ],
+)
+def test_negative_until_zeroes_the_negative_by_sigma(mmditx, until, sigma, uses):
+    """ComfyUI's SD3 example negative: the text over [0, p] of the model's time, its ConditioningZeroOut
+    over [p, 1] (``comfy/samplers.py`` ``get_area_and_mult``), the edge by ``percent_to_sigma``."""
+    cond, uncond = text_cond(mmditx, seed=1), text_cond(mmditx, seed=2)
+    zero = tuple(torch.zeros_like(t) for t in uncond)
+    if sigma == "edge":
+        sigma = 3.0 * 0.9 / (1 + 2.0 * 0.9)  # percent_to_sigma(0.1) at shift 3
+    sigmas = reference_sigmas(10)
+    x, s = seeded_randn((1, 16, 8, 8)), torch.tensor([sigma])
+    guided = GuidedDenoiser(
+        mmditx, cond, uncond, cfg=4.0, slg=None, sigmas=sigmas, shift=3.0, negative_until=until
+    )
+    d_cond = _by_hand(mmditx, x, s, cond)
+    d_text, d_zero = _by_hand(mmditx, x, s, uncond), _by_hand(mmditx, x, s, zero)
+    d_uncond = {"text": d_text, "zero": d_zero, "both": (d_text + d_zero) / 2}[uses]
+    _assert_rel(guided(x, s), d_uncond + (d_cond - d_uncond) * 4.0)

@@ -134,6 +134,11 @@ class JobCreate(_Body):
         None, description="sd35 (default) or comfyui: the stochastic samplers' step noise"
     )
     batch_noise: str | None = Field(None, description="per_image (default: seed + i) or batch (ComfyUI's)")
+    negative_until: float | None = Field(
+        None,
+        description="zero the negative after this fraction of the model's time, as ComfyUI's SD3 example "
+        "graphs do (0: zeroed throughout)",
+    )
     slg: SLGBody | None = None
     apg: APGBody | None = None
     edit: EditBody | None = None

@@ -1,0 +1,157 @@
+"""The ComfyUI nodes sd35 runs: each node's inputs (a link type or a widget with its limits) and outputs.
+
+The names, input names, defaults and limits are ComfyUI v0.3.64's (``nodes.py``,
+``comfy_extras/nodes_sd3.py``, ``comfy_extras/nodes_model_advanced.py``); what each node does is in
+:mod:`sd35.workflows.evaluate`. A widget of kind ``MODEL_NAME`` is a file name in one of ComfyUI's model
+folders (:mod:`sd35.workflows.models`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import get_args
+
+from sd35.request import MAX_SEED
+from sd35.sampling.samplers import SamplerName
+from sd35.sampling.schedules import SchedulerName
+
+LINK_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE"})
+"""Values that only travel over links (ComfyUI's socket types)."""
+
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a node: a link ``type`` from :data:`LINK_TYPES`, or a widget (``INT``, ``FLOAT``,
+    ``STRING``, ``COMBO`` with ``choices``, ``MODEL_NAME`` in ComfyUI's model ``folder``)."""
+
+    type: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    folder: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node's inputs by name, its output types in order, and whether it is an output (a save) node."""
+
+    inputs: dict[str, Input]
+    outputs: tuple[str, ...]
+    output_node: bool = False
+
+
+def _link(kind: str) -> Input:
+    return Input(kind)
+
+
+def _int(lo: float, hi: float) -> Input:
+    return Input("INT", min=lo, max=hi)
+
+
+def _float(lo: float, hi: float) -> Input:
+    return Input("FLOAT", min=lo, max=hi)
+
+
+def _model(folder: str) -> Input:
+    return Input("MODEL_NAME", folder=folder)
+
+
+STRING = Input("STRING")
+
+
+def _sampler_inputs(seed: str) -> dict[str, Input]:
+    """The inputs KSampler and KSamplerAdvanced share (``seed``: the seed input's name)."""
+    return {
+        "model": _link("MODEL"),
+        seed: _int(0, MAX_SEED),
+        "steps": _int(1, 10000),
+        "cfg": _float(0, 100),
+        "sampler_name": Input("COMBO", choices=get_args(SamplerName)),
+        "scheduler": Input("COMBO", choices=get_args(SchedulerName)),
+        "positive": _link("CONDITIONING"),
+        "negative": _link("CONDITIONING"),
+        "latent_image": _link("LATENT"),
+    }
+
+
+NODES: dict[str, NodeType] = {
+    "CheckpointLoaderSimple": NodeType({"ckpt_name": _model("checkpoints")}, ("MODEL", "CLIP", "VAE")),
+    "UNETLoader": NodeType(
+        {
+            "unet_name": _model("diffusion_models"),
+            "weight_dtype": Input("COMBO", choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")),
+        },
+        ("MODEL",),
+    ),
+    "TripleCLIPLoader": NodeType(
+        {f"clip_name{i}": _model("text_encoders") for i in (1, 2, 3)},
+        ("CLIP",),
+    ),
+    "VAELoader": NodeType({"vae_name": _model("vae")}, ("VAE",)),
+    "LoraLoader": NodeType(
+        {
+            "model": _link("MODEL"),
+            "clip": _link("CLIP"),
+            "lora_name": _model("loras"),
+            "strength_model": _float(-100, 100),
+            "strength_clip": _float(-100, 100),
+        },
+        ("MODEL", "CLIP"),
+    ),
+    "LoraLoaderModelOnly": NodeType(
+        {"model": _link("MODEL"), "lora_name": _model("loras"), "strength_model": _float(-100, 100)},
+        ("MODEL",),
+    ),
+    "CLIPTextEncode": NodeType({"text": STRING, "clip": _link("CLIP")}, ("CONDITIONING",)),
+    "CLIPTextEncodeSD3": NodeType(
+        {
+            "clip": _link("CLIP"),
+            "clip_l": STRING,
+            "clip_g": STRING,
+            "t5xxl": STRING,
+            "empty_padding": Input("COMBO", choices=("none", "empty_prompt")),
+        },
+        ("CONDITIONING",),
+    ),
+    "ConditioningZeroOut": NodeType({"conditioning": _link("CONDITIONING")}, ("CONDITIONING",)),
+    "ConditioningSetTimestepRange": NodeType(
+        {"conditioning": _link("CONDITIONING"), "start": _float(0, 1), "end": _float(0, 1)},
+        ("CONDITIONING",),
+    ),
+    "ConditioningCombine": NodeType(
+        {"conditioning_1": _link("CONDITIONING"), "conditioning_2": _link("CONDITIONING")},
+        ("CONDITIONING",),
+    ),
+    "ModelSamplingSD3": NodeType({"model": _link("MODEL"), "shift": _float(0, 100)}, ("MODEL",)),
+    "SkipLayerGuidanceSD3": NodeType(
+        {
+            "model": _link("MODEL"),
+            "layers": STRING,
+            "scale": _float(0, 10),
+            "start_percent": _float(0, 1),
+            "end_percent": _float(0, 1),
+        },
+        ("MODEL",),
+    ),
+    "EmptySD3LatentImage": NodeType(
+        {"width": _int(16, MAX_RESOLUTION), "height": _int(16, MAX_RESOLUTION), "batch_size": _int(1, 4096)},
+        ("LATENT",),
+    ),
+    "KSampler": NodeType({**_sampler_inputs("seed"), "denoise": _float(0, 1)}, ("LATENT",)),
+    "KSamplerAdvanced": NodeType(
+        {
+            **_sampler_inputs("noise_seed"),
+            "add_noise": Input("COMBO", choices=("enable", "disable")),
+            "start_at_step": _int(0, 10000),
+            "end_at_step": _int(0, 10000),
+            "return_with_leftover_noise": Input("COMBO", choices=("disable", "enable")),
+        },
+        ("LATENT",),
+    ),
+    "VAEDecode": NodeType({"samples": _link("LATENT"), "vae": _link("VAE")}, ("IMAGE",)),
+    "SaveImage": NodeType({"images": _link("IMAGE"), "filename_prefix": STRING}, (), output_node=True),
+    "PreviewImage": NodeType({"images": _link("IMAGE")}, (), output_node=True),
+}
+"""Every node sd35 runs, by ComfyUI class name."""
