@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from PIL import Image
 
 from sd35.errors import InvalidRequest
-from sd35.sampling.schedules import flow_sigma
+from sd35.sampling.schedules import percent_to_sigma
 
 Preprocessor = Literal["none", "canny", "blur", "tile", "grayscale"]
 Window = Literal["steps", "percent"]
@@ -121,6 +121,4 @@ class ControlUnit:
         """
         if self.window == "steps":
             return self.keeps(step, steps)
-        high = 1.0 if self.start <= 0 else flow_sigma(1.0 - self.start, shift)
-        low = 0.0 if self.end >= 1 else flow_sigma(1.0 - self.end, shift)
-        return low <= sigma <= high
+        return percent_to_sigma(self.end, shift) <= sigma <= percent_to_sigma(self.start, shift)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from sd35.errors import InvalidRequest, SD35Error
+from sd35.sampling.schedules import percent_to_sigma
 
 if TYPE_CHECKING:
     from sd35.control.apply import Controls
@@ -42,17 +43,6 @@ SIGMA_RTOL = 1e-5  # how close a sigma must be to a schedule entry to count as t
 SLGWindow = Literal["steps", "sigma"]
 """How the SLG window's ``start`` / ``end`` fractions are read: of the steps (the reference's) or of the
 model's time, by sigma (ComfyUI's ``SkipLayerGuidanceSD3`` node)."""
-
-
-def percent_to_sigma(percent: float, shift: float) -> float:
-    """The flow model's sigma at ``percent`` of the way through its time: 1 at 0, 0 at 1, else
-    ``flow_sigma(1 - percent, shift)`` (ComfyUI ``ModelSamplingDiscreteFlow.percent_to_sigma``)."""
-    if percent <= 0.0:
-        return 1.0
-    if percent >= 1.0:
-        return 0.0
-    t = 1.0 - percent
-    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
 @dataclass(frozen=True)
@@ -240,6 +230,11 @@ def apg_project(v: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor,
     return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
 
 
+def _sigma_value(sigma: torch.Tensor | float) -> float:
+    """A call's sigma as a float (every row of a call shares it)."""
+    return float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+
+
 def flow_denoiser(mmditx: MMDiTX) -> FlowDenoiser:
     """Wrap the transformer as ``denoise(x, sigma, y, context, skip_layers=()) -> x - v * sigma``.
 
@@ -415,8 +410,7 @@ class GuidedDenoiser:
         if self.slg is None:
             return False
         if self.slg.window == "sigma":
-            value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-            return self.slg.active_at_sigma(value, self.shift)
+            return self.slg.active_at_sigma(_sigma_value(sigma), self.shift)
         return self.slg.active(self.step_index(sigma), self.steps)
 
     def negative_parts(self, sigma: torch.Tensor) -> tuple[bool, bool]:
@@ -428,7 +422,7 @@ class GuidedDenoiser:
         if p <= 0:
             return False, True
         edge = percent_to_sigma(p, self.shift)
-        value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        value = _sigma_value(sigma)
         return value >= edge * (1 - SIGMA_RTOL), value <= edge * (1 + SIGMA_RTOL)
 
     def _uncond_denoised(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from sd35.errors import SD35Error
+from sd35.sampling.schedules import percent_to_sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoiser(x, sigma) -> denoised``: sigma has shape (B,), the result is x0-space like ``x``."""
@@ -81,7 +82,6 @@ def offset_first_sigma(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """
     if len(sigmas) < 2 or float(sigmas[0]) < 1:
         return sigmas
-    t = 1.0 - SNR_OFFSET_PERCENT
     moved = sigmas.clone()
-    moved[0] = t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+    moved[0] = percent_to_sigma(SNR_OFFSET_PERCENT, shift)
     return moved

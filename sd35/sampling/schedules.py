@@ -38,6 +38,17 @@ def flow_sigma(t: T, shift: float) -> T:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def percent_to_sigma(percent: float, shift: float) -> float:
+    """The flow model's sigma at ``percent`` of the way through its time: 1 at 0, 0 at 1, else
+    ``flow_sigma(1 - percent, shift)`` (ComfyUI ``ModelSamplingDiscreteFlow.percent_to_sigma``), which places
+    ComfyUI's percent windows (SLG, ControlNet, timestep ranges) and its first-sigma offset."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    return flow_sigma(1.0 - percent, shift)
+
+
 def _check_shift(shift: float) -> None:
     if not shift > 0:
         raise SD35Error(f"shift must be a positive number (SD3.5 Medium uses 3.0), got {shift!r}.")
