@@ -26,12 +26,12 @@ DEMO_PROMPT := a green square at the bottom right on a yellow background
 # the Ray tests (a local Ray cluster, replicas killed and restarted) run on their own, bounded
 RAY_TEST_LIMIT_S ?= 600
 
-.PHONY: demo test chromium postgresql clean-venv
+.PHONY: demo test chromium postgresql cxx clean-venv
 
 demo: $(VENV)/.sd35
 	$(BIN)/sd35 generate --prompt "$(DEMO_PROMPT)" --seed 1 -o demo.png
 
-test: $(VENV)/.sd35-test chromium postgresql
+test: $(VENV)/.sd35-test chromium postgresql cxx
 	$(BIN)/ruff check . && $(BIN)/python -m pytest -m "not ray"
 	timeout $(RAY_TEST_LIMIT_S) $(BIN)/python -m pytest -m ray
 
@@ -67,6 +67,16 @@ postgresql:
 			apt-get update -qq && apt-get install -y -qq postgresql; \
 		else \
 			echo "the job store's tests need PostgreSQL: sudo apt-get install postgresql (or set SD35_PG_BIN to its bin folder)"; exit 1; \
+		fi; \
+	fi
+
+# --compile on the CPU (and its test) runs torch inductor's C++ backend, which calls the system's C++ compiler
+cxx:
+	@if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq g++; \
+		else \
+			echo "--compile on the CPU and its test need a C++ compiler: sudo apt-get install g++"; exit 1; \
 		fi; \
 	fi
 

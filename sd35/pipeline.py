@@ -325,11 +325,11 @@ class SD3Pipeline:
         return self.tiling if big else None
 
     def accelerate(self, *, fp8: bool = False, compile: bool = False, cuda_graphs: bool = False) -> list[str]:
-        """Switch on the GPU fast paths of :mod:`sd35.accel`, in the only order that composes.
+        """Switch on the fast paths of :mod:`sd35.accel`, in the only order that composes.
 
         ``fp8``: e4m3 weights with per-tensor scales in the joint blocks' big linears, run by
         ``torch._scaled_mm`` (needs compute capability 8.9+). ``compile``: ``torch.compile`` per joint block
-        (three graph variants, so compiling takes seconds, not minutes). ``cuda_graphs``: one captured graph
+        (three graph variants, so compiling takes seconds, not minutes; on the GPU or the CPU). ``cuda_graphs``: one captured graph
         per (size, batch, skip layers), replayed so small images are not launch-bound. Streaming blocks
         (``memory="low"``) installs hooks on every block, which neither compiling nor graphs can capture.
         """

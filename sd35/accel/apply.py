@@ -28,19 +28,19 @@ def check_accelerations(
     fp8: bool = False,
     compile: bool = False,
     cuda_graphs: bool = False,
-    measuring: bool = False,
 ) -> None:
     """Refuse fast paths that cannot run with this device or memory mode (callers check before loading).
 
-    All three are GPU paths (:class:`Unsupported` elsewhere): fp8 matmuls and CUDA graphs exist only there,
-    and compiled blocks made CPU sampling about ten times slower (guards and re-traces cost more than the
-    small CPU kernels save). ``measuring`` lets ``sd35 bench`` time a compiled model on the CPU anyway.
-    Compiling and graphs cannot see through the hooks that ``memory="low"`` block streaming runs around
-    every block (:class:`InvalidRequest`). Whether a GPU has fp8 kernels (compute capability 8.9+) is left
-    to :func:`quantize_model_fp8`. Messages name the options by their request names (``fp8``), never by
-    one front end's flags.
+    fp8 and CUDA graphs are GPU paths (:class:`Unsupported` elsewhere): fp8 matmuls and graph capture exist
+    only there. Compiling runs on the CPU too (inductor's C++ backend): at SD3.5 Medium's full width it makes
+    a 512 px CPU step about 6% faster (benchmarks/RESULTS.md, "CPU speed"), after a first call that compiles
+    for tens of seconds to minutes (the demo model's 20 steps ran no slower compiled than eager on
+    2026-12-05, so it is not refused there either). Compiling and graphs cannot see through the
+    hooks that ``memory="low"`` block streaming runs around every block (:class:`InvalidRequest`). Whether
+    a GPU has fp8 kernels (compute capability 8.9+) is left to :func:`quantize_model_fp8`. Messages name the
+    options by their request names (``fp8``), never by one front end's flags.
     """
-    gpu_only = {"fp8": fp8, "compile": compile and not measuring, "cuda_graphs": cuda_graphs}
+    gpu_only = {"fp8": fp8, "cuda_graphs": cuda_graphs}
     wanted = [name for name, on in gpu_only.items() if on]
     if wanted and device.type != "cuda":
         raise Unsupported(

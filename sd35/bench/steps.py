@@ -64,7 +64,7 @@ def our_runner(
     parts = set(variant.split("+")) - {"eager"}
     flags = {name: name in parts for name in ACCELERATIONS}
     try:
-        check_accelerations(device, "high", **flags, measuring=True)
+        check_accelerations(device, "high", **flags)
     except Unsupported as e:  # in the "high" mode only a GPU-only path on another device is refused
         raise Unavailable("needs CUDA") from e
     runner, _ = accelerate(model, **flags)  # fp8: SD35Error where it cannot run, reported as unavailable

@@ -86,7 +86,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fp8", action="store_true", help="fp8 (e4m3, scaled) transformer linears; Ada/Hopper GPUs"
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block (CUDA GPUs)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (GPU or CPU; the first call at each size compiles: seconds to minutes)",
+    )
     g.add_argument(
         "--cuda-graphs", action="store_true", help="replay the transformer as CUDA graphs (CUDA GPUs)"
     )
