@@ -229,4 +229,29 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
         pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
         return prepare(pipe)
 
-    return Engine(settings, catalog, pipe, pipe.model_name, load, store)
+    return Engine(
+        settings, catalog, pipe, pipe.model_name, load, store, workflow_runner(args, settings, pipe)
+    )
+
+
+def workflow_runner(args: argparse.Namespace, settings: ServerSettings, pipe):
+    """How the server runs ComfyUI workflows: names resolve in --models-dir, other files load as
+    ``sd35 run`` loads them (this server's device, dtype and tokenizers), and a workflow naming the
+    server's own files reuses its pipeline."""
+    from sd35.server.workflow_jobs import WorkflowRunner, comfy_root
+    from sd35.workflows.evaluate import LoadSpec
+    from sd35.workflows.models import ModelsDir
+    from sd35.workflows.run import default_loader
+
+    model = args.model
+    if model is None:
+        from sd35.demo import demo_files
+
+        model = demo_files()[0]
+    own = LoadSpec(Path(model), tuple(args.text_encoders or ()) or None, args.vae)
+    return WorkflowRunner(
+        ModelsDir(settings.models_dir),
+        comfy_root(settings.data_dir),
+        default_loader(args.device, args.dtype, args.tokenizers),
+        (own, pipe.model_name),
+    )

@@ -9,8 +9,6 @@ body size (413), and the error table of :mod:`sd35.server.errors`.
 
 from __future__ import annotations
 
-import base64
-import hmac
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sd35._version import __version__
 from sd35.server import errors
+from sd35.server.auth import authorized
 from sd35.server.engine import Engine
 from sd35.server.routes import a1111, native, openai, page
 from sd35.server.routes.common import JobFailed, job_error
@@ -28,25 +27,6 @@ from sd35.server.settings import ServerSettings
 
 OPEN_PATHS = ("/health", "/")
 OPEN_PREFIXES = (page.STATIC_PREFIX + "/",)  # the page's files: a browser sends no key when loading them
-
-
-def _authorized(settings: ServerSettings, header: str | None) -> bool:
-    if not header:
-        return False
-    scheme, _, credentials = header.partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() == "bearer" and settings.api_key is not None:
-        return hmac.compare_digest(credentials.encode(), settings.api_key.encode())
-    if scheme.lower() == "basic" and settings.api_auth is not None:
-        try:
-            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
-        except ValueError:
-            return False
-        want_user, want_password = settings.api_auth
-        return hmac.compare_digest(user.encode(), want_user.encode()) & hmac.compare_digest(
-            password.encode(), want_password.encode()
-        )
-    return False
 
 
 class BodyLimit:
@@ -141,11 +121,7 @@ def create_app(
     async def authenticate(request: Request, call_next):
         path = request.url.path
         open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-        if (
-            settings.protected
-            and not open_path
-            and not _authorized(settings, request.headers.get("authorization"))
-        ):
+        if settings.protected and not open_path and not authorized(settings, request.headers):
             return errors.error_response(
                 request.url.path,
                 401,
