@@ -9,6 +9,7 @@ body size (413), and the error table of :mod:`sd35.server.errors`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +21,9 @@ from starlette.concurrency import run_in_threadpool
 from sd35._version import __version__
 from sd35.server import errors
 from sd35.server.auth import authorized
+from sd35.server.comfy_events import ComfyHub
 from sd35.server.engine import Engine
-from sd35.server.routes import a1111, native, openai, page
+from sd35.server.routes import a1111, comfyui, comfyui_files, comfyui_info, native, openai, page
 from sd35.server.routes.common import JobFailed, job_error
 from sd35.server.settings import ServerSettings
 
@@ -89,22 +91,27 @@ def create_app(
     """The app; its lifespan starts the engine's worker (after requeueing interrupted jobs) and stops it.
     ``describe()`` adds to ``/health``'s body (a Ray replica says which it is and how its peers fare)."""
 
+    comfy = ComfyHub(engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        comfy.start(asyncio.get_running_loop())
         engine.start()
         try:
             yield
         finally:
             engine.stop()
+            comfy.stop()
 
     app = FastAPI(
         title="sd35",
         version=__version__,
-        description="Stable Diffusion 3.5 Medium: native jobs, OpenAI Images and A1111 APIs.",
+        description="Stable Diffusion 3.5 Medium: native jobs, OpenAI Images, A1111 and ComfyUI APIs.",
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.comfy = comfy
     errors.install(app)
 
     @app.exception_handler(JobFailed)
@@ -147,5 +154,8 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(a1111.controlnet_router)
+    for prefix in ("", "/api"):  # ComfyUI's routes, and the /api/ names its newer front ends call
+        for comfy_router in (comfyui.router, comfyui_files.router, comfyui_info.router):
+            app.include_router(comfy_router, prefix=prefix)
     page.mount(app)
     return app

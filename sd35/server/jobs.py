@@ -225,6 +225,30 @@ class JobStore:
         row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")
         return int(row["n"]) if row else 0
 
+    def of_api(self, api: str, statuses: Sequence[str], limit: int = 10_000) -> list[Job]:
+        """The jobs of one API in these statuses, oldest first (ComfyUI's queue and history lists)."""
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE api = ? AND status IN ({marks}) ORDER BY seq LIMIT ?",
+            (api, *statuses, limit),
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def forget(self, api: str, job_ids: Sequence[str] | None = None) -> int:
+        """Delete ended jobs of one API (these, or all): ComfyUI's history delete and clear. Their
+        images stay (ComfyUI's history does not own its output files)."""
+        condition, args = "", ()
+        if job_ids is not None:
+            if not job_ids:
+                return 0
+            condition = f" AND id IN ({', '.join('?' for _ in job_ids)})"
+            args = tuple(job_ids)
+        cur = self._db.execute(
+            f"DELETE FROM jobs WHERE api = ? AND status IN ('done', 'failed', 'cancelled'){condition}",
+            (api, *args),
+        )
+        return cur.rowcount
+
     # ------------------------------------------------------------------------------ the worker's side
 
     def _requeue_where(self, db: Database, condition: str, args: Sequence[Any]) -> list[str]:
