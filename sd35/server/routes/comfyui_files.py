@@ -150,7 +150,9 @@ def _masked(runner: WorkflowRunner, ref: dict, mask: bytes) -> bytes:
         for key, value in (getattr(original, "text", None) or {}).items():
             info.add_text(key, value)
         rgba = original.convert("RGBA")
-    rgba.putalpha(read_image(mask, "image", param="image").convert("RGBA").getchannel("A"))
+    read_image(mask, "image", param="image")  # a clear 400 for what is not an image
+    with Image.open(io.BytesIO(mask)) as decoded:  # as uploaded: read_image drops the alpha
+        rgba.putalpha(decoded.convert("RGBA").getchannel("A"))
     out = io.BytesIO()
     rgba.save(out, format="PNG", compress_level=4, pnginfo=info)
     return out.getvalue()
