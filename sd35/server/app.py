@@ -154,8 +154,9 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(a1111.controlnet_router)
-    for prefix in ("", "/api"):  # ComfyUI's routes, and the /api/ names its newer front ends call
-        for comfy_router in (comfyui.router, comfyui_files.router, comfyui_info.router):
-            app.include_router(comfy_router, prefix=prefix)
+    for comfy_router in (comfyui.router, comfyui_files.router, comfyui_info.router):
+        app.include_router(comfy_router)
+        # the same under /api/, the names ComfyUI's newer front ends call (listed once in the schema)
+        app.include_router(comfy_router, prefix="/api", include_in_schema=False)
     page.mount(app)
     return app

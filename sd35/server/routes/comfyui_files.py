@@ -59,8 +59,13 @@ def inside(base: Path, subfolder: str, filename: str) -> Path:
     if not filename:
         raise InvalidRequest("filename is required.", param="filename")
     path = base.joinpath(*_clean(subfolder, "subfolder").parts, *_clean(filename, "filename").parts)
-    if not path.resolve().is_relative_to(base.resolve()):
-        raise NotFound(f"no file {filename!r} in {subfolder or 'the folder'}.", param="filename")
+    missing = NotFound(f"no file {filename!r} in {subfolder or 'the folder'}.", param="filename")
+    try:
+        if not path.resolve().is_relative_to(base.resolve()):
+            raise missing
+        path.is_file()  # a name the file system refuses (too long ...) raises here, not later
+    except OSError:
+        raise missing from None
     return path
 
 
