@@ -152,10 +152,16 @@ def test_websocket_messages_come_in_comfyuis_order_to_the_client_that_queued(ser
         assert hello["type"] == "status" and hello["data"]["sid"] == mine
         assert hello["data"]["status"]["exec_info"]["queue_remaining"] == 0
         json.loads(bystander.recv(timeout=10))
-        body = {"prompt": example(), "client_id": mine, "extra_data": {"preview_method": "auto"}}
+        prompt_id = str(uuid.uuid4())  # a client may name its prompt
+        body = {
+            "prompt": example(),
+            "client_id": mine,
+            "extra_data": {"preview_method": "auto"},
+            "prompt_id": prompt_id,
+        }
         r = client.post("/api/prompt", json=body)  # ComfyUI's newer front ends call /api/...
         assert r.status_code == 200, r.text
-        prompt_id = r.json()["prompt_id"]
+        assert r.json()["prompt_id"] == prompt_id
         assert r.json()["node_errors"] == {} and isinstance(r.json()["number"], int)
         got = messages_until_done(ws, prompt_id)
         got.append(json.loads(ws.recv(timeout=10)))  # then the queue's new length, as ComfyUI sends it
@@ -192,6 +198,9 @@ def test_websocket_messages_come_in_comfyuis_order_to_the_client_that_queued(ser
         assert Image.open(io.BytesIO(frame[8:])).format == "JPEG"
     # the bystander heard only queue statuses
     assert seen_by_other and {m["type"] for m in seen_by_other} == {"status"}
+    # a prompt_id is used once
+    again = client.post("/prompt", json=body)
+    assert again.status_code == 400 and "taken" in again.json()["error"]["message"]
 
 
 def _queued_jobs(data_dir) -> int:

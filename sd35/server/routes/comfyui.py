@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from typing import Any
 
@@ -32,6 +33,7 @@ from sd35.server.workflow_jobs import WORKFLOW_API, graph_of
 from sd35.workflows.nodes import NODES
 
 router = APIRouter(tags=["comfyui"])
+PROMPT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a client's own prompt_id (ComfyUI's clients send UUIDs)
 
 
 def hub_of(request: Request | WebSocket) -> ComfyHub:
@@ -77,9 +79,10 @@ def queue_item(job: Job) -> list[Any]:
 
 @router.post("/prompt")
 async def post_prompt(request: Request) -> JSONResponse:
-    """Queue a workflow: ``{"prompt": graph, "client_id", "extra_data"}`` -> ``{"prompt_id", "number",
-    "node_errors"}``; a bad graph is a 400 naming the nodes, and nothing is queued. (``front`` and
-    ``number`` are accepted; prompts run in the order they arrive.)"""
+    """Queue a workflow: ``{"prompt": graph, "client_id", "extra_data", "prompt_id"}`` -> ``{"prompt_id",
+    "number", "node_errors"}`` (``prompt_id``: the client's own, else one is drawn); a bad graph is a 400
+    naming the nodes, and nothing is queued. (``front`` and ``number`` are accepted; prompts run in the
+    order they arrive.)"""
     body = await _json_body(request)
     if not isinstance(body, dict) or "prompt" not in body:
         return _error("no_prompt", "No prompt provided", 'the body must be {"prompt": {node_id: {...}}}')
@@ -89,16 +92,19 @@ async def post_prompt(request: Request) -> JSONResponse:
     if body.get("client_id") is not None:
         extra = {**extra, "client_id": str(body["client_id"])}
     entry = {"prompt": body["prompt"], "extra_data": extra}
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and not (isinstance(prompt_id, str) and PROMPT_ID.fullmatch(prompt_id)):
+        return _error("invalid_prompt", "prompt_id must be 1 to 64 letters, digits, '-' or '_'")
     engine = engine_of(request)
     try:
-        job = await run_in_threadpool(engine.submit_workflow, entry)
+        job = await run_in_threadpool(engine.submit_workflow, entry, prompt_id)
     except WorkflowError as e:
         if not e.node_errors:
             return _error("prompt_no_outputs", "Prompt has no outputs", e.message)
         return _error(
             "prompt_outputs_failed_validation", "Prompt outputs failed validation", e.message, e.node_errors
         )
-    except InvalidRequest as e:
+    except (InvalidRequest, Conflict) as e:
         return _error("invalid_prompt", f"Cannot execute because the prompt is not valid: {e.message}")
     hub_of(request).queue_changed()
     return JSONResponse({"prompt_id": job.id, "number": job.seq, "node_errors": {}})
