@@ -208,7 +208,7 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
             raise SD35Error(f"{ref.name}: no such LoRA file.", param="loras")
 
     def prepare(pipe):
-        pipe.lora_source = catalog.lora  # requests name LoRAs; only the catalog turns a name into a file
+        pipe.lora_source = lora_source  # requests name LoRAs; only the catalog turns a name into a file
         pipe.control_source = catalog.controlnet  # and ControlNets likewise
         for ref in loras:
             pipe.load_lora(ref.name, ref.strength)
@@ -216,6 +216,7 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
 
     pipe = load_from_args(args)
     catalog = ModelCatalog(pipe.model_name, args.model, settings.models_dir)
+    lora_source = catalog_loras(catalog, settings.models_dir)
     prepare(pipe)
 
     def load(name: str):
@@ -232,6 +233,25 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
     return Engine(
         settings, catalog, pipe, pipe.model_name, load, store, workflow_runner(args, settings, pipe)
     )
+
+
+def catalog_loras(catalog, models_dir: Path | None):
+    """A server pipeline's LoRA source: the catalog's names, and the files a ComfyUI workflow's LoraLoader
+    resolved (paths inside ``models_dir``, which :mod:`sd35.workflows.models` already checked: no ``..``)."""
+    from sd35.errors import NotFound
+
+    def source(name: str) -> Path:
+        try:
+            return catalog.lora(name)
+        except NotFound:
+            inside = models_dir is not None and Path(os.path.abspath(name)).is_relative_to(
+                os.path.abspath(models_dir)
+            )
+            if not (inside and ".." not in Path(name).parts and Path(name).is_file()):
+                raise
+            return Path(name)
+
+    return source
 
 
 def workflow_runner(args: argparse.Namespace, settings: ServerSettings, pipe):

@@ -28,15 +28,20 @@ from tests.workflows.test_workflows import STEPS, TE_NAMES, sd35_example
 
 KEY = "comfy-key-123"
 ALL_IN_ONE = "sd3.5_medium_incl_clips.safetensors"
+LORA = "style.safetensors"
 LONG_STEPS = 150  # a run long enough to interrupt or kill in the middle (a few seconds on tiny weights)
 
 
 @pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory):
-    """ComfyUI's models folder over the tiny set (links, not copies)."""
+def models(tiny, tiny_pipe, tmp_path_factory):
+    """ComfyUI's models folder over the tiny set (links, not copies), with a LoRA for it."""
+    from sd35.lora import save_lora
+    from tests.lora.lora_helpers import lora_models, mixed_lora
+
     root = tmp_path_factory.mktemp("comfy-models")
-    (root / "checkpoints").mkdir()
-    (root / "text_encoders").mkdir()
+    for folder in ("checkpoints", "text_encoders", "loras"):
+        (root / folder).mkdir()
+    save_lora(root / "loras" / LORA, mixed_lora(lora_models(tiny_pipe), seed=3, scale=0.5))
     (root / "checkpoints" / "sd3.5_medium.safetensors").symlink_to(tiny["official"])
     (root / "checkpoints" / ALL_IN_ONE).symlink_to(tiny["all_in_one"])
     for name in TE_NAMES:
@@ -85,6 +90,21 @@ def all_in_one() -> dict:
     return workflow
 
 
+def with_lora() -> dict:
+    """The example with a LoraLoader on the model and the text encoders."""
+    workflow = example()
+    workflow["20"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"model": ["4", 0], "clip": ["11", 0], "lora_name": LORA, "strength_model": 0.8,
+                   "strength_clip": 0.8},
+        "_meta": {"title": "Load LoRA"},
+    }  # fmt: skip
+    workflow["13"]["inputs"]["model"] = ["20", 0]
+    for node in ("6", "71"):
+        workflow[node]["inputs"]["clip"] = ["20", 1]
+    return workflow
+
+
 def ws_url(server, client_id: str, **query: str) -> str:
     more = "".join(f"&{k}={v}" for k, v in query.items())
     return f"ws://127.0.0.1:{server.port}/ws?clientId={client_id}{more}"
@@ -114,13 +134,15 @@ def history(client, prompt_id: str, timeout: float = 60) -> dict:
 
 
 def test_a_comfyui_client_gets_the_file_sd35_run_writes(server, client, tiny, models, tmp_path, capsys):
-    """The example reuses the server's pipeline; the all-in-one workflow loads its file (and the server's
-    model comes back for the next job that needs it)."""
+    """The example reuses the server's pipeline (with a LoRA too); the all-in-one workflow loads its file
+    (and the server's model comes back for the next job that needs it)."""
     api = ComfyApiWrapper(server.url)
-    for number, workflow in enumerate([example(), all_in_one(), example()], start=1):
+    made = []
+    for number, workflow in enumerate([example(), with_lora(), all_in_one(), example()], start=1):
         name = f"ComfyUI_{number:05}_.png"
         images = api.queue_and_wait_images(workflow, "Save Image")
         assert list(images) == [name]
+        made.append(np.asarray(Image.open(io.BytesIO(images[name]))))
         path = tmp_path / f"{number}.json"
         path.write_text(json.dumps(workflow))
         code, _, err = run_cli(
@@ -129,6 +151,8 @@ def test_a_comfyui_client_gets_the_file_sd35_run_writes(server, client, tiny, mo
         )  # fmt: skip
         assert code == 0, err
         assert images[name] == (tmp_path / str(number) / "ComfyUI_00001_.png").read_bytes(), workflow["4"]
+    assert not np.array_equal(made[0], made[1])  # the LoRA took effect
+    assert np.array_equal(made[0], made[3])  # and is gone again
 
     # the history names the files, and the queue is empty again
     entry = list(client.get("/history").json().values())[0]
