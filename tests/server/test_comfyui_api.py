@@ -365,7 +365,7 @@ def test_object_info_and_the_other_listings(client):
     info = client.get("/object_info").json()
     assert {"CheckpointLoaderSimple", "KSampler", "SaveImage", "TripleCLIPLoader"} <= set(info)
     ckpt = client.get("/api/object_info/CheckpointLoaderSimple").json()["CheckpointLoaderSimple"]
-    assert ckpt["input"]["required"]["ckpt_name"] == [sorted([ALL_IN_ONE, "sd3.5_medium.safetensors"]), {}]
+    assert ckpt["input"]["required"]["ckpt_name"][0][:2] == sorted([ALL_IN_ONE, "sd3.5_medium.safetensors"])
     assert ckpt["output"] == ["MODEL", "CLIP", "VAE"] and ckpt["output_node"] is False
     sampler = info["KSampler"]["input"]["required"]
     assert "euler" in sampler["sampler_name"][0] and sampler["steps"][0] == "INT"
@@ -377,6 +377,32 @@ def test_object_info_and_the_other_listings(client):
     assert client.get("/embeddings").json() == [] and client.get("/api/extensions").json() == []
     stats = client.get("/system_stats").json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0
+
+
+def test_a_prompt_that_fails_while_running_is_comfyuis_execution_error(server, client, models):
+    """A checkpoint that passes the name check but is not weights fails at load: the client hears
+    execution_error for it, the history keeps the message, and the server's model serves the next prompt."""
+    broken = models / "checkpoints" / "broken.safetensors"
+    broken.write_bytes(b"not weights at all")
+    try:
+        workflow = example()
+        workflow["4"]["inputs"]["ckpt_name"] = broken.name
+        client_id = uuid.uuid4().hex
+        with connect(ws_url(server, client_id)) as ws:
+            r = client.post("/prompt", json={"prompt": workflow, "client_id": client_id})
+            assert r.status_code == 200, r.text
+            prompt_id = r.json()["prompt_id"]
+            got = messages_until_done(ws, prompt_id)
+    finally:
+        broken.unlink()
+    (error,) = [m["data"] for m in got if isinstance(m, dict) and m["type"] == "execution_error"]
+    assert error["prompt_id"] == prompt_id and error["node_id"] == "3" and error["node_type"] == "KSampler"
+    assert "broken.safetensors" in error["exception_message"]
+    entry = history(client, prompt_id)
+    assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    assert "broken.safetensors" in entry["status"]["messages"][-1][1]["exception_message"]
+    api = ComfyApiWrapper(server.url)
+    assert len(api.queue_and_wait_images(example(seed=99), "Save Image")) == 1
 
 
 def test_interrupt_stops_the_running_prompt(server, client):
