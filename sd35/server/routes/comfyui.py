@@ -106,7 +106,7 @@ async def post_prompt(request: Request) -> JSONResponse:
         )
     except (InvalidRequest, Conflict) as e:
         return _error("invalid_prompt", f"Cannot execute because the prompt is not valid: {e.message}")
-    hub_of(request).queue_changed()
+    await run_in_threadpool(hub_of(request).queue_changed)
     return JSONResponse({"prompt_id": job.id, "number": job.seq, "node_errors": {}})
 
 
