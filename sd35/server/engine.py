@@ -252,7 +252,9 @@ class Engine:
         plan = self.workflows.check(body.get("prompt"))
         prompt = body["prompt"]
         for output in plan.outputs:
-            sampling = output.image.sampling
+            sampling = getattr(output.image, "sampling", None)  # an image no sampler made has no limits
+            if sampling is None:
+                continue
             try:
                 check_limits(sampling.request, self.settings.limits)
             except SD35Error as e:
