@@ -34,3 +34,10 @@ def latent_preview(latent: torch.Tensor, upscale: int = 8) -> Image.Image:
     return (
         image.resize((image.width * upscale, image.height * upscale), Image.NEAREST) if upscale > 1 else image
     )
+
+
+def preview_within(latent: torch.Tensor, largest: int = 256) -> Image.Image:
+    """:func:`latent_preview` enlarged by a whole factor (at most 8) to at most ``largest`` pixels a side
+    (what a server streams while a job runs)."""
+    h, w = latent.shape[-2:]
+    return latent_preview(latent, upscale=max(1, min(8, largest // max(h, w))))

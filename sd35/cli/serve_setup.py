@@ -208,7 +208,7 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
             raise SD35Error(f"{ref.name}: no such LoRA file.", param="loras")
 
     def prepare(pipe):
-        pipe.lora_source = catalog.lora  # requests name LoRAs; only the catalog turns a name into a file
+        pipe.lora_source = lora_source  # requests name LoRAs; only the catalog turns a name into a file
         pipe.control_source = catalog.controlnet  # and ControlNets likewise
         for ref in loras:
             pipe.load_lora(ref.name, ref.strength)
@@ -216,6 +216,7 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
 
     pipe = load_from_args(args)
     catalog = ModelCatalog(pipe.model_name, args.model, settings.models_dir)
+    lora_source = catalog_loras(catalog, settings.models_dir)
     prepare(pipe)
 
     def load(name: str):
@@ -229,4 +230,48 @@ def build_engine(args: argparse.Namespace, settings: ServerSettings, store=None)
         pipe.accelerate(fp8=args.fp8, compile=args.compile, cuda_graphs=args.cuda_graphs)
         return prepare(pipe)
 
-    return Engine(settings, catalog, pipe, pipe.model_name, load, store)
+    return Engine(
+        settings, catalog, pipe, pipe.model_name, load, store, workflow_runner(args, settings, pipe)
+    )
+
+
+def catalog_loras(catalog, models_dir: Path | None):
+    """A server pipeline's LoRA source: the catalog's names, and the files a ComfyUI workflow's LoraLoader
+    resolved (paths inside ``models_dir``, which :mod:`sd35.workflows.models` already checked: no ``..``)."""
+    from sd35.errors import NotFound
+
+    def source(name: str) -> Path:
+        try:
+            return catalog.lora(name)
+        except NotFound:
+            inside = models_dir is not None and Path(os.path.abspath(name)).is_relative_to(
+                os.path.abspath(models_dir)
+            )
+            if not (inside and ".." not in Path(name).parts and Path(name).is_file()):
+                raise
+            return Path(name)
+
+    return source
+
+
+def workflow_runner(args: argparse.Namespace, settings: ServerSettings, pipe):
+    """How the server runs ComfyUI workflows: names resolve in --models-dir, other files load as
+    ``sd35 run`` loads them (this server's device, dtype and tokenizers), and a workflow naming the
+    server's own files reuses its pipeline."""
+    from sd35.server.workflow_jobs import WorkflowRunner, comfy_root
+    from sd35.workflows.evaluate import LoadSpec
+    from sd35.workflows.models import ModelsDir
+    from sd35.workflows.run import default_loader
+
+    model = args.model
+    if model is None:
+        from sd35.demo import demo_files
+
+        model = demo_files()[0]
+    own = LoadSpec(Path(model), tuple(args.text_encoders or ()) or None, args.vae)
+    return WorkflowRunner(
+        ModelsDir(settings.models_dir),
+        comfy_root(settings.data_dir),
+        default_loader(args.device, args.dtype, args.tokenizers),
+        (own, pipe.model_name),
+    )

@@ -9,8 +9,7 @@ body size (413), and the error table of :mod:`sd35.server.errors`.
 
 from __future__ import annotations
 
-import base64
-import hmac
+import asyncio
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,32 +20,15 @@ from starlette.concurrency import run_in_threadpool
 
 from sd35._version import __version__
 from sd35.server import errors
+from sd35.server.auth import authorized
+from sd35.server.comfy_events import ComfyHub
 from sd35.server.engine import Engine
-from sd35.server.routes import a1111, native, openai, page
+from sd35.server.routes import a1111, comfyui, comfyui_files, comfyui_info, native, openai, page
 from sd35.server.routes.common import JobFailed, job_error
 from sd35.server.settings import ServerSettings
 
 OPEN_PATHS = ("/health", "/")
 OPEN_PREFIXES = (page.STATIC_PREFIX + "/",)  # the page's files: a browser sends no key when loading them
-
-
-def _authorized(settings: ServerSettings, header: str | None) -> bool:
-    if not header:
-        return False
-    scheme, _, credentials = header.partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() == "bearer" and settings.api_key is not None:
-        return hmac.compare_digest(credentials.encode(), settings.api_key.encode())
-    if scheme.lower() == "basic" and settings.api_auth is not None:
-        try:
-            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
-        except ValueError:
-            return False
-        want_user, want_password = settings.api_auth
-        return hmac.compare_digest(user.encode(), want_user.encode()) & hmac.compare_digest(
-            password.encode(), want_password.encode()
-        )
-    return False
 
 
 class BodyLimit:
@@ -109,22 +91,27 @@ def create_app(
     """The app; its lifespan starts the engine's worker (after requeueing interrupted jobs) and stops it.
     ``describe()`` adds to ``/health``'s body (a Ray replica says which it is and how its peers fare)."""
 
+    comfy = ComfyHub(engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        comfy.start(asyncio.get_running_loop())
         engine.start()
         try:
             yield
         finally:
             engine.stop()
+            comfy.stop()
 
     app = FastAPI(
         title="sd35",
         version=__version__,
-        description="Stable Diffusion 3.5 Medium: native jobs, OpenAI Images and A1111 APIs.",
+        description="Stable Diffusion 3.5 Medium: native jobs, OpenAI Images, A1111 and ComfyUI APIs.",
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.comfy = comfy
     errors.install(app)
 
     @app.exception_handler(JobFailed)
@@ -141,11 +128,7 @@ def create_app(
     async def authenticate(request: Request, call_next):
         path = request.url.path
         open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-        if (
-            settings.protected
-            and not open_path
-            and not _authorized(settings, request.headers.get("authorization"))
-        ):
+        if settings.protected and not open_path and not authorized(settings, request.headers):
             return errors.error_response(
                 request.url.path,
                 401,
@@ -171,5 +154,9 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(a1111.controlnet_router)
+    for comfy_router in (comfyui.router, comfyui_files.router, comfyui_info.router):
+        app.include_router(comfy_router)
+        # the same under /api/, the names ComfyUI's newer front ends call (listed once in the schema)
+        app.include_router(comfy_router, prefix="/api", include_in_schema=False)
     page.mount(app)
     return app

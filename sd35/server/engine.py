@@ -34,11 +34,22 @@ from sd35.server.catalog import ModelCatalog
 from sd35.server.jobs import CANCELLED, Job, JobStore, error_record
 from sd35.server.schemas.native import JobCreate, settings_view
 from sd35.server.settings import Limits, ServerSettings
+from sd35.server.workflow_jobs import (
+    WORKFLOW_API,
+    WORKFLOW_MODEL,
+    WorkflowRunner,
+    images_of,
+    limit_error,
+    stored_body,
+)
+from sd35.workflows.run import RunHooks
 
 log = logging.getLogger("sd35.server")
 
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
+EVERY_JOB = "*"
+"""Listen to this id to hear every job's events (each event carries its ``job_id``)."""
 PURGE_EVERY_S = 600.0
 
 
@@ -118,6 +129,7 @@ class Engine:
         model: str,
         load: Callable[[str], SD3Pipeline],
         store: JobStore | None = None,
+        workflows: WorkflowRunner | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
@@ -128,6 +140,7 @@ class Engine:
         self.default_model = model  # what a request that names none gets
         self._load = load
         self.store = store or JobStore(settings.data_dir, settings.jobs_db)
+        self.workflows = workflows  # None: this server runs no ComfyUI workflows
         # who runs a job, in the store; unique per engine, so a restarted server never adopts a dead one's
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._model_lock = threading.Lock()
@@ -230,6 +243,29 @@ class Engine:
             self._wake.set()
         return job
 
+    def submit_workflow(self, body: dict[str, Any], job_id: str | None = None) -> Job:
+        """Check a ComfyUI ``/prompt`` body's graph (and its samplers against the deployment's limits) and
+        store it as a queued workflow job (``job_id``: the client's own id). Raises WorkflowError (naming
+        the node), Conflict for a taken id, or Busy; nothing is stored for a bad graph."""
+        if self.workflows is None:
+            raise SD35Error("this server runs no ComfyUI workflows.", param="prompt")
+        plan = self.workflows.check(body.get("prompt"))
+        prompt = body["prompt"]
+        for output in plan.outputs:
+            sampling = getattr(output.image, "sampling", None)  # an image no sampler made has no limits
+            if sampling is None:
+                continue
+            try:
+                check_limits(sampling.request, self.settings.limits)
+            except SD35Error as e:
+                raise limit_error(sampling.node, prompt[sampling.node]["class_type"], e) from None
+        job, created = self.store.enqueue(
+            WORKFLOW_API, WORKFLOW_MODEL, stored_body(body), self.settings.queue_limit, job_id=job_id
+        )
+        if created:
+            self._wake.set()
+        return job
+
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or a running one at its next step."""
         job = self.store.get(job_id)
@@ -286,8 +322,9 @@ class Engine:
         return stop
 
     def _emit(self, job_id: str, event: Event) -> None:
+        event = {**event, "job_id": job_id}
         with self._lock:
-            listeners = list(self._listeners.get(job_id, ()))
+            listeners = [*self._listeners.get(job_id, ()), *self._listeners.get(EVERY_JOB, ())]
         for listener in listeners:
             try:
                 listener(event)
@@ -311,18 +348,24 @@ class Engine:
                     self.store.purge(time.time() - self.settings.keep_days * 86400)
 
     def _switch(self, name: str) -> None:
-        """Make ``name`` the loaded model (the caller holds the model lock)."""
+        """Make catalog model ``name`` the loaded model (the caller holds the model lock)."""
+        self._use(name, lambda: self._load(name))
+
+    def _use(self, name: str, load: Callable[[], SD3Pipeline]) -> SD3Pipeline:
+        """The pipeline known as ``name``, loaded by ``load()`` in place of the one in memory unless it is
+        that one (the caller holds the model lock). A failed load brings the server's default model back."""
         if name == self.model and self.pipe is not None:
-            return
+            return self.pipe
         log.info("loading model %s", name)
-        old = self.model
         self._loaded = (name, None)  # free the old weights before loading the new ones
         gc.collect()
         try:
-            self._loaded = (name, self._load(name))
+            self._loaded = (name, load())
         except BaseException:
-            self._loaded = (old, self._load(old))  # the old one again, so the server keeps serving
+            default = self.default_model  # a catalog name, so the server keeps serving
+            self._loaded = (default, self._load(default))
             raise
+        return self.pipe
 
     def _fail(self, job_id: str, e: BaseException) -> None:
         if isinstance(e, Cancelled) and self._stopping.is_set() and job_id not in self._cancel:
@@ -351,7 +394,7 @@ class Engine:
         key = batch_key(head) if self.settings.batching else None
         rows = head.num_images
         for job in jobs[1:] if key is not None else ():
-            if job.model != first.model or job.id in self._cancel:
+            if job.api == WORKFLOW_API or job.model != first.model or job.id in self._cancel:
                 continue
             try:
                 req = self.pipe.check(_decode(job)).request
@@ -366,6 +409,9 @@ class Engine:
         queued = self.store.queued(limit=4 * self.settings.max_batch_rows, worker=self.worker_id)
         if not queued:
             return False
+        if queued[0].api == WORKFLOW_API:
+            self._run_workflow(queued[0])
+            return True
         with self._model_lock:
             batch = self._batch(queued)
             started = set(
@@ -399,6 +445,49 @@ class Engine:
             self.jobs_run += len(ids)
         return True
 
+    def _run_workflow(self, job: Job) -> None:
+        """Run one workflow job: its progress events name the sampler node (``node``), and it emits
+        ``node`` (a sampler starts) and ``output`` (an output node's images, ComfyUI's shape)."""
+        if self.workflows is None:  # a queue shared with a server that runs them
+            if self.store.start([job.id], self.worker_id, self.settings.lease_s):
+                self._fail(job.id, SD35Error("this server runs no ComfyUI workflows.", param="prompt"))
+            return
+        workflows = self.workflows
+        folder = workflows.folder("output")
+
+        def cancelled() -> bool:
+            with self._lock:
+                return self._stopping.is_set() or job.id in self._cancel
+
+        hooks = RunHooks(
+            on_node=lambda node: self._emit(job.id, {"event": "node", "node": node}),
+            on_progress=lambda node, p: self._progress(job.id, p, node=node),
+            cancel=cancelled,
+            on_output=lambda node, files: self._emit(
+                job.id, {"event": "output", "node": node, "images": images_of(files, folder)}
+            ),
+        )
+        with self._model_lock:
+            if not self.store.start([job.id], self.worker_id, self.settings.lease_s):
+                return
+            with self._lock:
+                self._live[job.id] = LiveState(started=time.time())
+            self._emit(job.id, {"event": "running"})
+            result, error = None, None
+            try:
+                result = workflows.run(job.request, self._use, hooks)
+            except BaseException as e:
+                error = e
+            with self._lock:
+                self._live.pop(job.id, None)
+            if error is not None:
+                self._fail(job.id, error)
+            elif self.store.finish(job.id, result or {}, self.worker_id):
+                self._emit(job.id, {"event": "done"})
+            with self._lock:
+                self._cancel.discard(job.id)
+            self.jobs_run += 1
+
     def _generate(self, requests: list[GenerateRequest], ids: list[str]) -> list[GenerateResult]:
         def cancelled() -> bool:
             with self._lock:
@@ -408,14 +497,14 @@ class Engine:
             return [self.pipe.run(requests[0], lambda p: self._progress(ids[0], p), cancelled)]
         return self.pipe.run_batch(requests, lambda i, p: self._progress(ids[i], p), cancelled)
 
-    def _progress(self, job_id: str, p: Progress) -> None:
+    def _progress(self, job_id: str, p: Progress, **more: Any) -> None:
         with self._lock:
             live = self._live.get(job_id)
             if live is None:
                 return
             live.fraction, live.step, live.steps = p.fraction, p.step + 1, p.steps
             live.stage, live.image, live.images, live.progress = p.stage, p.image, p.images, p
-        self._emit(job_id, {"event": "progress", "progress": p})
+        self._emit(job_id, {"event": "progress", "progress": p, **more})
 
     def _save(self, job_id: str, result: GenerateResult) -> None:
         """Write a job's images whole, then mark it done with their names (one transaction)."""

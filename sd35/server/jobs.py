@@ -152,13 +152,15 @@ class JobStore:
         idempotency_key: str | None = None,
         seed_drawn: bool = False,
         worker: str | None = None,
+        job_id: str | None = None,
     ) -> tuple[Job, bool]:
         """Store a new queued job, or return the job already stored under ``idempotency_key``.
 
         Returns ``(job, created)``. Raises :class:`Busy` when ``limit`` jobs are already waiting or running,
         and :class:`Conflict` when the key was used for a different request. ``seed_drawn`` says the server
         drew ``request``'s seed (the client left it random): a retry then draws another, so the seeds are
-        not compared. ``worker`` reserves the job for that server (a synchronous request runs where its
+        not compared. ``job_id`` is the client's own id for the job (ComfyUI's ``prompt_id``; Conflict if
+        taken), else one is drawn. ``worker`` reserves the job for that server (a synchronous request runs where its
         client waits; :meth:`reap` frees it if that server dies). The count and the insert are one
         serialized transaction, so concurrent admissions never overshoot the limit, from any server.
         """
@@ -184,7 +186,11 @@ class JobStore:
             ).fetchone()["n"]
             if waiting >= limit:
                 raise Busy(f"the queue is full ({waiting} jobs waiting); try again shortly.")
-            job_id = secrets.token_hex(12)
+            if job_id is not None and db.execute("SELECT id FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                raise Conflict(
+                    f"the id {job_id!r} is taken by another job; use a new one.", param="prompt_id"
+                )
+            job_id = job_id or secrets.token_hex(12)
             now = time.time()
             db.execute(
                 "INSERT INTO jobs (id, idempotency_key, api, model, status, request, created, worker, lease) "
@@ -224,6 +230,30 @@ class JobStore:
     def waiting(self) -> int:
         row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")
         return int(row["n"]) if row else 0
+
+    def of_api(self, api: str, statuses: Sequence[str], limit: int = 10_000) -> list[Job]:
+        """The jobs of one API in these statuses, oldest first (ComfyUI's queue and history lists)."""
+        marks = ", ".join("?" for _ in statuses)
+        rows = self._db.execute(
+            f"SELECT * FROM jobs WHERE api = ? AND status IN ({marks}) ORDER BY seq LIMIT ?",
+            (api, *statuses, limit),
+        ).fetchall()
+        return [_job(r) for r in rows]
+
+    def forget(self, api: str, job_ids: Sequence[str] | None = None) -> int:
+        """Delete ended jobs of one API (these, or all): ComfyUI's history delete and clear. Their
+        images stay (ComfyUI's history does not own its output files)."""
+        condition, args = "", ()
+        if job_ids is not None:
+            if not job_ids:
+                return 0
+            condition = f" AND id IN ({', '.join('?' for _ in job_ids)})"
+            args = tuple(job_ids)
+        cur = self._db.execute(
+            f"DELETE FROM jobs WHERE api = ? AND status IN ('done', 'failed', 'cancelled'){condition}",
+            (api, *args),
+        )
+        return cur.rowcount
 
     # ------------------------------------------------------------------------------ the worker's side
 

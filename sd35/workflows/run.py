@@ -24,11 +24,24 @@ from sd35.files import check_writable_folder
 from sd35.image_io import save_png
 from sd35.loading.assemble import load_pipeline
 from sd35.pipeline import SD3Pipeline
+from sd35.result import Progress
 from sd35.workflows.evaluate import LoadSpec, Plan, Sampling, evaluate
 from sd35.workflows.graph import Source, check, set_input
 from sd35.workflows.models import ModelsDir
 
 Loader = Callable[[LoadSpec], SD3Pipeline]
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a server follows while a workflow runs (``sd35 run`` needs none): each sampler node as it
+    starts, its steps (``cancel()`` asked after each: true stops the run with Cancelled), and each output
+    node's files once written."""
+
+    on_node: Callable[[str], None] | None = None
+    on_progress: Callable[[str, Progress], None] | None = None
+    cancel: Callable[[], bool] | None = None
+    on_output: Callable[[str, list[Path]], None] | None = None
 
 
 @dataclass
@@ -80,9 +93,11 @@ def run_plan(
     out_dir: Path,
     loader: Loader,
     on_note: Callable[[str], None] | None = None,
+    hooks: RunHooks | None = None,
 ) -> RunResult:
     """Run every sampling of ``plan`` once (one pipeline per distinct :class:`LoadSpec`) and save the
-    output nodes' images under ``out_dir``."""
+    output nodes' images under ``out_dir``; ``hooks`` follow the run."""
+    hooks = hooks or RunHooks()
     result = RunResult(notes=list(plan.notes))
     chunks = {"prompt": json.dumps(source.prompt)}
     if source.ui is not None:
@@ -93,13 +108,23 @@ def run_plan(
     for output in plan.outputs:
         sampling = output.image.sampling
         if sampling not in images:
+            if hooks.on_node is not None:
+                hooks.on_node(sampling.node)
             if sampling.load not in pipes:
                 pipes[sampling.load] = loader(sampling.load)
-            run = pipes[sampling.load].run(sampling.request, on_warning=on_note)
+            on_step = hooks.on_progress
+            run = pipes[sampling.load].run(
+                sampling.request,
+                None if on_step is None else lambda p, node=sampling.node, f=on_step: f(node, p),
+                hooks.cancel,
+                on_warning=on_note,
+            )
             result.notes += run.warnings
             images[sampling] = run.images
         prefix = prefixes.get(output.node, PurePosixPath("preview", "ComfyUI_preview"))
         result.files[output.node] = [save_output(im, out_dir, prefix, chunks) for im in images[sampling]]
+        if hooks.on_output is not None:
+            hooks.on_output(output.node, result.files[output.node])
     return result
 
 

@@ -5,8 +5,9 @@ examples, coverage and fuzzing phases, positive and negative modes). Whatever ar
 
 * never answer 5xx (an input the code did not expect is a 4xx naming the field, not a crash);
 * answer every 4xx in its API family's error shape: ``/sdapi/`` and ``/controlnet/`` routes A1111's
-  ``{"error": str, "detail": str, ...}``, all others OpenAI's ``{"error": {"message", "type", "param",
-  "code"}}``;
+  ``{"error": str, "detail": str, ...}``, ComfyUI's ``POST /prompt`` a refused prompt as ComfyUI does
+  (``{"error": {"type", "message", "details", "extra_info"}, "node_errors"}``), all others OpenAI's
+  ``{"error": {"message", "type", "param", "code"}}``;
 * never show a Python traceback.
 
 Nothing is excluded: ``POST /sdapi/v1/interrupt`` and ``/skip`` only stop a running job (the fuzzer's own),
@@ -158,6 +159,8 @@ def check_response(method: str, path: str, response) -> None:
     body = response.json()
     if path.startswith(("/sdapi/", "/controlnet/")):
         assert isinstance(body.get("error"), str) and isinstance(body.get("detail"), str), where
+    elif path == "/prompt" and "node_errors" in body:  # ComfyUI's refusal of a prompt
+        assert {"type", "message", "details", "extra_info"} <= set(body["error"]), where
     else:
         error = body.get("error")
         assert isinstance(error, dict), where

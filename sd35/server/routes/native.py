@@ -23,7 +23,7 @@ from sd35.conditioning.tokenize import CLIP_LENGTH, T5_MAX_TOKENS
 from sd35.errors import Busy, InvalidRequest
 from sd35.image_io import png_bytes
 from sd35.presets import ModelDefaults
-from sd35.preview import latent_preview
+from sd35.preview import preview_within
 from sd35.request import SIZE_MULTIPLE, Upscaler
 from sd35.result import Progress
 from sd35.sampling import SAMPLERS, SCHEDULERS
@@ -53,9 +53,7 @@ PREVIEW_PX = 256  # live previews are at most this many pixels a side
 
 def preview_png(p: Progress) -> str:
     """Base64 PNG of a step's x0 prediction, at most :data:`PREVIEW_PX` a side."""
-    h, w = p.denoised.shape[-2:]
-    image = latent_preview(p.denoised, upscale=max(1, min(8, PREVIEW_PX // max(h, w))))
-    return base64.b64encode(png_bytes(image)).decode("ascii")
+    return base64.b64encode(png_bytes(preview_within(p.denoised, PREVIEW_PX))).decode("ascii")
 
 
 def job_view(request: Request, job: Job) -> JobView:
