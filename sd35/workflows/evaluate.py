@@ -23,7 +23,7 @@ from PIL import Image
 from sd35.control.files import check_fits, read_controlnet
 from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest, SD35Error, Unsupported, WorkflowError
-from sd35.loading.components import CLIP_G, CLIP_L, MMDITX, scan, scan_file
+from sd35.loading.components import CLIP_G, CLIP_L, MMDITX, scan
 from sd35.lora.summary import summarize_lora
 from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.vae_tiling import Tiling
@@ -425,7 +425,7 @@ def _clip_files(node: str, names: tuple[str, ...], kind: str, c: Checked) -> tup
 
 def _text_kinds(path: Path) -> frozenset[str]:
     try:
-        return frozenset(comp.kind for comp in scan_file(path))
+        return frozenset(comp.kind for comp in scan([path]))
     except SD35Error as e:
         raise _Fail(None, e.message, type(e)) from None
 

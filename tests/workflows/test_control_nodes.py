@@ -21,10 +21,10 @@ from sd35.loading.safetensors_io import save_file_atomic
 from sd35.testing import tiny_weights
 from sd35.workflows.graph import Source
 from sd35.workflows.models import ModelsDir
-from sd35.workflows.run import default_loader, prepare, run_plan
+from sd35.workflows.run import prepare
 from tests.control.control_helpers import diffusers_controlnet, write_controlnet
 from tests.helpers import pixels, run_cli
-from tests.workflows.test_workflows import SIZE, TE_NAMES, _equivalent, sd35_example
+from tests.workflows.test_workflows import SIZE, TE_NAMES, _equivalent, _run, sd35_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,49 +32,22 @@ CN_NAME = "sd3.5_medium_canny.safetensors"
 
 
 @pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory):
-    """A ComfyUI models folder over the tiny set, with a tiny ControlNet (a diffusers-layout single file, as
-    ComfyUI's controlnet/ holds them) and an SD 1.5 ControlNet."""
-    root = tmp_path_factory.mktemp("models")
-    for folder in ("checkpoints", "text_encoders", "controlnet"):
-        (root / folder).mkdir()
-    (root / "checkpoints" / "sd3.5_medium.safetensors").symlink_to(tiny["official"])
-    for name in TE_NAMES:
-        (root / "text_encoders" / name).symlink_to(tiny["text_encoders"] / name)
+def models(models, tmp_path_factory):
+    """The shared models folder with a tiny ControlNet in ``controlnet/`` (a diffusers-layout single file, as
+    ComfyUI's folder holds them) and an SD 1.5 ControlNet beside it."""
+    (models / "controlnet").mkdir()
     net = diffusers_controlnet(tiny_weights(0).configs.mmditx, layers=2, dual=(0,), seed=5)
     folder = write_controlnet(net, tmp_path_factory.mktemp("cn") / "cn")
-    shutil.copy(folder / "diffusion_pytorch_model.safetensors", root / "controlnet" / CN_NAME)
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", models / "controlnet" / CN_NAME)
+    sd15 = ("controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")
     save_file_atomic(
-        {
-            "controlnet_cond_embedding.conv_in.weight": torch.zeros(1),
-            "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1),
-        },
-        root / "controlnet" / "control_v11p_sd15_canny.safetensors",
+        {k: torch.zeros(1) for k in sd15}, models / "controlnet" / "control_v11p_sd15_canny.safetensors"
     )
-    return root
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny):
-    cache = {}
-    load = default_loader("cpu", "fp32", tiny["diffusers"])
-
-    def loader(spec):
-        if spec not in cache:
-            cache[spec] = load(spec)
-        return cache[spec]
-
-    return loader
+    return models
 
 
 def _prepare(workflow, models):
     return prepare(Source(copy.deepcopy(workflow)), ModelsDir(models))
-
-
-def _run(workflow, models, loaded, out):
-    source = Source(copy.deepcopy(workflow))
-    plan = prepare(source, ModelsDir(models))
-    return plan, run_plan(plan, source, out, loaded)
 
 
 def _rgb(path) -> np.ndarray:
