@@ -362,7 +362,7 @@ def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
         raise _Fail(e.param, e.message, type(e)) from None
     load = _load_spec(model, positive.clip)
     if controls:
-        load = replace(load, vae=_vae_file(controls[0].vae, model, "positive"))
+        load = replace(load, vae=_vae_file(controls[0].vae, model.file, "positive"))
     return (Sampling(node, load, request, controls),)
 
 
@@ -386,13 +386,11 @@ def _ksampler_advanced(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, .
 
 def _decode(node: str, i: dict[str, Any], c: Checked, tiling: Tiling | None = None) -> tuple[Any, ...]:
     sampling, vae = i["samples"], i["vae"]
-    if sampling.controls and sampling.load.vae != _vae_file(vae, sampling.load, "vae"):
+    file = _vae_file(vae, sampling.load.model, "vae")
+    if sampling.controls and sampling.load.vae != file:
         raise _Fail("vae", "this VAE is not the one the ControlNet images are encoded with; use one VAE")
-    if not (vae.checkpoint and vae.file == sampling.load.model):
-        load = sampling.load
-        if vae.checkpoint and vae.file != load.model:
-            raise _Fail("vae", "the VAE comes from another checkpoint than the model; load it with VAELoader")
-        sampling = replace(sampling, load=replace(load, vae=vae.file))
+    if file is not None:
+        sampling = replace(sampling, load=replace(sampling.load, vae=file))
     return (ImageValue(sampling, vae, tiling),)
 
 
@@ -452,9 +450,15 @@ def _decode_tiled(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
 def _controlnet_loader(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
     path = c.files[(node, "control_net_name")]
     try:
-        read_controlnet(path)  # the headers: a ControlNet for another model family is refused here
+        config = read_controlnet(path).config  # headers only; another family's ControlNet is refused
     except SD35Error as e:
         raise _Fail("control_net_name", e.message.rstrip("."), type(e)) from None
+    if config.extra_channels:
+        raise _Fail(
+            "control_net_name",
+            f"{path.name} is an inpainting ControlNet (it reads a mask besides the image); sd35 feeds "
+            "ControlNets a control image only",
+        )
     return (ControlNetValue(path),)
 
 
@@ -473,6 +477,8 @@ def _control_apply(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
     active (ComfyUI's ``get_control`` then returns only earlier ControlNets' output), so both are left
     out. SD3 ControlNets read the image through the VAE, so it is required (ComfyUI fails at sampling
     without one)."""
+    if i["strength"] == 0 or i["start_percent"] >= i["end_percent"]:
+        return i["positive"], i["negative"]
     image, vae = i["image"], i.get("vae")
     if vae is None:
         raise _Fail("vae", "an SD3 ControlNet reads its image through the VAE: link the VAE", InvalidRequest)
@@ -482,8 +488,6 @@ def _control_apply(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
         )
     if image.sampling.request.num_images != 1:
         raise _Fail("image", "a control image must be one image; this one is a batch")
-    if i["strength"] == 0 or i["start_percent"] >= i["end_percent"]:
-        return i["positive"], i["negative"]
     spec = ControlSpec(
         i["control_net"].file,
         image,
@@ -526,9 +530,9 @@ def _controls(
     return controls
 
 
-def _vae_file(vae: VaeValue, load: LoadSpec | ModelValue, name: str) -> Path | None:
-    """The file :class:`LoadSpec` ``vae`` names for ``vae``: None for the model checkpoint's own."""
-    model = load.model if isinstance(load, LoadSpec) else load.file
+def _vae_file(vae: VaeValue, model: Path, name: str) -> Path | None:
+    """The file :class:`LoadSpec` ``vae`` names for ``vae`` next to ``model``: None for the model
+    checkpoint's own; input ``name`` is refused for another checkpoint's."""
     if not vae.checkpoint:
         return vae.file
     if vae.file != model:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from PIL import Image
 
 from sd35.control.unit import ControlUnit
 from sd35.errors import SD35Warning, WorkflowError
+from sd35.loading.components import scan
 from sd35.loading.safetensors_io import save_file_atomic
+from sd35.loading.tensors import materialize
 from sd35.testing import tiny_weights
 from sd35.workflows.graph import Source
 from sd35.workflows.models import ModelsDir
@@ -32,13 +35,22 @@ CN_NAME = "sd3.5_medium_canny.safetensors"
 
 
 @pytest.fixture(scope="module")
-def models(models, tmp_path_factory):
+def models(models, tiny, tmp_path_factory):
     """The shared models folder with a tiny ControlNet in ``controlnet/`` (a diffusers-layout single file, as
-    ComfyUI's folder holds them) and an SD 1.5 ControlNet beside it."""
+    ComfyUI's folder holds them) and, named to sort after it, an inpainting one, one of another width and an
+    SD 1.5 ControlNet; the checkpoint's VAE alone in ``vae/ae.safetensors``."""
     (models / "controlnet").mkdir()
-    net = diffusers_controlnet(tiny_weights(0).configs.mmditx, layers=2, dual=(0,), seed=5)
-    folder = write_controlnet(net, tmp_path_factory.mktemp("cn") / "cn")
-    shutil.copy(folder / "diffusion_pytorch_model.safetensors", models / "controlnet" / CN_NAME)
+    (models / "vae").mkdir()
+    vae = next(comp for comp in scan([tiny["official"]]) if comp.kind == "vae")
+    save_file_atomic({k: materialize(t) for k, t in vae.tensors.items()}, models / "vae" / "ae.safetensors")
+    cfg = tiny_weights(0).configs.mmditx
+    for name, net in (
+        (CN_NAME, diffusers_controlnet(cfg, layers=2, dual=(0,), seed=5)),
+        ("x_inpaint.safetensors", diffusers_controlnet(cfg, layers=1, dual=(), extra=1)),
+        ("x_wide.safetensors", diffusers_controlnet(replace(cfg, hidden_size=192), layers=1, dual=())),
+    ):
+        folder = write_controlnet(net, tmp_path_factory.mktemp("cn"))
+        shutil.copy(folder / "diffusion_pytorch_model.safetensors", models / "controlnet" / name)
     sd15 = ("controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.conv1.weight")
     save_file_atomic(
         {k: torch.zeros(1) for k in sd15}, models / "controlnet" / "control_v11p_sd15_canny.safetensors"
@@ -231,6 +243,29 @@ BAD_CONTROL = {
         "40",
         "control_net_name",
         "an SD 1.5/2.x ControlNet",
+    ),
+    "an inpainting ControlNet": (
+        lambda w: w["40"]["inputs"].update(control_net_name="x_inpaint.safetensors"),
+        "40",
+        "control_net_name",
+        "reads a mask",
+    ),
+    "a ControlNet of another width": (
+        lambda w: w["40"]["inputs"].update(control_net_name="x_wide.safetensors"),
+        "42",
+        "positive",
+        "x_wide.safetensors is a ControlNet for an MMDiT-X of width 192",
+    ),
+    "the decoder's VAE is not the ControlNet's": (
+        lambda w: w.update(
+            {
+                "5": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+                "43": w["43"] | {"inputs": w["43"]["inputs"] | {"vae": ["5", 0]}},
+            }
+        ),
+        "43",
+        "vae",
+        "not the one the ControlNet images are encoded with",
     ),
     "a path as the name": (
         lambda w: w["40"]["inputs"].update(control_net_name="../checkpoints/sd3.5_medium.safetensors"),
