@@ -105,6 +105,13 @@ def test_dual_clip_loader_is_triple_without_t5(models, loaded, tmp_path):
     "change, node, name, says",
     [
         (lambda w: _dual(w, TE_NAMES[0], TE_NAMES[2]), "11", "clip_name2", "fewer than two CLIP encoders"),
+        # a missing name falls back to the encoder it names (T5 here), not to any unused encoder (CLIP-G)
+        (
+            lambda w: _dual(w, TE_NAMES[0], "t5xxl_fp8_e4m3fn.safetensors"),
+            "11",
+            "clip_name2",
+            "t5xxl_fp16.safetensors hold fewer than two CLIP encoders",
+        ),
         (lambda w: _dual(w, TE_NAMES[0], TE_NAMES[1], kind="sdxl"), "11", "type", "use 'sd3'"),
         (
             lambda w: w.update(
@@ -115,7 +122,7 @@ def test_dual_clip_loader_is_triple_without_t5(models, loaded, tmp_path):
             "DualCLIPLoader",
         ),
     ],
-    ids=["clip_l+t5", "sdxl type", "one encoder"],
+    ids=["clip_l+t5", "clip_l+missing t5", "sdxl type", "one encoder"],
 )
 def test_clip_sets_without_both_clips_are_refused(models, change, node, name, says):
     workflow = sd35_example()
