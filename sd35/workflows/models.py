@@ -2,10 +2,11 @@
 
 A loader node names a file relative to one of ComfyUI's model folders under ``--models-dir``
 (``checkpoints/``, ``diffusion_models/`` or ``unet/``, ``text_encoders/`` or ``clip/``, ``vae/``,
-``loras/``, ``controlnet/`` or ``t2i_adapter/``; sub-folders allowed, as in ComfyUI's lists). Shared workflows name the files their author had
-(``sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors``), so a name that is not there falls back to a
-file of the right kind found by what it holds (:func:`sd35.loading.components.scan_file`), and the
-choice is reported. A LoRA cannot be recognised that way, so a missing LoRA is an error. A name that is a
+``loras/``, ``controlnet/`` or ``t2i_adapter/``; sub-folders allowed, as in ComfyUI's lists). Shared
+workflows name the files their author had (``sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors``), so a
+name that is not there falls back to a file of the right kind found by what it holds
+(:func:`sd35.loading.components.scan_file`; a ControlNet by :func:`sd35.control.files.read_controlnet`),
+and the choice is reported. A LoRA cannot be recognised that way, so a missing LoRA is an error. A name that is a
 path (absolute, or climbing out with ``..``) is refused: a workflow may come from anyone.
 """
 
@@ -137,8 +138,26 @@ class ModelsDir:
         root = f"the models folder {self.root}" if self.root else "the models folder (none was given)"
         if folder not in WANTED:
             raise NotFound(f"{name!r} is not in {where} of {root}; put the file there.")
-        if folder == "controlnet":  # never in the other folders, and scan_file does not know them
-            return self._controlnet_fallback(name, where, root)
+        for p in self._candidates(folder, avoid):
+            if _is_sd3_controlnet(p) if folder == "controlnet" else _fits(folder, self.kinds(p), role):
+                shown = p.relative_to(self.root).as_posix() if self.root else str(p)
+                return p, f"{name!r} is not in {where}; using {shown}, {WANTED[folder]} found by content."
+        raise NotFound(
+            f"{name!r} is not in {where} of {root}, and no file there is {WANTED[folder]}; put the file there."
+        )
+
+    def _candidates(self, folder: str, avoid: Sequence[Path]) -> list[Path]:
+        """The files that may stand in for a missing name of ``folder``: for a ControlNet the weight files
+        and diffusers folders of the ControlNet folders (a ControlNet is never elsewhere); else the weight
+        files of the checkpoint, diffusion-model, text-encoder and VAE folders (a checkpoint may serve as
+        the text encoders), less ``avoid``."""
+        if folder == "controlnet":
+            return [
+                p
+                for base in self.folders(folder)
+                for p in sorted(base.rglob("*"))
+                if (p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES) or (p / "config.json").is_file()
+            ]
         pool = [
             p
             for other in WANTED
@@ -147,30 +166,4 @@ class ModelsDir:
             for p in sorted(base.rglob("*"))
             if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and p not in avoid
         ]
-        for p in dict.fromkeys(pool):
-            if _fits(folder, self.kinds(p), role):
-                shown = p.relative_to(self.root).as_posix() if self.root else str(p)
-                return p, f"{name!r} is not in {where}; using {shown}, {WANTED[folder]} found by content."
-        raise NotFound(
-            f"{name!r} is not in {where} of {root}, and no file there is {WANTED[folder]}; put the file there."
-        )
-
-    def _controlnet_fallback(self, name: str, where: str, root: str) -> tuple[Path, str | None]:
-        """The first SD3 ControlNet in the ControlNet folders (files, then diffusers folders) for a
-        missing ``name``."""
-        found = [
-            p
-            for base in self.folders("controlnet")
-            for p in sorted(base.rglob("*"))
-            if (p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES) or (p / "config.json").is_file()
-        ]
-        for p in found:
-            if _is_sd3_controlnet(p):
-                shown = p.relative_to(self.root).as_posix() if self.root else str(p)
-                return (
-                    p,
-                    f"{name!r} is not in {where}; using {shown}, {WANTED['controlnet']} found by content.",
-                )
-        raise NotFound(
-            f"{name!r} is not in {where} of {root}, and no file there is {WANTED['controlnet']}; put the file there."
-        )
+        return list(dict.fromkeys(pool))
