@@ -18,8 +18,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from sd35.control.files import check_fits, read_controlnet
+from sd35.control.unit import ControlUnit
 from sd35.errors import InvalidRequest, SD35Error, Unsupported, WorkflowError
+from sd35.loading.components import CLIP_G, CLIP_L, MMDITX, scan
 from sd35.lora.summary import summarize_lora
+from sd35.models.mmditx import MMDiTXConfig
+from sd35.models.vae_tiling import Tiling
 from sd35.request import GenerateRequest, LoraRef, TextOptions
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.workflows.graph import Checked, declared_inputs, error_entry, is_link
@@ -63,6 +70,7 @@ class CondPart:
     zero: bool = False
     start: float = 0.0
     end: float = 1.0
+    controls: tuple[ControlSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,41 @@ class LatentValue:
     width: int
     height: int
     batch: int
+
+
+@dataclass(frozen=True)
+class ControlNetValue:
+    """A CONTROL_NET: its file."""
+
+    file: Path
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """A ControlNetApplyAdvanced on a conditioning: a :class:`~sd35.control.unit.ControlUnit` with
+    ComfyUI's percent window, less its image, which is the IMAGE value ``image`` (made at run time);
+    ``vae``: the VAE ComfyUI encodes the image with."""
+
+    net: Path
+    image: ImageValue
+    strength: float
+    start: float
+    end: float
+    vae: VaeValue
+
+    def unit(self, image: Image.Image) -> ControlUnit:
+        """The request's unit with the image made: fitted to the size centre-cropped, as ComfyUI's
+        ``common_upscale(..., "center")`` does (it samples nearest-exact, we Lanczos: equal when the image
+        has the generation's size, as a sampler's image of the same latent does)."""
+        return ControlUnit(
+            model=str(self.net),
+            image=image,
+            strength=self.strength,
+            start=self.start,
+            end=self.end,
+            window="percent",
+            resize_mode="crop_and_resize",
+        )
 
 
 @dataclass(frozen=True)
@@ -84,17 +127,22 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class Sampling:
-    """One KSampler: what to load and the request to run."""
+    """One KSampler: what to load and the request to run (``controls``: its ControlNets, whose images
+    :func:`sd35.workflows.run.run_plan` makes first and puts into ``request.controls``)."""
 
     node: str
     load: LoadSpec
     request: GenerateRequest
+    controls: tuple[ControlSpec, ...] = ()
 
 
 @dataclass(frozen=True)
 class ImageValue:
+    """An IMAGE: the images of a sampling, decoded by ``vae`` (in tiles: ``tiling``)."""
+
     sampling: Sampling
     vae: VaeValue
+    tiling: Tiling | None = None
 
 
 @dataclass
@@ -289,6 +337,7 @@ def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
         )
     if any(r not in model.loras for r in positive.clip.loras):
         raise _Fail("positive", "a LoRA changes the text encoders but not this model; apply LoRAs to both")
+    controls = _controls(i["positive"], i["negative"], model)
     try:
         request = GenerateRequest(
             prompt=positive.text,
@@ -311,7 +360,10 @@ def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
         )
     except SD35Error as e:
         raise _Fail(e.param, e.message, type(e)) from None
-    return (Sampling(node, _load_spec(model, positive.clip), request),)
+    load = _load_spec(model, positive.clip)
+    if controls:
+        load = replace(load, vae=_vae_file(controls[0].vae, model.file, "positive"))
+    return (Sampling(node, load, request, controls),)
 
 
 def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
@@ -332,14 +384,160 @@ def _ksampler_advanced(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, .
     return _sampling(node, i, int(i["noise_seed"]))
 
 
-def _decode(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+def _decode(node: str, i: dict[str, Any], c: Checked, tiling: Tiling | None = None) -> tuple[Any, ...]:
     sampling, vae = i["samples"], i["vae"]
-    if not (vae.checkpoint and vae.file == sampling.load.model):
-        load = sampling.load
-        if vae.checkpoint and vae.file != load.model:
-            raise _Fail("vae", "the VAE comes from another checkpoint than the model; load it with VAELoader")
-        sampling = replace(sampling, load=replace(load, vae=vae.file))
-    return (ImageValue(sampling, vae),)
+    file = _vae_file(vae, sampling.load.model, "vae")
+    if sampling.controls and sampling.load.vae != file:
+        raise _Fail("vae", "this VAE is not the one the ControlNet images are encoded with; use one VAE")
+    if file is not None:
+        sampling = replace(sampling, load=replace(sampling.load, vae=file))
+    return (ImageValue(sampling, vae, tiling),)
+
+
+# --- text-encoder loaders, tiled decoding and ControlNets -----------------------------------------
+
+
+def _clip_files(node: str, names: tuple[str, ...], kind: str, c: Checked) -> tuple[Any, ...]:
+    """CLIPLoader and DualCLIPLoader with ``type`` ``kind``: ComfyUI's ``load_clip`` of these files.
+
+    With type ``sd3`` ComfyUI builds SD3's text model from the encoders it finds in the files and feeds
+    in for each missing one: no tokens for a missing T5 (the context is the CLIP tokens alone, as ours
+    without T5, :class:`sd35.conditioning.encode.TextConditioner`), zeros for a missing CLIP-L or CLIP-G
+    (its features and pooled part); sd35 needs both CLIPs, so a set without them is refused. ``device``
+    only says where ComfyUI keeps the encoders (sd35 places them by ``--device``/``--memory``); the
+    conditioning is the same.
+    """
+    files = tuple(c.files[(node, name)] for name in names)
+    if kind != "sd3":
+        raise _Fail("type", f"type {kind!r} makes another model family's text conditioning; use 'sd3'")
+    clips = [p for p in files if _text_kinds(p) & {CLIP_L, CLIP_G, "clip"}]
+    if len(clips) < 2:
+        held = ", ".join(p.name for p in files)
+        raise _Fail(
+            names[-1],
+            f"{held} hold fewer than two CLIP encoders; ComfyUI feeds zeros for a missing CLIP-L or CLIP-G, "
+            "sd35 needs both: load clip_l and clip_g with DualCLIPLoader, or all three with TripleCLIPLoader",
+        )
+    return (ClipValue(files=files),)
+
+
+def _text_kinds(path: Path) -> frozenset[str]:
+    try:
+        return frozenset(comp.kind for comp in scan([path]))
+    except SD35Error as e:
+        raise _Fail(None, e.message, type(e)) from None
+
+
+def _clip_loader(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    return _clip_files(node, ("clip_name",), i["type"], c)
+
+
+def _dual_clip_loader(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    return _clip_files(node, ("clip_name1", "clip_name2"), i["type"], c)
+
+
+def _decode_tiled(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    """VAEDecode in tiles of ``tile_size`` pixels, with sd35's exact tiling
+    (:mod:`sd35.models.vae_tiling`): GroupNorms see the whole image's statistics and tiles need no
+    overlap, so the image is the untiled one up to float rounding. ComfyUI's ``VAE.decode_tiled_``
+    instead decodes each tile on its own (its own statistics, zero padding at its borders), blends
+    tiles over ``overlap`` pixels and averages three such passes with tiles of
+    ``tile_size``, half-by-double and double-by-half: close to the untiled image, not equal. ``overlap``
+    is therefore not needed, and ``temporal_*`` are for video VAEs only (ComfyUI ignores them too)."""
+    return _decode(node, i, c, Tiling(max(1, int(i["tile_size"]) // 8)))
+
+
+def _controlnet_loader(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    path = c.files[(node, "control_net_name")]
+    try:
+        config = read_controlnet(path).config  # headers only; another family's ControlNet is refused
+    except SD35Error as e:
+        raise _Fail("control_net_name", e.message.rstrip("."), type(e)) from None
+    if config.extra_channels:
+        raise _Fail(
+            "control_net_name",
+            f"{path.name} is an inpainting ControlNet (it reads a mask besides the image); sd35 feeds "
+            "ControlNets a control image only",
+        )
+    return (ControlNetValue(path),)
+
+
+def _union_type(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    """ComfyUI passes the type to union ControlNets (ControlNet++ for SDXL, Flux); SD3 ControlNets have
+    no modes (ComfyUI's SD3 ControlNet model takes no ``control_type`` and fails at sampling)."""
+    raise _Fail(
+        "type", "SD3 ControlNets have no union types; remove SetUnionControlNetType and link the ControlNet"
+    )
+
+
+def _control_apply(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    """ControlNetApplyAdvanced (and ControlNetApplySD3, its older name with the VAE required): the
+    ControlNet joins every entry of the positive and the negative, after those already there. ComfyUI
+    returns the conditionings unchanged for strength 0; a window with start at or past end is never
+    active (ComfyUI's ``get_control`` then returns only earlier ControlNets' output), so both are left
+    out. SD3 ControlNets read the image through the VAE, so it is required (ComfyUI fails at sampling
+    without one)."""
+    if i["strength"] == 0 or i["start_percent"] >= i["end_percent"]:
+        return i["positive"], i["negative"]
+    image, vae = i["image"], i.get("vae")
+    if vae is None:
+        raise _Fail("vae", "an SD3 ControlNet reads its image through the VAE: link the VAE", InvalidRequest)
+    if not isinstance(image, ImageValue):
+        raise _Fail(
+            "image", f"a control image from {type(image).__name__} is not supported; use a decoded image"
+        )
+    if image.sampling.request.num_images != 1:
+        raise _Fail("image", "a control image must be one image; this one is a batch")
+    spec = ControlSpec(
+        i["control_net"].file,
+        image,
+        float(i["strength"]),
+        float(i["start_percent"]),
+        float(i["end_percent"]),
+        vae,
+    )
+    return tuple(
+        tuple(replace(p, controls=(*p.controls, spec)) for p in i[name]) for name in ("positive", "negative")
+    )
+
+
+def _controls(
+    positive: tuple[CondPart, ...], negative: tuple[CondPart, ...], model: ModelValue
+) -> tuple[ControlSpec, ...]:
+    """The ControlNets of a sampling: sd35 runs each on the whole CFG batch, so every entry of the
+    positive and negative must carry the same ones (as ControlNetApplyAdvanced makes them); each must fit
+    the model and use one VAE."""
+    sets = {p.controls for p in (*positive, *negative)}
+    if len(sets) > 1:
+        raise _Fail(
+            "negative",
+            "the positive and negative carry different ControlNets; apply them with one "
+            "ControlNetApplyAdvanced to both",
+        )
+    (controls,) = sets
+    if not controls:
+        return ()
+    if len({spec.vae for spec in controls}) > 1:
+        raise _Fail("positive", "the ControlNets encode their images with different VAEs; use one VAE")
+    main = next((comp for comp in scan([model.file]) if comp.kind == MMDITX), None)
+    if main is not None:
+        config = MMDiTXConfig.from_state_dict(main.tensors)
+        for spec in controls:
+            try:
+                check_fits(read_controlnet(spec.net).config, config, spec.net.name)
+            except SD35Error as e:
+                raise _Fail("positive", e.message.rstrip("."), type(e)) from None
+    return controls
+
+
+def _vae_file(vae: VaeValue, model: Path, name: str) -> Path | None:
+    """The file :class:`LoadSpec` ``vae`` names for ``vae`` next to ``model``: None for the model
+    checkpoint's own; input ``name`` is refused for another checkpoint's."""
+    if not vae.checkpoint:
+        return vae.file
+    if vae.file != model:
+        raise _Fail(name, "the VAE comes from another checkpoint than the model; load it with VAELoader")
+    return None
 
 
 HANDLERS: dict[str, Handler] = {
@@ -362,6 +560,14 @@ HANDLERS: dict[str, Handler] = {
     "VAEDecode": _decode,
     "SaveImage": lambda node, i, c: (),
     "PreviewImage": lambda node, i, c: (),
+    # text-encoder loaders, tiled decoding and ControlNets
+    "CLIPLoader": _clip_loader,
+    "DualCLIPLoader": _dual_clip_loader,
+    "VAEDecodeTiled": _decode_tiled,
+    "ControlNetLoader": _controlnet_loader,
+    "ControlNetApplyAdvanced": _control_apply,
+    "ControlNetApplySD3": _control_apply,
+    "SetUnionControlNetType": _union_type,
 }
 """Each node's meaning, by class name (the same names as :data:`sd35.workflows.nodes.NODES`)."""
 

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from sd35.errors import InvalidRequest, NotFound, SD35Error, WorkflowError
-from sd35.workflows.models import ModelsDir
+from sd35.workflows.models import ModelsDir, text_role
 from sd35.workflows.nodes import LINK_TYPES, NODES, Input
 
 Workflow = dict[str, dict[str, Any]]
@@ -181,7 +181,8 @@ def _node_errors(workflow: Workflow, node_id: str) -> Iterator[dict[str, Any]]:
     inputs = node["inputs"]
     for name, spec in kind.inputs.items():
         if name not in inputs:
-            yield error_entry("required_input_missing", f"required input {name!r} is missing", name)
+            if not spec.optional:
+                yield error_entry("required_input_missing", f"required input {name!r} is missing", name)
             continue
         value = inputs[name]
         if is_link(value):
@@ -300,7 +301,6 @@ def check(workflow: Workflow, models: ModelsDir) -> Checked:
 
 def _resolve_models(checked: Checked, models: ModelsDir, errors: dict[str, list[dict[str, Any]]]) -> None:
     """Each model name's file (into ``checked.files``), or its error."""
-    roles = {"clip_name1": "clip_l", "clip_name2": "clip_g", "clip_name3": "t5xxl"}
     for node_id in checked.order:
         node = checked.workflow[node_id]
         used: list[Path] = []
@@ -309,7 +309,8 @@ def _resolve_models(checked: Checked, models: ModelsDir, errors: dict[str, list[
                 continue
             value = node["inputs"][name]
             try:
-                path, note = models.resolve(spec.folder, value, role=roles.get(name), avoid=used)
+                role = spec.role or text_role(value)
+                path, note = models.resolve(spec.folder, value, role=role, avoid=used)
             except NotFound as e:
                 errors.setdefault(node_id, []).append(error_entry("value_not_in_list", e.message, name))
                 continue

@@ -2,10 +2,11 @@
 
 A loader node names a file relative to one of ComfyUI's model folders under ``--models-dir``
 (``checkpoints/``, ``diffusion_models/`` or ``unet/``, ``text_encoders/`` or ``clip/``, ``vae/``,
-``loras/``; sub-folders allowed, as in ComfyUI's lists). Shared workflows name the files their author had
-(``sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors``), so a name that is not there falls back to a
-file of the right kind found by what it holds (:func:`sd35.loading.components.scan_file`), and the
-choice is reported. A LoRA cannot be recognised that way, so a missing LoRA is an error. A name that is a
+``loras/``, ``controlnet/`` or ``t2i_adapter/``; sub-folders allowed, as in ComfyUI's lists). Shared
+workflows name the files their author had (``sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors``), so a
+name that is not there falls back to a file of the right kind found by what it holds
+(:func:`sd35.loading.components.scan_file`; a ControlNet by :func:`sd35.control.files.read_controlnet`),
+and the choice is reported. A LoRA cannot be recognised that way, so a missing LoRA is an error. A name that is a
 path (absolute, or climbing out with ``..``) is refused: a workflow may come from anyone.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from sd35.control.files import read_controlnet
 from sd35.errors import InvalidRequest, NotFound, SD35Error
 from sd35.loading.components import CLIP_G, CLIP_L, MMDITX, T5XXL, VAE, scan_file
 
@@ -24,6 +26,7 @@ FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": ("text_encoders", "clip"),
     "vae": ("vae",),
     "loras": ("loras",),
+    "controlnet": ("controlnet", "t2i_adapter"),
 }
 """ComfyUI's folder names, each with the older alias it still reads."""
 
@@ -35,6 +38,7 @@ WANTED: dict[str, str] = {
     "diffusion_models": "a diffusion model (MMDiT-X)",
     "text_encoders": "a text encoder",
     "vae": "a VAE",
+    "controlnet": "an SD3 ControlNet",
 }
 
 
@@ -50,6 +54,25 @@ def _fits(folder: str, kinds: frozenset[str], role: str | None) -> bool:
             return False
         return role is None or role in kinds or (role in (CLIP_L, CLIP_G) and "clip" in kinds)
     return False
+
+
+def text_role(name: object) -> str | None:
+    """The text encoder a file name says it is (``clip_l.safetensors``, ``t5xxl_fp16.safetensors``), or
+    None: what a CLIPLoader or DualCLIPLoader slot, which holds any encoder, expects in a fallback."""
+    text = str(name).lower().replace("-", "_")
+    for role, signs in ((T5XXL, ("t5",)), (CLIP_G, ("clip_g", "clipg")), (CLIP_L, ("clip_l", "clipl"))):
+        if any(sign in text for sign in signs):
+            return role
+    return None
+
+
+def _is_sd3_controlnet(path: Path) -> bool:
+    """Whether ``path`` (a file or a diffusers folder) is an SD3-family ControlNet, from its headers."""
+    try:
+        read_controlnet(path)  # refuses the ControlNets of other families
+    except SD35Error:
+        return False
+    return True
 
 
 def check_name(name: object) -> str:
@@ -115,17 +138,32 @@ class ModelsDir:
         root = f"the models folder {self.root}" if self.root else "the models folder (none was given)"
         if folder not in WANTED:
             raise NotFound(f"{name!r} is not in {where} of {root}; put the file there.")
-        pool = [
-            p
-            for other in WANTED
-            for base in self.folders(other)
-            for p in sorted(base.rglob("*"))
-            if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and p not in avoid
-        ]
-        for p in dict.fromkeys(pool):
-            if _fits(folder, self.kinds(p), role):
+        for p in self._candidates(folder, avoid):
+            if _is_sd3_controlnet(p) if folder == "controlnet" else _fits(folder, self.kinds(p), role):
                 shown = p.relative_to(self.root).as_posix() if self.root else str(p)
                 return p, f"{name!r} is not in {where}; using {shown}, {WANTED[folder]} found by content."
         raise NotFound(
             f"{name!r} is not in {where} of {root}, and no file there is {WANTED[folder]}; put the file there."
         )
+
+    def _candidates(self, folder: str, avoid: Sequence[Path]) -> list[Path]:
+        """The files that may stand in for a missing name of ``folder``: for a ControlNet the weight files
+        and diffusers folders of the ControlNet folders (a ControlNet is never elsewhere); else the weight
+        files of the checkpoint, diffusion-model, text-encoder and VAE folders (a checkpoint may serve as
+        the text encoders), less ``avoid``."""
+        if folder == "controlnet":
+            return [
+                p
+                for base in self.folders(folder)
+                for p in sorted(base.rglob("*"))
+                if (p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES) or (p / "config.json").is_file()
+            ]
+        pool = [
+            p
+            for other in WANTED
+            if other != "controlnet"
+            for base in self.folders(other)
+            for p in sorted(base.rglob("*"))
+            if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and p not in avoid
+        ]
+        return list(dict.fromkeys(pool))

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import get_args
 
+from sd35.loading.components import CLIP_G, CLIP_L, T5XXL
 from sd35.request import MAX_SEED
 from sd35.sampling.samplers import SamplerName
 from sd35.sampling.schedules import SchedulerName
 
-LINK_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE"})
+LINK_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "CONTROL_NET"})
 """Values that only travel over links (ComfyUI's socket types)."""
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -24,13 +25,17 @@ MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 @dataclass(frozen=True)
 class Input:
     """One input of a node: a link ``type`` from :data:`LINK_TYPES`, or a widget (``INT``, ``FLOAT``,
-    ``STRING``, ``COMBO`` with ``choices``, ``MODEL_NAME`` in ComfyUI's model ``folder``)."""
+    ``STRING``, ``COMBO`` with ``choices``, ``MODEL_NAME`` in ComfyUI's model ``folder``; ``role``: the
+    text encoder a text-encoder slot holds, for the content fallback). ``optional``: ComfyUI's optional
+    inputs, which a workflow may leave out."""
 
     type: str
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
     folder: str | None = None
+    role: str | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,8 @@ def _float(lo: float, hi: float) -> Input:
     return Input("FLOAT", min=lo, max=hi)
 
 
-def _model(folder: str) -> Input:
-    return Input("MODEL_NAME", folder=folder)
+def _model(folder: str, role: str | None = None) -> Input:
+    return Input("MODEL_NAME", folder=folder, role=role)
 
 
 STRING = Input("STRING")
@@ -76,6 +81,91 @@ def _sampler_inputs(seed: str) -> dict[str, Input]:
     }
 
 
+# --- text-encoder loaders, tiled decoding and ControlNets (nodes.py, comfy_extras/nodes_sd3.py,
+# comfy_extras/nodes_controlnet.py of v0.3.64)
+
+CLIP_DEVICE = Input("COMBO", choices=("default", "cpu"), optional=True)
+UNION_TYPES = (
+    "auto",
+    "openpose",
+    "depth",
+    "hed/pidi/scribble/ted",
+    "canny/lineart/anime_lineart/mlsd",
+    "normal",
+    "segment",
+    "tile",
+    "repaint",
+)  # comfy/cldm/control_types.py
+_CONTROL_APPLY = {
+    "positive": _link("CONDITIONING"),
+    "negative": _link("CONDITIONING"),
+    "control_net": _link("CONTROL_NET"),
+    "image": _link("IMAGE"),
+    "strength": _float(0, 10),
+    "start_percent": _float(0, 1),
+    "end_percent": _float(0, 1),
+}
+CONTROL_NODES: dict[str, NodeType] = {
+    "CLIPLoader": NodeType(
+        {
+            "clip_name": _model("text_encoders"),
+            "type": Input(
+                "COMBO",
+                choices=(
+                    "stable_diffusion",
+                    "stable_cascade",
+                    "sd3",
+                    "stable_audio",
+                    "mochi",
+                    "ltxv",
+                    "pixart",
+                    "cosmos",
+                    "lumina2",
+                    "wan",
+                    "hidream",
+                    "chroma",
+                    "ace",
+                    "omnigen2",
+                    "qwen_image",
+                    "hunyuan_image",
+                ),
+            ),  # fmt: skip
+            "device": CLIP_DEVICE,
+        },
+        ("CLIP",),
+    ),
+    "DualCLIPLoader": NodeType(
+        {
+            "clip_name1": _model("text_encoders"),
+            "clip_name2": _model("text_encoders"),
+            "type": Input(
+                "COMBO", choices=("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image")
+            ),
+            "device": CLIP_DEVICE,
+        },
+        ("CLIP",),
+    ),
+    "VAEDecodeTiled": NodeType(
+        {
+            "samples": _link("LATENT"),
+            "vae": _link("VAE"),
+            "tile_size": _int(64, 4096),
+            "overlap": Input("INT", min=0, max=4096, optional=True),  # older workflows lack these three
+            "temporal_size": Input("INT", min=8, max=4096, optional=True),
+            "temporal_overlap": Input("INT", min=4, max=4096, optional=True),
+        },
+        ("IMAGE",),
+    ),
+    "ControlNetLoader": NodeType({"control_net_name": _model("controlnet")}, ("CONTROL_NET",)),
+    "ControlNetApplyAdvanced": NodeType(
+        {**_CONTROL_APPLY, "vae": Input("VAE", optional=True)}, ("CONDITIONING", "CONDITIONING")
+    ),
+    "ControlNetApplySD3": NodeType({**_CONTROL_APPLY, "vae": _link("VAE")}, ("CONDITIONING", "CONDITIONING")),
+    "SetUnionControlNetType": NodeType(
+        {"control_net": _link("CONTROL_NET"), "type": Input("COMBO", choices=UNION_TYPES)}, ("CONTROL_NET",)
+    ),
+}
+
 NODES: dict[str, NodeType] = {
     "CheckpointLoaderSimple": NodeType({"ckpt_name": _model("checkpoints")}, ("MODEL", "CLIP", "VAE")),
     "UNETLoader": NodeType(
@@ -86,7 +176,10 @@ NODES: dict[str, NodeType] = {
         ("MODEL",),
     ),
     "TripleCLIPLoader": NodeType(
-        {f"clip_name{i}": _model("text_encoders") for i in (1, 2, 3)},
+        {
+            f"clip_name{i}": _model("text_encoders", role)
+            for i, role in ((1, CLIP_L), (2, CLIP_G), (3, T5XXL))
+        },
         ("CLIP",),
     ),
     "VAELoader": NodeType({"vae_name": _model("vae")}, ("VAE",)),
@@ -153,5 +246,6 @@ NODES: dict[str, NodeType] = {
     "VAEDecode": NodeType({"samples": _link("LATENT"), "vae": _link("VAE")}, ("IMAGE",)),
     "SaveImage": NodeType({"images": _link("IMAGE"), "filename_prefix": STRING}, (), output_node=True),
     "PreviewImage": NodeType({"images": _link("IMAGE")}, (), output_node=True),
+    **CONTROL_NODES,
 }
 """Every node sd35 runs, by ComfyUI class name."""

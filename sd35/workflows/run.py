@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -23,9 +24,10 @@ from sd35.errors import InvalidRequest
 from sd35.files import check_writable_folder
 from sd35.image_io import save_png
 from sd35.loading.assemble import load_pipeline
+from sd35.models.vae_tiling import Tiling
 from sd35.pipeline import SD3Pipeline
 from sd35.result import Progress
-from sd35.workflows.evaluate import LoadSpec, Plan, Sampling, evaluate
+from sd35.workflows.evaluate import ImageValue, LoadSpec, Plan, Sampling, evaluate
 from sd35.workflows.graph import Source, check, set_input
 from sd35.workflows.models import ModelsDir
 
@@ -104,28 +106,55 @@ def run_plan(
         chunks["workflow"] = json.dumps(source.ui)
     prefixes = {o.node: _prefix(o.prefix, o.node) for o in plan.outputs if o.prefix is not None}
     pipes: dict[LoadSpec, SD3Pipeline] = {}
-    images: dict[Sampling, list[Image.Image]] = {}
-    for output in plan.outputs:
-        sampling = output.image.sampling
-        if sampling not in images:
+    images: dict[tuple[Sampling, Tiling | None], list[Image.Image]] = {}
+
+    def images_of(value: ImageValue) -> list[Image.Image]:
+        """The images of an IMAGE value, each sampling run once per decoding (its ControlNets' images
+        made first)."""
+        sampling = value.sampling
+        key = (sampling, value.tiling)
+        if key not in images:
+            units = tuple(spec.unit(images_of(spec.image)[0]) for spec in sampling.controls)
+            request = replace(sampling.request, controls=units) if units else sampling.request
             if hooks.on_node is not None:
                 hooks.on_node(sampling.node)
             if sampling.load not in pipes:
                 pipes[sampling.load] = loader(sampling.load)
             on_step = hooks.on_progress
-            run = pipes[sampling.load].run(
-                sampling.request,
-                None if on_step is None else lambda p, node=sampling.node, f=on_step: f(node, p),
-                hooks.cancel,
-                on_warning=on_note,
-            )
+            with decoding(pipes[sampling.load], value.tiling):
+                run = pipes[sampling.load].run(
+                    request,
+                    None if on_step is None else lambda p, node=sampling.node, f=on_step: f(node, p),
+                    hooks.cancel,
+                    on_warning=on_note,
+                )
             result.notes += run.warnings
-            images[sampling] = run.images
+            images[key] = run.images
+        return images[key]
+
+    for output in plan.outputs:
         prefix = prefixes.get(output.node, PurePosixPath("preview", "ComfyUI_preview"))
-        result.files[output.node] = [save_output(im, out_dir, prefix, chunks) for im in images[sampling]]
+        result.files[output.node] = [
+            save_output(im, out_dir, prefix, chunks) for im in images_of(output.image)
+        ]
         if hooks.on_output is not None:
             hooks.on_output(output.node, result.files[output.node])
     return result
+
+
+@contextmanager
+def decoding(pipe: SD3Pipeline, tiling: Tiling | None) -> Iterator[None]:
+    """``pipe`` decoding (and encoding) in ``tiling``'s tiles inside the block (VAEDecodeTiled); as set
+    before otherwise."""
+    if tiling is None:
+        yield
+        return
+    before = pipe.vae_tiling, pipe.tiling
+    pipe.vae_tiling, pipe.tiling = "on", tiling
+    try:
+        yield
+    finally:
+        pipe.vae_tiling, pipe.tiling = before
 
 
 def default_loader(
