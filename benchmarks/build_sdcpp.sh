@@ -32,6 +32,18 @@ if [ ! -d "$src" ]; then
     tar xzf "$tarball"
 fi
 
+# One-line patch, on by default (SDCPP_PATCH_DEPTH=0 builds it untouched): sd.cpp's MMDiT starts its depth at
+# 24 and only *raises* it from the joint_blocks.N keys (src/mmdit.hpp, MMDiT::MMDiT), so any depth below SD3.5
+# Medium's is refused ("context_embedder.bias has wrong shape"). Starting at 0 makes the depth the one the
+# weights have, which lets the scaled comparison config (depth 8, hidden 512) load; for depth >= 24 (every real
+# SD3 checkpoint) nothing changes, and no kernel or graph is touched.
+if [ "${SDCPP_PATCH_DEPTH:-1}" = "1" ]; then
+    sed -i 's/int64_t depth                    = 24;/int64_t depth                    = 0;  \/\/ sd35 bench: depth from the keys/' \
+        "$src/src/mmdit.hpp"
+    grep -q "sd35 bench: depth from the keys" "$src/src/mmdit.hpp" \
+        || { echo "build_sdcpp.sh: the depth patch did not apply (sd.cpp's mmdit.hpp changed?)" >&2; exit 1; }
+fi
+
 nice -n 10 cmake -S "$src" -B "$SDCPP_HOME/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DSD_BUILD_EXAMPLES=ON \
@@ -41,5 +53,8 @@ nice -n 10 cmake --build "$SDCPP_HOME/build" --config Release --target sd-cli -j
     || nice -n 10 cmake --build "$SDCPP_HOME/build" --config Release -j "$JOBS"
 
 # The sdist has no .git, so sd.cpp's own version string reads "unknown": record where it came from instead.
-echo "stable-diffusion-cpp-python==${SDIST_VERSION} (vendored stable-diffusion.cpp + ggml)" > "$SDCPP_HOME/build/SOURCE"
+patched=""
+grep -q "sd35 bench: depth from the keys" "$src/src/mmdit.hpp" && patched=", MMDiT depth patch"
+echo "stable-diffusion-cpp-python==${SDIST_VERSION} (vendored stable-diffusion.cpp + ggml${patched})" \
+    > "$SDCPP_HOME/build/SOURCE"
 ls -la "$SDCPP_HOME/build/bin/"

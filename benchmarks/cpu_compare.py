@@ -1,7 +1,7 @@
 """One CFG step on the CPU: ours, diffusers and stable-diffusion.cpp side by side, at several resolutions.
 
     python benchmarks/cpu_compare.py [--sdcpp PATH] [--sizes 256,384,512,768] [--depth 8] [--rounds 3]
-        [--full-width] [--json benchmarks/cpu_speed.json] [--plot benchmarks/cpu_speed.png]
+        [--dtypes bf16,fp32] [--sdcpp-threads N] [--json benchmarks/cpu_speed.json] [--plot benchmarks/cpu_speed.png]
 
 Engines: ours and diffusers' ``SD3Transformer2DModel`` in bf16 and fp32 (the same random weights, in this
 process), and sd.cpp's ``sd-cli`` (``benchmarks/build_sdcpp.sh``) with ``--type`` f16, q8_0 and f32 on a file
@@ -11,7 +11,7 @@ sd.cpp's 154 text tokens for all engines. A round times every engine once at eve
 order, so the drift of a shared machine hits all alike; each number is the median over rounds of (torch)
 the median of ``--iters`` back-to-back steps after one warm-up, (sd.cpp) its steady-state step from its log
 over ``--iters`` + 1 steps. A step is cond + uncond: batch 2 for ours and diffusers, two forwards for sd.cpp.
-``--full-width`` adds the 512 px step at depth 24 (SD3.5 Medium itself) for ours bf16 and sd.cpp f16/q8_0.
+``--depth 24 --sizes 512 --dtypes bf16`` is SD3.5 Medium's own width (fp32 would hold two 10 GB models).
 Without sd.cpp it says so and times ours against diffusers. The plot needs matplotlib (the [bench] extra).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -83,13 +84,14 @@ def machine_facts(sdcpp: Path | None) -> dict:
 
 
 def torch_engines(
-    cfg: MMDiTXConfig, sizes: list[int], seed: int, iters: int, diffusers: bool
+    cfg: MMDiTXConfig, sizes: list[int], seed: int, iters: int, diffusers: bool, dtypes: list[str]
 ) -> tuple[dict, list]:
     """name -> (size -> seconds per step) for ours and diffusers at each dtype, and the equivalence rows
     (ours vs diffusers at the smallest size, before anything is timed)."""
     engines: dict[str, Callable[[int], float]] = {}
     equivalence = []
-    for dname, dtype in TORCH_DTYPES.items():
+    for dname in dtypes:
+        dtype = TORCH_DTYPES[dname]
         inputs = {s: step_inputs(cfg, s, torch.device("cpu"), dtype, seed, SDCPP_TEXT_TOKENS) for s in sizes}
         ours = build_random(MMDiTX, cfg, "cpu", dtype, seed)
         calls = {f"ours {dname}": lambda s, m=ours, i=inputs: m(*i[s].args)}
@@ -221,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3, help="timed steps per engine and size in a round")
     p.add_argument("--types", default=",".join(SDCPP_TYPES), help="sd.cpp --type values")
     p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--full-width", action="store_true", help="also the 512 px step at depth 24")
+    p.add_argument("--dtypes", default="bf16,fp32", help="ours' and diffusers' dtypes")
+    p.add_argument("--sdcpp-threads", type=int, help="sd.cpp's -t (default: torch's thread count)")
     p.add_argument("--weights-dir", default=os.environ.get("SDCPP_WEIGHTS", "/work/sdcpp/weights"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="benchmarks/cpu_speed.json")
-    p.add_argument("--plot", default="benchmarks/cpu_speed.png")
+    p.add_argument("--plot", default="benchmarks/cpu_speed.png", help="'' for none")
     a = p.parse_args(argv)
     try:
         sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
@@ -247,47 +250,38 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     cfg = comparison_config(a.depth)
     log(f"depth {cfg.depth}, hidden {cfg.hidden_size}, {SDCPP_TEXT_TOKENS} text tokens, {threads} threads")
-    engines, equivalence = torch_engines(cfg, sizes, a.seed, a.iters, not a.no_diffusers)
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in TORCH_DTYPES for d in dtypes):
+        raise SystemExit(f"--dtypes takes {','.join(TORCH_DTYPES)} (comma-separated), got {a.dtypes!r}")
+    engines, equivalence = torch_engines(cfg, sizes, a.seed, a.iters, not a.no_diffusers, dtypes)
     sd_runs: list[dict] = []
     if binary is not None:
         files = write_sdcpp_files(Path(a.weights_dir), cfg, a.seed)
-        engines.update(sdcpp_engines(binary, files, types, a.iters, threads, sd_runs))
+        sd_threads = a.sdcpp_threads or threads
+        engines.update(sdcpp_engines(binary, files, types, a.iters, sd_threads, sd_runs))
     rows = rows_of(time_rounds(engines, sizes, a.rounds))
-    engines = None  # frees the scaled models before the full-width ones
-    full_rows: list[dict] = []
-    if a.full_width:
-        full = comparison_config(24)
-        fw: dict[str, Callable[[int], float]] = {}
-        ours = build_random(MMDiTX, full, "cpu", torch.bfloat16, a.seed)
-        inp = step_inputs(full, 512, torch.device("cpu"), torch.bfloat16, a.seed, SDCPP_TEXT_TOKENS)
-        fw["ours bf16"] = lambda s: _median_step(lambda: ours(*inp.args), 1)
-        if binary is not None:
-            files = write_sdcpp_files(Path(a.weights_dir), full, a.seed)
-            fw.update(
-                sdcpp_engines(binary, files, tuple(t for t in types if t != "f32"), 2, threads, sd_runs)
-            )
-        full_rows = rows_of(time_rounds(fw, [512], 1))
     load_after = os.getloadavg()
     facts = machine_facts(binary) | {"load_before": load_before, "load_after": load_after}
     report = {
         "machine": facts,
         "config": {"depth": cfg.depth, "hidden": cfg.hidden_size, "text_tokens": SDCPP_TEXT_TOKENS},
+        "sdcpp_threads": (a.sdcpp_threads or threads) if binary is not None else None,
         "sdcpp_found": binary is not None,
         "rounds": a.rounds,
         "iters": a.iters,
         "equivalence": equivalence,
         "rows": rows,
-        "full_width_512": full_rows,
         "sdcpp_runs": sd_runs,
     }
     Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
     print(table(rows, sizes))
-    if full_rows:
-        print("\nfull width (depth 24, hidden 1536), 512 px:\n" + table(full_rows, [512]))
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {a.json}")
-    if a.plot:
+    if a.plot and importlib.util.find_spec("matplotlib") is None:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no plot written.")
+    elif a.plot:
         title = (
-            f"one CFG step, MMDiT-X depth {cfg.depth} / hidden {cfg.hidden_size}, {threads} threads, "
+            f"one CFG step, MMDiT-X depth {cfg.depth} / hidden {cfg.hidden_size}, torch {threads} threads, "
+            f"sd.cpp -t {report['sdcpp_threads']}, "
             f"{facts['cpu']}, {facts['date'][:10]}"
         )
         plot(rows, Path(a.plot), title)

@@ -12,8 +12,11 @@ of that at any depth: depth 24 is SD3.5 Medium itself.
 
 What it feeds the model: one 77-token chunk of CLIP-L|CLIP-G features and one of T5 (:data:`SDCPP_TEXT_TOKENS`
 = 154 tokens), cond and uncond as two separate forwards per CFG step. Text encoders it does not get are
-replaced by zeros (``SD3CLIPEmbedder``), but with none at all it cannot make a condition, so it gets a random
-CLIP-L at its real shape (the architecture is fixed in its source: no tiny stand-in is possible).
+replaced by zeros (``SD3CLIPEmbedder``), but with none at all it makes an empty condition and crashes
+(segmentation fault), and with CLIP-L alone it aborts concatenating the pooled vectors (a rank mismatch
+between CLIP-L's pooled output and CLIP-G's zeros). So it gets random CLIP-L and CLIP-G at their real shapes
+(their architectures are fixed in its source: no tiny stand-in is possible) and no T5 (zeros); the text
+encoders run once per image, outside the steps timed here.
 
 Timing: its progress line ``|====| k/N - X.XXs/it`` (or ``it/s`` under a second) carries the *average* time
 per step since sampling began, so step k ended at k * X seconds. The steady-state step is
@@ -126,28 +129,36 @@ def parse_sdcpp_log(text: str) -> SdcppTiming:
     )
 
 
-def write_sdcpp_files(folder: Path, cfg: MMDiTXConfig, seed: int) -> dict[str, Path]:
-    """Random weights sd.cpp reads, in float32 (``--type`` converts them at load): the official single file
-    (``model.diffusion_model.*`` with SD3.5M's VAE as ``first_stage_model.*``) and an HF-layout CLIP-L.
+def write_sdcpp_files(
+    folder: Path, cfg: MMDiTXConfig, seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, Path]:
+    """Random weights sd.cpp reads, in ``dtype`` (its ``--type`` converts them at load): the official single
+    file (``model.diffusion_model.*`` with SD3.5M's VAE as ``first_stage_model.*``) and HF-layout CLIP-L and
+    CLIP-G files (the module doc says why it needs them).
 
-    The MMDiT-X is drawn exactly as :func:`sd35.models.random_init.build_random` draws ours with ``seed``, so
-    all engines hold the same weights. Written once per config and reused (the files are large)."""
+    The MMDiT-X is drawn as :func:`sd35.models.random_init.build_random` draws ours with ``seed`` and ``dtype``,
+    so all engines hold the same weights (bfloat16 halves the full-width file to 5 GB). Written once per
+    config and reused (the files are large)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = folder / f"sd3.5m-depth{cfg.depth}-seed{seed}.safetensors"
-    clip_l = folder / "clip_l.safetensors"
+    tag = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    model = folder / f"sd3.5m-depth{cfg.depth}-seed{seed}-{tag}.safetensors"
+    clips = {name: folder / f"{name}.safetensors" for name in ("clip_l", "clip_g")}
     if not model.exists():
-        mmditx = build_random(MMDiTX, cfg, "cpu", torch.float32, seed).state_dict()
-        vae = build_random(VAE, VAEConfig(), "cpu", torch.float32, seed + 1).state_dict()
+        mmditx = build_random(MMDiTX, cfg, "cpu", dtype, seed).state_dict()
+        vae = build_random(VAE, VAEConfig(), "cpu", dtype, seed + 1).state_dict()
         tensors = {f"model.diffusion_model.{k}": v for k, v in mmditx.items()}
         tensors.update({f"first_stage_model.{k}": v for k, v in vae.items()})
         save_file_atomic({k: v.contiguous() for k, v in tensors.items()}, model)
-    if not clip_l.exists():
-        enc = build_random(CLIPTextEncoder, medium_configs().clip_l, "cpu", torch.float32, seed + 2)
-        state = {
-            k: v.contiguous() for k, v in enc.state_dict().items() if not k.startswith("text_projection")
-        }
-        save_file_atomic(state, clip_l)
-    return {"model": model, "clip_l": clip_l}
+    for name, path in clips.items():  # float16 halves CLIP-G's 2.8 GB; sd.cpp converts at load
+        if not path.exists():
+            cfg_clip = getattr(medium_configs(), name)
+            enc = build_random(CLIPTextEncoder, cfg_clip, "cpu", torch.float16, seed + 2)
+            keep = name == "clip_g"  # SD3's clip_l file has no text_projection, its clip_g file has one
+            state = {
+                k: v.contiguous() for k, v in enc.state_dict().items() if keep or "text_projection" not in k
+            }
+            save_file_atomic(state, path)
+    return {"model": model, **clips}
 
 
 def sdcpp_command(
@@ -168,6 +179,8 @@ def sdcpp_command(
         str(files["model"]),
         "--clip_l",
         str(files["clip_l"]),
+        "--clip_g",
+        str(files["clip_g"]),
         "-p",
         "a photo of a cat",
         "--cfg-scale",
