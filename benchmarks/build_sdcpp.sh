@@ -55,6 +55,7 @@ nice -n 10 cmake --build "$SDCPP_HOME/build" --config Release --target sd-cli -j
 # The sdist has no .git, so sd.cpp's own version string reads "unknown": record where it came from instead.
 patched=""
 grep -q "sd35 bench: depth from the keys" "$src/src/mmdit.hpp" && patched=", MMDiT depth patch"
-echo "stable-diffusion-cpp-python==${SDIST_VERSION} (vendored stable-diffusion.cpp + ggml${patched})" \
+ggml_version=$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$src/ggml/CMakeLists.txt" | paste -sd.)
+echo "stable-diffusion-cpp-python==${SDIST_VERSION} (vendored stable-diffusion.cpp + ggml ${ggml_version}${patched})" \
     > "$SDCPP_HOME/build/SOURCE"
 ls -la "$SDCPP_HOME/build/bin/"

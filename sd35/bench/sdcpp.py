@@ -26,6 +26,7 @@ The run is stopped once ``sampling completed`` is logged: the VAE decode that fo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ import torch
 from sd35.errors import SD35Error
 from sd35.loading.safetensors_io import save_file_atomic
 from sd35.models.clip import CLIPTextEncoder
-from sd35.models.configs import medium_configs
+from sd35.models.configs import medium_configs, medium_mmditx_config
 from sd35.models.mmditx import HEAD_DIM, MMDiTX, MMDiTXConfig
 from sd35.models.random_init import build_random
 from sd35.models.vae import VAE, VAEConfig
@@ -55,17 +56,11 @@ def comparison_config(depth: int) -> MMDiTXConfig:
     """SD3.5 Medium's MMDiT-X at ``depth`` blocks, in the shape sd.cpp infers from the weights (module doc):
     hidden 64 * depth, text 4096, pooled 2048, 384 grid, attn2 in the first 13/24 of the blocks as SD3.5M."""
     hidden = HEAD_DIM * depth
-    return MMDiTXConfig(
+    return dataclasses.replace(
+        medium_mmditx_config(),
         hidden_size=hidden,
         depth=depth,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        pos_embed_max_size=384,
-        pooled_dim=2048,
-        context_dim=4096,
         mlp_hidden=4 * hidden,
-        qk_norm=True,
         attn2_layers=tuple(range(round(depth * 13 / 24))),
     )
 
