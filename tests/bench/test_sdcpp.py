@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from sd35.bench.sdcpp import comparison_config, find_sdcpp, parse_sdcpp_log, sdcpp_command
+from sd35.bench.sdcpp import comparison_config, find_sdcpp, parse_sdcpp_log, run_sdcpp, sdcpp_command
 from sd35.errors import SD35Error
 from sd35.models.configs import medium_mmditx_config
 
@@ -75,6 +76,29 @@ def test_finding_sd_cli(tmp_path, monkeypatch):
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     assert find_sdcpp() == binary
+
+
+def _fake_sd_cli(tmp_path: Path, body: str) -> list[str]:
+    script = tmp_path / "fake-sd-cli"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return [str(script)]
+
+
+def test_run_stops_sd_cli_once_sampling_is_logged(tmp_path):
+    # prints the captured log (its decode lines after "sampling completed" included), then would idle for 60 s
+    command = _fake_sd_cli(tmp_path, f"cat '{LOG}'\nsleep 60")
+    t0 = time.perf_counter()
+    timing, wall, log = run_sdcpp(command)
+    assert time.perf_counter() - t0 < 30 and wall < 30  # stopped, not waited for
+    assert timing.steps == 4 and timing.sampling_s == pytest.approx(51.27)
+    assert "sampling completed" in log
+
+
+def test_a_failing_sd_cli_is_one_error_with_its_log(tmp_path):
+    command = _fake_sd_cli(tmp_path, 'echo "[ERROR] load tensors from file failed"\nexit 1')
+    with pytest.raises(SD35Error, match="(?s)no complete sampling progress.*load tensors from file failed"):
+        run_sdcpp(command)
 
 
 def _cpu_compare():
