@@ -56,13 +56,19 @@ class StepInputs:
 
 
 def step_inputs(
-    cfg: MMDiTXConfig, size: int, device: torch.device, dtype: torch.dtype, seed: int
+    cfg: MMDiTXConfig,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    text_tokens: int = TEXT_TOKENS,
 ) -> StepInputs:
-    """Random normal inputs drawn on the CPU (the same numbers on every device), t uniform in [0, 1000]."""
+    """Random normal inputs drawn on the CPU (the same numbers on every device), t uniform in [0, 1000].
+    ``text_tokens``: diffusers' 77 + 256 by default; 77 + 77 to match stable-diffusion.cpp's."""
     g = torch.Generator().manual_seed(seed * 7919 + size)
     lat = size // 8
     x = torch.randn(BATCH, cfg.in_channels, lat, lat, generator=g)
-    context = torch.randn(BATCH, TEXT_TOKENS, cfg.context_dim, generator=g)
+    context = torch.randn(BATCH, text_tokens, cfg.context_dim, generator=g)
     y = torch.randn(BATCH, cfg.pooled_dim, generator=g)
     t = torch.rand(BATCH, generator=g) * 1000.0
     return StepInputs(x.to(device, dtype), t.to(device), y.to(device, dtype), context.to(device, dtype))
