@@ -1,5 +1,8 @@
 """Running a workflow: check it, evaluate it, load each distinct set of files once, run each sampler node
-once, and save what the output nodes show.
+once (:class:`~sd35.workflows.execute.Executor`), and save what the output nodes show.
+
+Images that LoadImage and LoadImageMask name are read from ``input_dir``, ComfyUI's ``input/`` folder
+(:class:`~sd35.workflows.inputs.InputDir`: nothing outside it).
 
 SaveImage writes ``OUTDIR/{filename_prefix}_{counter:05}_.png`` as ComfyUI does (the counter one past the
 highest already there; a name taken meanwhile gets the next free ``-N`` name, never overwritten), with
@@ -24,11 +27,11 @@ from sd35.files import check_writable_folder
 from sd35.image_io import save_png
 from sd35.loading.assemble import load_pipeline
 from sd35.pipeline import SD3Pipeline
-from sd35.workflows.evaluate import LoadSpec, Plan, Sampling, evaluate
+from sd35.workflows.evaluate import LoadSpec, Plan, evaluate
+from sd35.workflows.execute import Executor, Loader
 from sd35.workflows.graph import Source, check, set_input
+from sd35.workflows.inputs import InputDir
 from sd35.workflows.models import ModelsDir
-
-Loader = Callable[[LoadSpec], SD3Pipeline]
 
 
 @dataclass
@@ -40,12 +43,14 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(source: Source, models: ModelsDir, assignments: Sequence[str] = ()) -> Plan:
+def prepare(
+    source: Source, models: ModelsDir, assignments: Sequence[str] = (), input_dir: Path | None = None
+) -> Plan:
     """``source`` with the ``NODE.INPUT=VALUE`` assignments applied, checked and evaluated (nothing runs;
-    every problem raises a :class:`~sd35.errors.WorkflowError`)."""
+    every problem raises a :class:`~sd35.errors.WorkflowError`); image names resolve in ``input_dir``."""
     for assignment in assignments:
         set_input(source.prompt, assignment)
-    return evaluate(check(source.prompt, models))
+    return evaluate(check(source.prompt, models, InputDir(input_dir)))
 
 
 def _prefix(prefix: Any, node: str) -> PurePosixPath:
@@ -88,18 +93,12 @@ def run_plan(
     if source.ui is not None:
         chunks["workflow"] = json.dumps(source.ui)
     prefixes = {o.node: _prefix(o.prefix, o.node) for o in plan.outputs if o.prefix is not None}
-    pipes: dict[LoadSpec, SD3Pipeline] = {}
-    images: dict[Sampling, list[Image.Image]] = {}
+    executor = Executor(loader, on_note)
     for output in plan.outputs:
-        sampling = output.image.sampling
-        if sampling not in images:
-            if sampling.load not in pipes:
-                pipes[sampling.load] = loader(sampling.load)
-            run = pipes[sampling.load].run(sampling.request, on_warning=on_note)
-            result.notes += run.warnings
-            images[sampling] = run.images
         prefix = prefixes.get(output.node, PurePosixPath("preview", "ComfyUI_preview"))
-        result.files[output.node] = [save_output(im, out_dir, prefix, chunks) for im in images[sampling]]
+        images = executor.images(output.image)
+        result.files[output.node] = [save_output(im, out_dir, prefix, chunks) for im in images]
+    result.notes += executor.notes
     return result
 
 
