@@ -57,9 +57,8 @@ from sd35.prompt_cache import PromptCache
 from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
-from sd35.sampling.inpaint import MaskedDenoiser
+from sd35.sampling.inpaint import sample_from
 from sd35.sampling.noise import BatchRows, Generators, NoiseSampler, stack_rows, stream_noise
-from sd35.sampling.samplers import run_sampler
 from sd35.sampling.schedules import (
     comfy_denoise_sigmas,
     get_sigmas,
@@ -848,21 +847,17 @@ class SD3Pipeline:
             shift=req.shift,
             negative_until=req.negative_until,
         )
-        # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
-        # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
-        x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
-        if mask is not None:
-            denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
-        run = run.to(self.device)
-        return run_sampler(
+        return sample_from(
             req.sampler,
             denoiser,
-            x,
-            run,
+            noise,
+            run.to(self.device),
             shift=req.shift,
+            latent=init_latent,
+            mask=mask,
+            step_noise=step_noise,
             callback=callback,
             generator=generator,
-            noise_sampler=None if step_noise is None else step_noise(x, run),
         )
 
     def _step_model(self, req: GenerateRequest):

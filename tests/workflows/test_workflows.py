@@ -21,12 +21,12 @@ from sd35.request import GenerateRequest, TextOptions
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.workflows.graph import Source, read_source
 from sd35.workflows.models import ModelsDir
-from sd35.workflows.run import default_loader, prepare, run_plan
+from sd35.workflows.run import prepare, run_plan
 from tests.helpers import pixels, run_cli
+from tests.workflows.conftest import TE_NAMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TE_NAMES = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
 SIZE, STEPS, SEED = 32, 4, 7
 
 
@@ -99,32 +99,6 @@ def with_slg(workflow: dict) -> dict:
     workflow["3"]["inputs"].update(model=["14", 0], sampler_name="euler_ancestral", scheduler="simple")
     workflow["135"]["inputs"]["batch_size"] = 2
     return workflow
-
-
-@pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory):
-    """A ComfyUI models folder over the tiny set (links, not copies)."""
-    root = tmp_path_factory.mktemp("models")
-    (root / "checkpoints").mkdir()
-    (root / "text_encoders").mkdir()
-    (root / "checkpoints" / "sd3.5_medium.safetensors").symlink_to(tiny["official"])
-    for name in TE_NAMES:
-        (root / "text_encoders" / name).symlink_to(tiny["text_encoders"] / name)
-    return root
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny):
-    """One pipeline per distinct file set, as ``sd35 run`` loads them; a test reads which sets were asked."""
-    cache = {}
-    load = default_loader("cpu", "fp32", tiny["diffusers"])
-
-    def loader(spec):
-        if spec not in cache:
-            cache[spec] = load(spec)
-        return cache[spec]
-
-    return loader
 
 
 def _equivalent(**more) -> GenerateRequest:
