@@ -299,3 +299,27 @@ def test_sd35_run_reads_input_beside_the_models_folder(capsys, tiny, models, inp
         capsys, "run", str(path), "--models-dir", str(models), "--input-dir", str(tmp_path / "no")
     )
     assert code != 0 and "no such input folder" in err
+
+
+def test_an_image_graph_without_a_sampler_saves_comfyuis_pixels(models, inputs, loaded, tmp_path):
+    """LoadImage -> ImageScaleBy -> SaveImage: SaveImage writes the scaled IMAGE as ComfyUI does (255 x,
+    clipped, truncated), and nothing is loaded."""
+    workflow = {
+        "10": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "11": {
+            "class_type": "ImageScaleBy",
+            "inputs": {"image": ["10", 0], "upscale_method": "bicubic", "scale_by": 1.5},
+        },
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "scaled"}},
+    }
+
+    def no_loading(spec):
+        raise AssertionError("nothing to load")
+
+    source = Source(copy.deepcopy(workflow))
+    result = run_plan(_plan(workflow, models, inputs), source, tmp_path, no_loading)
+    (saved,) = _saved(result)
+    image = px.load_image(inputs / "photo.png")[0]
+    want = px.to_pil(px.upscale(image.movedim(-1, 1), 48, 48, "bicubic").movedim(1, -1))[0]
+    assert saved.size == (48, 48) and np.array_equal(pixels(saved), pixels(want))
+    assert json.loads(Image.open(result.files["9"][0]).text["prompt"]) == workflow
