@@ -297,7 +297,7 @@ def node_outputs(c, folder: Path) -> dict[str, torch.Tensor]:
     positive, negative = conditioning()
     *_, made = c.nodes.InpaintModelConditioning().encode(positive, negative, image, vae, mask, True)
     out["model_conditioning/pixels"], out["model_conditioning/noise_mask"] = seen[1], made["noise_mask"]
-    for method in ("nearest-exact", "bilinear", "area", "bicubic"):
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "bislerp"):
         (made,) = c.nodes.LatentUpscaleBy().upscale({"samples": latent}, method, 1.5)
         out[f"latent_upscale/{method}"] = made["samples"]
     for method, width, height, crop in (

@@ -554,10 +554,6 @@ def _inpaint_conditioning(node: str, i: dict[str, Any], c: Checked) -> tuple[Any
 
 
 def _latent_upscale_by(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
-    if i["upscale_method"] == "bislerp":
-        raise _Fail(
-            "upscale_method", "bislerp is not supported; use bicubic, bilinear, area or nearest-exact"
-        )
     width, height, _ = latent_size(i["samples"])
     cells = (round(width // DOWNSCALE * i["scale_by"]), round(height // DOWNSCALE * i["scale_by"]))
     if min(cells) < 1:

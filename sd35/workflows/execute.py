@@ -3,9 +3,8 @@
 Every sampler node runs through :meth:`sd35.pipeline.SD3Pipeline.run`, the one sampling path: a txt2img
 sampler with its request alone (so its image is ``sd35 generate``'s), a sampler over a latent other nodes
 made with a :class:`~sd35.pipeline.LatentStart` holding that latent and its noise mask. Latents are kept
-in the model's space; LatentUpscaleBy resizes them there, which is ComfyUI's resize of the VAE-space latent
-up to float rounding (the map between the two is affine, and the resize methods are linear with weights
-summing to 1).
+in the model's space; LatentUpscaleBy resizes them in the VAE's, where ComfyUI's LATENT lives (``bislerp``
+is not linear, so the space matters).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sd35.models.vae import latent_to_model, model_to_latent
 from sd35.pipeline import LatentStart, SD3Pipeline
 from sd35.result import GenerateResult
 from sd35.workflows.evaluate import (
@@ -159,4 +159,4 @@ class Executor:
         assert isinstance(value, UpscaledLatent)
         samples, mask = self.latent(value.latent, load)
         size = (value.width // DOWNSCALE, value.height // DOWNSCALE)
-        return upscale(samples, *size, value.method), mask
+        return latent_to_model(upscale(model_to_latent(samples), *size, value.method)), mask

@@ -88,13 +88,16 @@ def upscale(
 ) -> torch.Tensor:
     """``(b, c, h, w)`` resized to ``width`` x ``height`` as ComfyUI's ``common_upscale``: ``crop="center"``
     first cuts the middle of the new aspect ratio; ``lanczos`` goes through 8-bit PIL images (values
-    clipped and truncated), the other methods are ``torch.nn.functional.interpolate``'s."""
+    clipped and truncated), ``bislerp`` is :func:`bislerp`, the other methods are
+    ``torch.nn.functional.interpolate``'s."""
     if crop == "center":
         old_w, old_h = samples.shape[-1], samples.shape[-2]
         old_aspect, new_aspect = old_w / old_h, width / height
         x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
         y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
         samples = samples[..., y : old_h - y, x : old_w - x]
+    if method == "bislerp":
+        return bislerp(samples, width, height)
     if method == "lanczos":
         out = []
         for row in samples:
@@ -103,6 +106,59 @@ def upscale(
             out.append(_unit(np.asarray(resized)).movedim(-1, 0))
         return torch.stack(out).to(samples)
     return F.interpolate(samples, size=(height, width), mode=method)
+
+
+def _neighbours(old: int, new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of ``new`` positions resampling ``old`` ones bilinearly (half-pixel centres, clamped at the
+    edges): the source index at or below it, the one above (the last index at the edge), and how far
+    between them it lies. The positions are bilinear interpolation's own, obtained by interpolating the
+    index ramp, so they round as ComfyUI's do."""
+    ramp = torch.arange(old, dtype=torch.float32).reshape(1, 1, 1, -1)
+    position = F.interpolate(ramp, size=(1, new), mode="bilinear").flatten()
+    above = F.interpolate(torch.clamp(ramp + 1, max=old - 1), size=(1, new), mode="bilinear").flatten()
+    return position.long(), above.long(), position - position.floor()
+
+
+def _slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rows ``a`` and ``b`` (``(n, c)``) blended at ``t`` (``(n, 1)``): their directions by spherical
+    interpolation, their lengths linearly; rows pointing the same way keep ``a``, opposite ones blend
+    linearly (ComfyUI's ``bislerp`` edge cases)."""
+    a_norm, b_norm = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    a_dir = torch.where(a_norm == 0, 0.0, a / a_norm)
+    b_dir = torch.where(b_norm == 0, 0.0, b / b_norm)
+    cos = (a_dir * b_dir).sum(-1)
+    angle = torch.acos(cos)
+    sin = torch.sin(angle)
+    w = t.squeeze(1)
+    out = (torch.sin((1.0 - w) * angle) / sin)[:, None] * a_dir + (torch.sin(w * angle) / sin)[
+        :, None
+    ] * b_dir
+    out = out * (a_norm * (1.0 - t) + b_norm * t)
+    same, opposite = cos > 1 - 1e-5, cos < 1e-5 - 1
+    out[same] = a[same]
+    out[opposite] = (a * (1.0 - t) + b * t)[opposite]
+    return out
+
+
+def _bislerp_axis(samples: torch.Tensor, new: int, axis: int) -> torch.Tensor:
+    """One pass of :func:`bislerp` along ``axis`` (-1: width, -2: height) of ``(b, c, h, w)``."""
+    lower, upper, t = _neighbours(samples.shape[axis], new)
+    a = samples.index_select(axis, lower).movedim(1, -1)
+    b = samples.index_select(axis, upper).movedim(1, -1)
+    shape = [1, 1, 1]
+    shape[axis] = new
+    t = t.reshape(shape).expand(a.shape[:-1])
+    rows = _slerp(a.reshape(-1, a.shape[-1]), b.reshape(-1, a.shape[-1]), t.reshape(-1, 1))
+    return rows.reshape(a.shape).movedim(-1, 1)
+
+
+def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's ``bislerp`` latent resize: bilinear resampling, width then height, where each pair of
+    neighbouring latent vectors (over the channels) is blended by :func:`_slerp` instead of linearly, so
+    the result keeps the vectors' lengths instead of shrinking them between unlike neighbours."""
+    dtype = samples.dtype
+    out = _bislerp_axis(samples.float(), width, -1)
+    return _bislerp_axis(out, height, -2).to(dtype)
 
 
 def scale_size(width: int, height: int, new_width: int, new_height: int) -> tuple[int, int]:
