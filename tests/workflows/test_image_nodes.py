@@ -47,6 +47,7 @@ def inputs(tmp_path_factory):
     Image.fromarray(np.dstack([rgb, alpha])).save(root / "masked.png")
     Image.fromarray(rng.integers(0, 256, (SIZE // 2, SIZE), dtype=np.uint8)).save(root / "wide_mask.png")
     Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "odd.png")
+    (root / "broken.png").write_text("not an image")
     return root
 
 
@@ -249,6 +250,7 @@ BAD = {  # case: (workflow, change to it, node, input, error type, words in the 
     "absolute": (img2img, _set("10", image="/etc/photo.png"), "10", "image", "invalid_image_name", "is a path"),
     "output": (img2img, _set("10", image="x.png [output]"), "10", "image", "invalid_image_name", "input folder only"),
     "link": (img2img, _link_out, "10", "image", "invalid_image_name", "outside the input folder"),
+    "broken": (img2img, _set("10", image="broken.png"), "10", "image", "invalid_input", "not an image"),
     "mask-size": (img2img, _mismatch, "21", "mask", "invalid_input", "the mask is 32x16"),
     "odd-size": (img2img, _set("10", image="odd.png"), "3", "latent_image", "unsupported", "multiples of 16"),
 }  # fmt: skip
