@@ -98,7 +98,7 @@ class LatentStart:
     ``force_full_denoise`` KSamplerAdvanced's window (:func:`~sd35.sampling.schedules.step_window`);
     ``add_noise`` False starts from the latent as it is (its leftover noise). A window that ends above
     sigma 0 returns ComfyUI's ``inverse_noise_scaling`` of the result (``x / (1 - sigma)``), which the next
-    sampler's ``(1 - sigma) * latent`` start undoes. ``decode`` False skips the VAE: only ``latents``.
+    sampler's ``(1 - sigma) * latent`` start undoes.
     """
 
     latent: torch.Tensor
@@ -108,7 +108,6 @@ class LatentStart:
     last_step: int | None = None
     force_full_denoise: bool = False
     add_noise: bool = True
-    decode: bool = True
 
 
 class CheckedRequest(NamedTuple):
@@ -578,12 +577,11 @@ class SD3Pipeline:
                 latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"), control)
             latents.append(latent)
             t1 = time.perf_counter()
-            if start is None or start.decode:
-                image = self.decode_latent(latent)
-                if pixel_mask is not None and not comfy:
-                    image = composite(image, canvas, pixel_mask)
-                images.append(self._labelled(image, req, seed))
-                infotexts.append(image.info["parameters"])
+            image = self.decode_latent(latent)
+            if pixel_mask is not None and not comfy:
+                image = composite(image, canvas, pixel_mask)
+            images.append(self._labelled(image, req, seed))
+            infotexts.append(image.info["parameters"])
             sample_time += t1 - t0
             decode_time += time.perf_counter() - t1
         timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - begin)
