@@ -17,6 +17,12 @@ files small. Run with the oracle's own dependencies importable (``pip install --
 Outputs: ``sigmas.json`` (every scheduler's sigmas at several step counts and shifts), ``noise.safetensors``
 (``default_noise_sampler`` and ``BrownianTreeNoiseSampler`` draws) and ``runs.safetensors`` (whole latents of
 every sampler x scheduler x steps x CFG, first steps, SLG runs and batches of two).
+
+``--only edits`` writes just the image and latent node fixtures (``edits.json``: ``KSampler.set_steps``'s
+sigmas at denoise < 1; ``edits.safetensors``: ``common_ksampler`` over a made latent with denoise < 1, a noise
+mask (``KSamplerX0Inpaint``) and KSamplerAdvanced's windows, and what LoadImage, LoadImageMask,
+VAEEncodeForInpaint, InpaintModelConditioning, LatentUpscaleBy, ImageScale and ImageScaleBy return; the
+images LoadImage reads are written beside them as ``load_*.png``).
 """
 
 from __future__ import annotations
@@ -192,16 +198,157 @@ def ksample(c, model, sampler, scheduler, steps, cfg, batch=1, seed=SEED, firsts
     return out["samples"].to(torch.float32).contiguous()
 
 
+# ------------------------------------------------------------------------- image and latent node fixtures
+
+EDIT_SHAPE = (1, 16, 4, 4)
+EDIT_DENOISE = (0.3, 0.6, 0.75, 1.0)
+EDIT_SAMPLERS = ("euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde")
+
+
+def denoise_sigmas(c, model) -> dict:
+    """``KSampler.set_steps``'s sigmas for denoise below 1, as ``scheduler/sampler/steps/denoise``."""
+    out = {}
+    for scheduler in ("normal", "simple", "sgm_uniform", "karras", "beta"):
+        for sampler in ("euler", "uni_pc"):
+            for steps in (4, 10):
+                for denoise in EDIT_DENOISE:
+                    ks = c.comfy.samplers.KSampler(
+                        model, steps, "cpu", sampler=sampler, scheduler=scheduler, denoise=denoise
+                    )
+                    out[f"{scheduler}/{sampler}/{steps}/{denoise:g}"] = ks.sigmas.tolist()
+    return out
+
+
+def edit_runs(c, model) -> dict[str, torch.Tensor]:
+    """``common_ksampler`` over a made latent: denoise 0.6 and 1 with and without a soft pixel-size noise
+    mask; KSamplerAdvanced in two stages (leftover noise, then no added noise) and one cut window."""
+    g = torch.Generator().manual_seed(SEED + 7)
+    latent = torch.randn(EDIT_SHAPE, generator=g) * 0.8
+    ramp = torch.clamp((torch.arange(32, dtype=torch.float32) - 10) / 12, 0, 1)
+    mask = ramp[None, None, :].expand(1, 32, 32).contiguous()
+    positive, negative = conditioning()
+    out = {"edit.latent": latent, "edit.mask": mask}
+    for sampler in EDIT_SAMPLERS:
+        for denoise in (0.6, 1.0):
+            for masked in (False, True):
+                given = {"samples": latent.clone()} | ({"noise_mask": mask.clone()} if masked else {})
+                (made,) = c.nodes.common_ksampler(
+                    model, SEED, 6, 4.5, sampler, "normal", positive, negative, given, denoise=denoise
+                )
+                out[f"denoise/{sampler}/{denoise:g}/{'mask' if masked else 'plain'}"] = made["samples"]
+    for sampler in ("euler", "euler_ancestral"):
+
+        def run(latent, sampler=sampler, **kw):
+            return c.nodes.common_ksampler(
+                model, SEED, 8, 4.5, sampler, "normal", positive, negative, latent, **kw
+            )[0]
+
+        one = run({"samples": latent.clone()}, start_step=0, last_step=3, force_full_denoise=False)
+        two = run(dict(one), disable_noise=True, start_step=3, last_step=10000, force_full_denoise=True)
+        cut = run({"samples": latent.clone()}, start_step=2, last_step=5, force_full_denoise=True)
+        out[f"advanced/{sampler}/stage1"] = one["samples"]
+        out[f"advanced/{sampler}/stage2"] = two["samples"]
+        out[f"advanced/{sampler}/window"] = cut["samples"]
+    return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def write_load_images(folder: Path) -> None:
+    """The images LoadImage reads in the fixtures: RGBA, RGB (no alpha) and a palette with transparency."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED)
+    rgba = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "load_rgba.png")
+    Image.fromarray(rgba[..., :3], "RGB").save(folder / "load_rgb.png")
+    palette = Image.fromarray(rgba[..., 0] // 64, "L").convert("P")
+    palette.save(folder / "load_palette.png", transparency=1)
+
+
+def node_outputs(c, folder: Path) -> dict[str, torch.Tensor]:
+    """What ComfyUI's image and latent nodes return on seeded inputs (a VAE stand-in whose ``encode``
+    records the pixels it is given, cropped by ComfyUI's own ``vae_encode_crop_pixels``)."""
+    import folder_paths
+
+    g = torch.Generator().manual_seed(SEED + 8)
+    image = torch.rand((1, 36, 44, 3), generator=g)
+    mask = torch.rand((1, 18, 22), generator=g)
+    latent = torch.randn((1, 16, 5, 6), generator=g)
+    seen: list[torch.Tensor] = []
+
+    class RecordingVAE:
+        downscale_ratio = 8
+        crop_input = True
+
+        def spacial_compression_encode(self):
+            return 8
+
+        def encode(self, pixels):
+            seen.append(c.comfy.sd.VAE.vae_encode_crop_pixels(self, pixels).clone())
+            return torch.zeros(1)
+
+    vae = RecordingVAE()
+    out = {"nodes.image": image, "nodes.mask": mask, "nodes.latent": latent}
+    for grow in (0, 5, 6):
+        seen.clear()
+        (made,) = c.nodes.VAEEncodeForInpaint().encode(vae, image, mask, grow)
+        out[f"inpaint/{grow}/pixels"], out[f"inpaint/{grow}/noise_mask"] = seen[0], made["noise_mask"]
+    seen.clear()
+    positive, negative = conditioning()
+    *_, made = c.nodes.InpaintModelConditioning().encode(positive, negative, image, vae, mask, True)
+    out["model_conditioning/pixels"], out["model_conditioning/noise_mask"] = seen[1], made["noise_mask"]
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "bislerp"):
+        (made,) = c.nodes.LatentUpscaleBy().upscale({"samples": latent}, method, 1.5)
+        out[f"latent_upscale/{method}"] = made["samples"]
+    for method, width, height, crop in (
+        ("lanczos", 24, 24, "center"),
+        ("bicubic", 50, 0, "disabled"),
+        ("area", 20, 16, "center"),
+        ("nearest-exact", 0, 30, "disabled"),
+    ):
+        (made,) = c.nodes.ImageScale().upscale(image, method, width, height, crop)
+        out[f"image_scale/{method}/{width}/{height}/{crop}"] = made
+    (out["image_scale_by/bilinear/1.5"],) = c.nodes.ImageScaleBy().upscale(image, "bilinear", 1.5)
+    write_load_images(folder)
+    folder_paths.set_input_directory(str(folder))
+    for name in ("rgba", "rgb", "palette"):
+        out[f"load_image/{name}/image"], out[f"load_image/{name}/mask"] = c.nodes.LoadImage().load_image(
+            f"load_{name}.png"
+        )
+    for channel in ("alpha", "red", "green", "blue"):
+        (out[f"load_mask/rgba/{channel}"],) = c.nodes.LoadImageMask().load_image("load_rgba.png", channel)
+    return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def write_edits(c, out: Path, meta: dict[str, str]) -> None:
+    standin = StandInVelocity.seeded(0)
+    model = build_model(c, standin, 3.0)
+    sigmas = {"comfyui_version": COMFYUI_VERSION, "denoise_sigmas": denoise_sigmas(c, model)}
+    (out / "edits.json").write_text(json.dumps(sigmas) + "\n")
+    tensors = edit_runs(c, model) | node_outputs(c, out)
+    tensors |= {f"standin.{k}": v.contiguous() for k, v in standin.tensors().items()}
+    for name, t in zip(
+        ("context", "pooled", "neg_context", "neg_pooled"), standin_conditioning(), strict=True
+    ):
+        tensors[f"cond.{name}"] = t.contiguous()
+    save_file(tensors, out / "edits.safetensors", meta | {"shape": json.dumps(list(EDIT_SHAPE))})
+    print(f"wrote {len(tensors)} edit tensors")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", type=Path, default=Path("../shared/oracles/comfyui"))
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--only", choices=("edits",), default=None, help="write only these fixtures")
     args = parser.parse_args()
     torch.set_num_threads(1)
     c = import_comfy(args.comfyui.resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"comfyui_version": COMFYUI_VERSION, "comfyui_commit": COMFYUI_COMMIT, "seed": str(SEED)}
+    if args.only == "edits":
+        write_edits(c, args.out, meta)
+        return
 
     (args.out / "sigmas.json").write_text(
         json.dumps({"comfyui_version": COMFYUI_VERSION, "shifts": sigma_tables(c)}, indent=None) + "\n"

@@ -44,6 +44,13 @@ def latent_mask(mask: torch.Tensor, latent_height: int, latent_width: int) -> to
     return torch.nn.functional.interpolate(mask, size=(latent_height, latent_width), mode="area")
 
 
+def comfy_latent_mask(mask: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    """The mask resized to the latent bilinearly, as ComfyUI resizes a noise mask
+    (``comfy/utils.py`` ``reshape_mask``, used by ``sampler_helpers.prepare_mask``)."""
+    mask = mask.reshape(-1, 1, *mask.shape[-2:])
+    return torch.nn.functional.interpolate(mask, size=(latent_height, latent_width), mode="bilinear")
+
+
 def composite(generated: Image.Image, original: Image.Image, mask: torch.Tensor) -> Image.Image:
     """Original pixels where the mask is 0, generated where 1, blended in between (A1111's inpaint overlay)."""
     m = mask[0, 0].cpu().numpy()[..., None]

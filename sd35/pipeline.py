@@ -20,7 +20,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -38,6 +38,7 @@ from sd35.control.preprocess import preprocess
 from sd35.control.unit import ControlUnit
 from sd35.errors import Cancelled, InvalidRequest, NotFound, SD35Warning, Unsupported
 from sd35.imaging import (
+    comfy_latent_mask,
     composite,
     image_to_tensor,
     latent_mask,
@@ -56,10 +57,15 @@ from sd35.prompt_cache import PromptCache
 from sd35.request import Edit, GenerateRequest, HiresFix, LoraRef, TextOptions
 from sd35.result import GenerateResult, Progress, Stage
 from sd35.sampling.guidance import GuidedDenoiser, check_slg_layers
-from sd35.sampling.inpaint import MaskedDenoiser
+from sd35.sampling.inpaint import sample_from
 from sd35.sampling.noise import BatchRows, Generators, NoiseSampler, stack_rows, stream_noise
-from sd35.sampling.samplers import run_sampler
-from sd35.sampling.schedules import get_sigmas, img2img_sigmas, img2img_start
+from sd35.sampling.schedules import (
+    comfy_denoise_sigmas,
+    get_sigmas,
+    img2img_sigmas,
+    img2img_start,
+    step_window,
+)
 from sd35.sampling.stochastic import comfy_noise_sampler
 
 if TYPE_CHECKING:
@@ -76,6 +82,32 @@ VAE_TILING = ("auto", "on", "off")
 AUTO_TILE_PIXELS = 1024 * 1024
 PROMPT_CACHE_SIZE = 32
 ASPECT_SLACK = 0.02  # a mask or init image whose aspect ratio differs by more than this is not just rescaled
+
+
+@dataclass(frozen=True)
+class LatentStart:
+    """Internal (ComfyUI workflows, :mod:`sd35.workflows.run`): sample from a LATENT that earlier nodes
+    made, as ComfyUI's KSampler and KSamplerAdvanced do (``nodes.common_ksampler``), instead of from noise
+    or the request's init image. The request gives everything else; its size and ``num_images`` must be
+    the latent's.
+
+    ``latent`` is ``(num_images, C, h, w)`` in the model's space (all zeros: ComfyUI's empty latent, which
+    it leaves unshifted); ``mask`` ComfyUI's ``noise_mask`` (``(n, 1, H, W)`` in [0, 1], any size: resized
+    bilinearly to the latent, row i of image i, repeated as ComfyUI repeats it). ``denoise`` is KSampler's
+    (:func:`~sd35.sampling.schedules.comfy_denoise_sigmas`); ``start_step``, ``last_step``,
+    ``force_full_denoise`` KSamplerAdvanced's window (:func:`~sd35.sampling.schedules.step_window`);
+    ``add_noise`` False starts from the latent as it is (its leftover noise). A window that ends above
+    sigma 0 returns ComfyUI's ``inverse_noise_scaling`` of the result (``x / (1 - sigma)``), which the next
+    sampler's ``(1 - sigma) * latent`` start undoes.
+    """
+
+    latent: torch.Tensor
+    mask: torch.Tensor | None = None
+    denoise: float = 1.0
+    start_step: int | None = None
+    last_step: int | None = None
+    force_full_denoise: bool = False
+    add_noise: bool = True
 
 
 class CheckedRequest(NamedTuple):
@@ -410,7 +442,7 @@ class SD3Pipeline:
             check_slg_layers(req.slg, self.mmditx.config.depth)
         if req.edit is not None:
             notes += self._check_edit(req.edit, req.width, req.height)
-            if req.edit.strength > 0:  # 0 is a VAE round trip, with no sampling
+            if req.edit.strength > 0 and req.edit.mode == "sd35":  # 0: a VAE round trip, no sampling
                 img2img_start(req.steps, req.edit.strength, param="edit.strength")
         for ref in req.loras:
             self.lora_source(ref.name)  # raises NotFound for an unknown name
@@ -472,6 +504,8 @@ class SD3Pipeline:
         on_progress: ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        *,
+        start: LatentStart | None = None,
     ) -> GenerateResult:
         """The images of ``request``; image i uses seed+i (or, with ``batch_noise="batch"``, row i of the
         batch's noise drawn from ``seed``, ComfyUI's way: :meth:`_image_noises`).
@@ -481,25 +515,32 @@ class SD3Pipeline:
         outpainting; ``request.hires`` adds a second, upscaled img2img pass. ``on_progress`` gets a
         :class:`~sd35.result.Progress` after every step; ``cancel()`` is asked after every step and a true
         answer stops the run with :class:`~sd35.errors.Cancelled`; ``on_warning`` gets each note as it
-        arises (they are also in the result).
+        arises (they are also in the result). ``start`` (internal, for ComfyUI workflows: :class:`LatentStart`)
+        samples from a latent made elsewhere. The result's ``latents`` hold each image's final latent.
         """
         timings: dict[str, float] = {}
-        start = time.perf_counter()
+        begin = time.perf_counter()
         checked = self.check(request)
         req, notes = checked.request, list(checked.warnings)
         _tell(on_warning, notes)
         self._apply_request_loras(req.loras)
         cond, uncond = self._conditioning(req, notes, on_warning)
-        timings["encode"] = time.perf_counter() - start
+        timings["encode"] = time.perf_counter() - begin
 
         width, height = req.width, req.height
         latent_shape = self._latent_shape(width, height)
         canvas, mask = req.edit.canvas() if req.edit is not None else (None, None)
+        comfy = start is not None or (req.edit is not None and req.edit.mode == "comfyui")
         init_latent = self.encode_image(canvas, width, height) if canvas is not None else None
         pixel_mask = mask_to_tensor(mask, width, height, req.edit.mask_blur) if mask is not None else None
-        lmask = latent_mask(pixel_mask, *latent_shape[2:]).to(self.device) if pixel_mask is not None else None
-        strength = req.edit.strength if req.edit is not None else 1.0
-        sigmas = get_sigmas(req.scheduler, req.steps, req.shift, sampler=req.sampler)
+        if start is not None:
+            self._check_start(start, req, latent_shape)
+            init_latent, pixel_mask = start.latent.to(self.device), start.mask
+        lmask = None
+        if pixel_mask is not None:
+            resize = comfy_latent_mask if comfy else latent_mask
+            lmask = resize(pixel_mask, *latent_shape[2:]).to(self.device)
+        sigmas, run_sigmas = self._schedule(req, start)
         stages = 2 if req.hires is not None else 1
         self._load_controlnets(req.controls)  # in the run, never in check(): a server checks on other threads
         control = (
@@ -508,36 +549,73 @@ class SD3Pipeline:
             else None
         )
 
-        images, infotexts = [], []
+        images, infotexts, latents = [], [], []
         sample_time = decode_time = 0.0
         noises = self._image_noises(req, latent_shape)
         for i, seed in enumerate(req.seeds):
             _check_cancel(cancel)
             t0 = time.perf_counter()
             noise, generator, step_noise = noises[i]
+            init = init_latent if start is None else init_latent[i : i + 1]
+            row_mask = None if lmask is None else lmask[i % len(lmask) : i % len(lmask) + 1]
+            if start is not None and not start.add_noise:
+                noise = torch.zeros_like(noise)
 
             def report(stage: Stage, image: int = i) -> StepCallback:
                 return _step_callback(on_progress, cancel, image, req.num_images, stage, stages)
 
-            if init_latent is not None and strength == 0.0:
-                latent = init_latent  # nothing to denoise: the input through the VAE
+            if init is not None and len(run_sigmas) < 2:
+                latent = init  # nothing to denoise: the input as it came (through the VAE for an edit)
             else:
                 latent = self._sample(
-                    req, cond, uncond, sigmas, strength, noise, generator, init_latent, lmask, report("base"),
+                    req, cond, uncond, sigmas, run_sigmas, noise, generator, init, row_mask, report("base"),
                     control, step_noise,
                 )  # fmt: skip
+                if start is not None and run_sigmas[-1] != 0:
+                    latent = latent / (1.0 - run_sigmas[-1].to(latent))  # ComfyUI's leftover noise
             if req.hires is not None:
                 latent = self._hires_pass(req, latent, cond, uncond, generator, report("hires"), control)
+            latents.append(latent)
             t1 = time.perf_counter()
             image = self.decode_latent(latent)
-            if pixel_mask is not None:
+            if pixel_mask is not None and not comfy:
                 image = composite(image, canvas, pixel_mask)
             images.append(self._labelled(image, req, seed))
             infotexts.append(image.info["parameters"])
             sample_time += t1 - t0
             decode_time += time.perf_counter() - t1
-        timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - start)
-        return GenerateResult(images, req.seeds, req, infotexts, notes, timings)
+        timings.update(sample=sample_time, decode=decode_time, total=time.perf_counter() - begin)
+        return GenerateResult(images, req.seeds, req, infotexts, notes, timings, latents)
+
+    def _schedule(self, req: GenerateRequest, start: LatentStart | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full schedule (what the guidance counts steps over) and the sigmas sampled: the request's
+        schedule, cut at the edit strength the reference's way or ComfyUI's (``edit.mode``), or a
+        :class:`LatentStart`'s denoise and step window, as ComfyUI's KSampler (Advanced) cuts it."""
+        name, steps, shift, sampler = req.scheduler, req.steps, req.shift, req.sampler
+        if start is not None:
+            full = comfy_denoise_sigmas(name, steps, start.denoise, shift, sampler=sampler)
+            return full, step_window(full, start.start_step, start.last_step, start.force_full_denoise)
+        strength = req.edit.strength if req.edit is not None else 1.0
+        if req.edit is not None and req.edit.mode == "comfyui":
+            full = comfy_denoise_sigmas(name, steps, strength, shift, sampler=sampler)
+            return full, full
+        full = get_sigmas(name, steps, shift, sampler=sampler)
+        if strength == 0.0:
+            return full, full[:0]  # a VAE round trip
+        return full, img2img_sigmas(full, strength) if strength < 1.0 else full
+
+    def _check_start(self, start: LatentStart, req: GenerateRequest, shape: tuple[int, ...]) -> None:
+        """A :class:`LatentStart` must be the request's latent: its size and image count, nothing else."""
+        expected = (req.num_images, *shape[1:])
+        if tuple(start.latent.shape) != expected:
+            raise InvalidRequest(
+                f"the start latent is {tuple(start.latent.shape)}, but the request makes {expected}.",
+                param="start",
+            )
+        if req.edit is not None or req.hires is not None:
+            raise InvalidRequest(
+                "a start latent replaces the edit and the hires pass; give neither.", param="edit"
+            )
 
     @torch.no_grad()
     def run_batch(
@@ -634,7 +712,7 @@ class SD3Pipeline:
             cond,
             uncond,
             sigmas,
-            1.0,
+            sigmas,
             noise,
             list(generators),
             None,
@@ -740,7 +818,7 @@ class SD3Pipeline:
         cond: Conditioning,
         uncond: Conditioning | None,
         sigmas: torch.Tensor,
-        strength: float,
+        run: torch.Tensor,
         noise: torch.Tensor,
         generator: Generators,
         init_latent: torch.Tensor | None,
@@ -749,11 +827,11 @@ class SD3Pipeline:
         control: Callable[[int, int], Controls] | None = None,
         step_noise: StepNoise | None = None,
     ) -> torch.Tensor:
-        """One sampling run from ``noise`` (txt2img) or from ``init_latent`` noised to ``strength`` (img2img);
-        ``generator`` may be one per row of ``noise`` (see :data:`~sd35.sampling.noise.Generators`);
-        ``control(width, height)`` gives the request's ControlNets at this pass's size, and ``step_noise`` the
-        stochastic samplers' noise (None: ``generator``'s stream)."""
-        run = img2img_sigmas(sigmas, strength) if strength < 1.0 else sigmas
+        """One sampling run over ``run`` (the whole schedule ``sigmas`` or its tail) from ``noise``
+        (txt2img) or from ``init_latent`` noised to ``run[0]`` (img2img); ``generator`` may be one per row of
+        ``noise`` (see :data:`~sd35.sampling.noise.Generators`); ``control(width, height)`` gives the
+        request's ControlNets at this pass's size, and ``step_noise`` the stochastic samplers' noise (None:
+        ``generator``'s stream)."""
         controls = None if control is None else control(noise.shape[-1] * 8, noise.shape[-2] * 8)
         denoiser = GuidedDenoiser(
             self._step_model(req),
@@ -767,21 +845,17 @@ class SD3Pipeline:
             shift=req.shift,
             negative_until=req.negative_until,
         )
-        # txt2img starts from pure noise; img2img from the flow forward process, x = s * noise + (1 - s) * x0
-        # (the reference's img2img, sd3_infer.py SD3Inferencer.do_sampling)
-        x = noise * run[0] if init_latent is None else run[0] * noise + (1.0 - run[0]) * init_latent
-        if mask is not None:
-            denoiser = MaskedDenoiser(denoiser, init_latent, noise, mask)
-        run = run.to(self.device)
-        return run_sampler(
+        return sample_from(
             req.sampler,
             denoiser,
-            x,
-            run,
+            noise,
+            run.to(self.device),
             shift=req.shift,
+            latent=init_latent,
+            mask=mask,
+            step_noise=step_noise,
             callback=callback,
             generator=generator,
-            noise_sampler=None if step_noise is None else step_noise(x, run),
         )
 
     def _step_model(self, req: GenerateRequest):
@@ -824,22 +898,29 @@ class SD3Pipeline:
             req.scheduler, hires_schedule_steps(hires.steps, hires.strength), req.shift, sampler=req.sampler
         )
         noise = torch.randn(big.shape, generator=generator).to(self.device)
-        return self._sample(
-            req, cond, uncond, full, hires.strength, noise, generator, big, None, callback, control
-        )
+        run = img2img_sigmas(full, hires.strength)
+        return self._sample(req, cond, uncond, full, run, noise, generator, big, None, callback, control)
 
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The model-space latent of ``image`` Lanczos-resized to ``width`` x ``height``: the VAE mean
         (deterministic, unlike the reference's sample), as img2img and the training cache use it."""
-        pixels = image_to_tensor(image, width, height).to(self.device)
-        return latent_to_model(self.vae.encode(pixels, tiling=self.vae_tiling_for(width, height)).float())
+        return self.encode_pixels(image_to_tensor(image, width, height))
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model-space latent (the VAE mean) of ``(n, 3, H, W)`` pixels in [-1, 1]."""
+        tiling = self.vae_tiling_for(pixels.shape[-1], pixels.shape[-2])
+        return latent_to_model(self.vae.encode(pixels.to(self.device), tiling=tiling).float())
 
     def decode_latent(self, latent: torch.Tensor) -> Image.Image:
         """The image of a model-space latent (the first of a batch), tiled as :meth:`vae_tiling_for` says."""
+        return tensor_to_image(self.decode_pixels(latent[:1]))
+
+    def decode_pixels(self, latent: torch.Tensor) -> torch.Tensor:
+        """The ``(n, 3, H, W)`` pixels in [-1, 1] of a model-space latent batch, unrounded."""
         if self.device.type == "cuda" and "cuda_graphs" not in self.accelerations:
             self.mmditx.release_caches()  # its fused-adaLN copy would add to the decode's peak; graphs keep it
         tiling = self.vae_tiling_for(latent.shape[-1] * 8, latent.shape[-2] * 8)
-        return tensor_to_image(self.vae.decode(model_to_latent(latent.float()), tiling=tiling))
+        return self.vae.decode(model_to_latent(latent.float()), tiling=tiling)
 
     # ------------------------------------------------------------------------------------ ControlNet
 

@@ -48,6 +48,7 @@ MIN_HIRES_STRENGTH = 0.01  # the hires schedule is steps / strength long; A1111'
 Upscaler = Literal["latent", "lanczos"]
 NoiseMode = Literal["sd35", "comfyui"]
 BatchNoise = Literal["per_image", "batch"]
+EditMode = Literal["sd35", "comfyui"]
 
 
 def _meta(help: str, **more: Any) -> dict[str, Any]:
@@ -107,6 +108,16 @@ class Edit:
             "extend the init image by LEFT,TOP,RIGHT,BOTTOM pixels and paint the borders", flag="--outpaint"
         ),
     )
+    mode: EditMode = field(
+        default="sd35",
+        metadata=_meta(
+            "how strength and mask act: sd35 (the reference's img2img cut of the schedule; a mask averaged "
+            "per latent cell, the result composited over the init image) or comfyui (ComfyUI's KSampler "
+            "denoise: steps steps from a schedule of steps/strength; the mask resized bilinearly to the "
+            "latent, nothing composited; use --mask-blur 0 for ComfyUI's mask)",
+            flag="--edit-mode",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, Image.Image):
@@ -119,6 +130,11 @@ class Edit:
             _fail(
                 f"mask blur must be a number of pixels from 0 to {MAX_MASK_BLUR:g}, got {self.mask_blur!r}.",
                 "edit.mask_blur",
+            )
+        if self.mode not in get_args(EditMode):
+            _fail(
+                f"unknown edit mode {self.mode!r}; choose one of: {', '.join(get_args(EditMode))}.",
+                "edit.mode",
             )
         if self.outpaint is not None:
             borders = tuple(self.outpaint)

@@ -51,7 +51,8 @@ class GenerateResult:
     ``request`` is the resolved request (every default filled, the seed drawn); ``seeds[i]`` and
     ``infotexts[i]`` belong to ``images[i]`` (the infotext is also in ``images[i].info["parameters"]``).
     ``warnings`` are this request's notes (a prompt cut short, an image resized), which a threaded server
-    returns to its client instead of printing; ``timings`` are seconds per phase.
+    returns to its client instead of printing; ``timings`` are seconds per phase; ``latents[i]`` is image i's final latent in the model's space
+    (what a ComfyUI workflow's next node reads; empty from :meth:`~sd35.pipeline.SD3Pipeline.run_batch`).
     """
 
     images: list[Image.Image]
@@ -60,3 +61,4 @@ class GenerateResult:
     infotexts: list[str]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    latents: list[torch.Tensor] = field(default_factory=list, repr=False)

@@ -64,6 +64,7 @@ BAD = [
     ("mask without image", lambda: dict(edit=Edit(image=None, mask=IMAGE)), "edit.image", "init image"),
     ("negative mask blur", lambda: dict(edit=_edit(mask_blur=-1.0)), "edit.mask_blur", "from 0 to"),
     ("huge mask blur", lambda: dict(edit=_edit(mask_blur=1e20)), "edit.mask_blur", "from 0 to 1024"),
+    ("unknown edit mode", lambda: dict(edit=_edit(mode="a1111")), "edit.mode", "sd35, comfyui"),
     (
         "outpaint with mask",
         lambda: dict(edit=_edit(outpaint=(8, 0, 0, 0), mask=IMAGE)),

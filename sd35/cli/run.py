@@ -2,7 +2,9 @@
 
 The graph is checked whole before anything loads (:mod:`sd35.workflows.graph`); model names resolve in
 ``--models-dir`` by ComfyUI's folder names, or fall back to a file of the right kind found by content,
-with a line saying which. Every SaveImage output is written under ``-o`` with the workflow embedded.
+with a line saying which. Images that LoadImage names are read from ``--input-dir`` (by default the
+``input/`` folder beside the models folder, as in a ComfyUI install; nothing outside it). Every SaveImage
+output is written under ``-o`` with the workflow embedded.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def add_parser(sub) -> None:
         "--models-dir", type=Path, default=None, help="ComfyUI's models folder (default: ./models)"
     )
     p.add_argument(
+        "--input-dir",
+        type=Path,
+        default=None,
+        help="ComfyUI's input folder, where LoadImage's names are (default: input/ beside the models folder)",
+    )
+    p.add_argument(
         "-o", "--output", type=Path, default=Path("output"), help="output folder (default: ./output)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
@@ -59,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
             f"{args.models_dir}: no such models folder (ComfyUI's models/, with checkpoints/ ...)."
         )
     models_dir = args.models_dir or Path("models")
+    if args.input_dir is not None and not args.input_dir.is_dir():
+        raise NotFound(f"{args.input_dir}: no such input folder (ComfyUI's input/, with the images).")
+    input_dir = args.input_dir or models_dir.absolute().parent / "input"
     source = read_source(args.workflow)
-    plan = prepare(source, ModelsDir(models_dir if models_dir.is_dir() else None), args.set)
+    models = ModelsDir(models_dir if models_dir.is_dir() else None)
+    plan = prepare(source, models, args.set, input_dir if input_dir.is_dir() else None)
     for note in plan.notes:
         print(f"sd35: {note}", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)

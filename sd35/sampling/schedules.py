@@ -105,6 +105,41 @@ def img2img_start(steps: int, denoise: float, param: str | None = None) -> int:
     return start
 
 
+def comfy_denoise_sigmas(
+    scheduler: str, steps: int, denoise: float, shift: float = 3.0, *, sampler: str | None = None
+) -> torch.Tensor:
+    """The sigmas ComfyUI's KSampler runs at ``denoise`` (``comfy/samplers.py`` ``KSampler.set_steps``).
+
+    Unlike the reference's cut (:func:`img2img_sigmas`, which runs a part of the ``steps``-step schedule),
+    ComfyUI always runs ``steps`` steps: the schedule of ``int(steps / denoise)`` steps, its last
+    ``steps + 1`` sigmas. ``denoise`` above 0.9999 is the whole schedule; ``denoise`` <= 0 is no step at all
+    (an empty tensor: the latent comes back unchanged).
+    """
+    if denoise > 0.9999:
+        return get_sigmas(scheduler, steps, shift, sampler=sampler)
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    return get_sigmas(scheduler, int(steps / denoise), shift, sampler=sampler)[-(steps + 1) :].contiguous()
+
+
+def step_window(
+    sigmas: torch.Tensor, start_step: int | None, last_step: int | None, force_full_denoise: bool
+) -> torch.Tensor:
+    """The part of ``sigmas`` KSamplerAdvanced runs (``comfy/samplers.py`` ``KSampler.sample``).
+
+    ``last_step`` below the schedule's end cuts it after that step, and then ``force_full_denoise`` makes
+    the last sigma 0 (else the latent keeps its leftover noise); ``start_step`` starts that many steps in.
+    A window with no step left is an empty tensor (ComfyUI then returns the latent as it came).
+    """
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[: last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0.0
+    if start_step is not None:
+        sigmas = sigmas[start_step:] if start_step < len(sigmas) - 1 else sigmas[:0]
+    return sigmas.contiguous()
+
+
 # --------------------------------------------------------------------------------------------- schedulers
 
 SchedulerName = Literal[

@@ -42,6 +42,7 @@ from sd35.server.workflow_jobs import (
     limit_error,
     stored_body,
 )
+from sd35.workflows.evaluate import samplings
 from sd35.workflows.run import RunHooks
 
 log = logging.getLogger("sd35.server")
@@ -251,10 +252,7 @@ class Engine:
             raise SD35Error("this server runs no ComfyUI workflows.", param="prompt")
         plan = self.workflows.check(body.get("prompt"))
         prompt = body["prompt"]
-        for output in plan.outputs:
-            sampling = getattr(output.image, "sampling", None)  # an image no sampler made has no limits
-            if sampling is None:
-                continue
+        for sampling in samplings([output.image for output in plan.outputs]):
             try:
                 check_limits(sampling.request, self.settings.limits)
             except SD35Error as e:

@@ -2,19 +2,22 @@
 
 Values are descriptions, not tensors: a MODEL is the file it comes from plus what later nodes set on it
 (the flow shift, Skip Layer Guidance, LoRAs), a CONDITIONING the texts and timestep ranges it is made of,
-a LATENT its size, an IMAGE the sampler node and VAE that make it. KSampler turns them into one
-:class:`~sd35.request.GenerateRequest` with ComfyUI's meaning (ComfyUI's sampler and scheduler names,
-``noise="comfyui"``, ``batch_noise="batch"``, ``(word:1.2)`` emphasis as ComfyUI weighs it, SLG by sigma),
-so the image is the one ``sd35 generate`` makes with those options: one sampling path. What a request
-cannot say (a positive prompt with a timestep range, two different prompts in CLIPTextEncodeSD3, a LoRA
-with different model and CLIP strengths, denoise below 1 on an empty latent) is an Unsupported error
-naming the node and input.
+a LATENT its size (an empty one) or the nodes that make it, an IMAGE the sampler node and VAE that make it
+or the file and scaling it comes from (:class:`sd35.workflows.execute.Executor` turns these into tensors). KSampler turns
+them into one :class:`~sd35.request.GenerateRequest` with ComfyUI's meaning (ComfyUI's sampler and
+scheduler names, ``noise="comfyui"``, ``batch_noise="batch"``, ``(word:1.2)`` emphasis as ComfyUI weighs
+it, SLG by sigma), so the image is the one ``sd35 generate`` makes with those options: one sampling path.
+A KSampler over a latent that other nodes made (an encoded image, a noise mask, an earlier sampler's
+output) also carries a :class:`Start`, which the pipeline samples from as ComfyUI does
+(:class:`~sd35.pipeline.LatentStart`: its denoise schedule, step window and noise-mask blending). What a
+request cannot say (a positive prompt with a timestep range, two different prompts in CLIPTextEncodeSD3,
+a LoRA with different model and CLIP strengths) is an Unsupported error naming the node and input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,12 @@ from sd35.loading.components import CLIP_G, CLIP_L, MMDITX, scan
 from sd35.lora.summary import summarize_lora
 from sd35.models.mmditx import MMDiTXConfig
 from sd35.models.vae_tiling import Tiling
-from sd35.request import GenerateRequest, LoraRef, TextOptions
+from sd35.pipeline import ASPECT_SLACK
+from sd35.request import SIZE_MULTIPLE, GenerateRequest, LoraRef, TextOptions
 from sd35.sampling.guidance import SkipLayerGuidance
 from sd35.workflows.graph import Checked, declared_inputs, error_entry, is_link
+from sd35.workflows.pixels import DOWNSCALE, EMPTY_MASK, alpha_mask, scale_size
+from sd35.workflows.pixels import image_size as read_image_size
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ class ControlSpec:
     ``vae``: the VAE ComfyUI encodes the image with."""
 
     net: Path
-    image: ImageValue
+    image: Any
     strength: float
     start: float
     end: float
@@ -127,12 +133,14 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class Sampling:
-    """One KSampler: what to load and the request to run (``controls``: its ControlNets, whose images
-    :func:`sd35.workflows.run.run_plan` makes first and puts into ``request.controls``)."""
+    """One KSampler: what to load, the request to run, over a latent other nodes made where it starts
+    (``start``), and its ControlNets (``controls``), whose images the
+    :class:`~sd35.workflows.execute.Executor` makes first and puts into ``request.controls``."""
 
     node: str
     load: LoadSpec
     request: GenerateRequest
+    start: Start | None = None
     controls: tuple[ControlSpec, ...] = ()
 
 
@@ -147,10 +155,11 @@ class ImageValue:
 
 @dataclass
 class Output:
-    """A SaveImage (``prefix``) or PreviewImage (``prefix`` None) node and the images it shows."""
+    """A SaveImage (``prefix``) or PreviewImage (``prefix`` None) node and the images it shows (an
+    :class:`ImageValue`, or a :class:`LoadedImage` or :class:`ScaledImage`)."""
 
     node: str
-    image: ImageValue
+    image: Any
     prefix: str | None
 
 
@@ -160,6 +169,27 @@ class Plan:
 
     outputs: list[Output] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def samplings(value: Any) -> list[Sampling]:
+    """Every sampler node a value needs, each once, those it reads first (a latent it starts from, its
+    ControlNets' images) before it: what a server checks against its limits before queueing."""
+    found: dict[str, Sampling] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, Sampling):
+            visit(v.start)
+            visit(v.controls)
+            found.setdefault(v.node, v)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+        elif is_dataclass(v) and not isinstance(v, type):
+            for f in fields(v):
+                visit(getattr(v, f.name))
+
+    visit(value)
+    return list(found.values())
 
 
 class _Fail(Exception):
@@ -326,9 +356,16 @@ def _negative(parts: tuple[CondPart, ...], name: str) -> tuple[CondPart, float |
     )
 
 
-def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
-    """One full txt2img sampling from an empty latent, as KSampler (and KSamplerAdvanced over all steps)."""
-    model, latent = i["model"], i["latent_image"]
+def _sampling(node: str, i: dict[str, Any], seed: int, start: Start | None = None) -> tuple[Any, ...]:
+    """One sampling: full txt2img from an empty latent (``start`` None), else from ``start``'s latent."""
+    model = i["model"]
+    latent = LatentValue(*latent_size(i["latent_image"]))
+    if start is not None and (latent.width % SIZE_MULTIPLE or latent.height % SIZE_MULTIPLE):
+        raise _Fail(
+            "latent_image",
+            f"the latent is {latent.width}x{latent.height} px; sd35 samples sizes that are multiples of "
+            f"{SIZE_MULTIPLE}: scale the image first (ImageScale)",
+        )
     positive = _prompt(i["positive"], "positive")
     negative, until = _negative(i["negative"], "negative")
     if negative.clip != positive.clip:
@@ -361,37 +398,58 @@ def _sampling(node: str, i: dict[str, Any], seed: int) -> tuple[Any, ...]:
     except SD35Error as e:
         raise _Fail(e.param, e.message, type(e)) from None
     load = _load_spec(model, positive.clip)
+    if start is not None:
+        for vae in encoders(start.latent):
+            with_vae(load, vae, "latent_image")
     if controls:
-        load = replace(load, vae=_vae_file(controls[0].vae, model.file, "positive"))
-    return (Sampling(node, load, request, controls),)
+        load = with_vae(load, controls[0].vae, "positive")
+    return (Sampling(node, load, request, start, controls),)
 
 
 def _ksampler(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
-    if i["denoise"] != 1.0:
-        raise _Fail("denoise", "denoise below 1 on an empty latent is not supported; use 1.0")
-    return _sampling(node, i, int(i["seed"]))
+    """KSampler: over an empty latent at denoise 1, the plain txt2img request; else from the latent, with
+    ComfyUI's denoise schedule."""
+    latent, denoise = i["latent_image"], float(i["denoise"])
+    if isinstance(latent, LatentValue) and denoise == 1.0:
+        return _sampling(node, i, int(i["seed"]))
+    return _sampling(node, i, int(i["seed"]), Start(latent, denoise=denoise))
 
 
 def _ksampler_advanced(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
-    """KSamplerAdvanced with noise added, from step 0 to the end: KSampler's run (ComfyUI cuts the
-    schedule only when ``end_at_step`` is below ``steps``, and then only is leftover noise kept)."""
-    if i["add_noise"] != "enable":
-        raise _Fail("add_noise", "add_noise 'disable' (a second pass over a noisy latent) is not supported")
-    if i["start_at_step"] != 0:
-        raise _Fail("start_at_step", "starting past step 0 is not supported; use 0")
-    if i["end_at_step"] < i["steps"]:
-        raise _Fail("end_at_step", f"ending before the last step ({i['steps']}) is not supported")
-    return _sampling(node, i, int(i["noise_seed"]))
+    """KSamplerAdvanced: with noise added over all steps of an empty latent it is KSampler's txt2img run
+    (ComfyUI cuts the schedule only when ``end_at_step`` is below ``steps``, and then only is leftover
+    noise kept); else a :class:`Start` with its step window."""
+    latent, add_noise = i["latent_image"], i["add_noise"] == "enable"
+    first, last = int(i["start_at_step"]), int(i["end_at_step"])
+    if isinstance(latent, LatentValue) and add_noise and first == 0 and last >= i["steps"]:
+        return _sampling(node, i, int(i["noise_seed"]))
+    start = Start(
+        latent,
+        start_step=first,
+        last_step=last,
+        force_full_denoise=i["return_with_leftover_noise"] != "enable",
+        add_noise=add_noise,
+    )
+    return _sampling(node, i, int(i["noise_seed"]), start)
+
+
+def with_vae(load: LoadSpec, vae: VaeValue, name: str = "vae") -> LoadSpec:
+    """``load`` with ``vae`` as its VAE (the model's own when ``vae`` is the same checkpoint's)."""
+    if vae.checkpoint and vae.file == load.model:
+        return replace(load, vae=None)
+    if vae.checkpoint:
+        raise _Fail(name, "the VAE comes from another checkpoint than the model; load it with VAELoader")
+    return replace(load, vae=vae.file)
 
 
 def _decode(node: str, i: dict[str, Any], c: Checked, tiling: Tiling | None = None) -> tuple[Any, ...]:
     sampling, vae = i["samples"], i["vae"]
-    file = _vae_file(vae, sampling.load.model, "vae")
-    if sampling.controls and sampling.load.vae != file:
+    if not isinstance(sampling, Sampling):
+        raise _Fail("samples", "sd35 decodes what a sampler made; link samples to a KSampler's output")
+    load = with_vae(sampling.load, vae)
+    if sampling.controls and load.vae != sampling.load.vae:
         raise _Fail("vae", "this VAE is not the one the ControlNet images are encoded with; use one VAE")
-    if file is not None:
-        sampling = replace(sampling, load=replace(sampling.load, vae=file))
-    return (ImageValue(sampling, vae, tiling),)
+    return (ImageValue(replace(sampling, load=load), vae, tiling),)
 
 
 # --- text-encoder loaders, tiled decoding and ControlNets -----------------------------------------
@@ -482,11 +540,7 @@ def _control_apply(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
     image, vae = i["image"], i.get("vae")
     if vae is None:
         raise _Fail("vae", "an SD3 ControlNet reads its image through the VAE: link the VAE", InvalidRequest)
-    if not isinstance(image, ImageValue):
-        raise _Fail(
-            "image", f"a control image from {type(image).__name__} is not supported; use a decoded image"
-        )
-    if image.sampling.request.num_images != 1:
+    if image_size(image)[2] != 1:
         raise _Fail("image", "a control image must be one image; this one is a batch")
     spec = ControlSpec(
         i["control_net"].file,
@@ -530,14 +584,216 @@ def _controls(
     return controls
 
 
-def _vae_file(vae: VaeValue, model: Path, name: str) -> Path | None:
-    """The file :class:`LoadSpec` ``vae`` names for ``vae`` next to ``model``: None for the model
-    checkpoint's own; input ``name`` is refused for another checkpoint's."""
-    if not vae.checkpoint:
-        return vae.file
-    if vae.file != model:
-        raise _Fail(name, "the VAE comes from another checkpoint than the model; load it with VAELoader")
-    return None
+# ------------------------------------------------------------------------------- image and latent nodes
+# LoadImage, LoadImageMask, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask, InpaintModelConditioning,
+# LatentUpscaleBy, ImageScale(By), and samplers over their latents (ComfyUI v0.3.64 nodes.py).
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """LoadImage's IMAGE: the file and its size (``batch``: its frames of the first frame's size)."""
+
+    file: Path
+    width: int
+    height: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class LoadedMask:
+    """A MASK read from a file: LoadImage's (``channel`` None: 1 - alpha, or an empty 64 x 64 mask) or
+    LoadImageMask's ``channel``."""
+
+    file: Path
+    channel: str | None
+    width: int
+    height: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class ScaledImage:
+    """ImageScale / ImageScaleBy: ``image`` resized to ``width`` x ``height`` by ``method``."""
+
+    image: Any
+    method: str
+    width: int
+    height: int
+    crop: str
+    batch: int
+
+
+@dataclass(frozen=True)
+class EncodedLatent:
+    """VAEEncode (and the inpaint nodes' encoding): ``image`` cropped to whole latent cells and encoded
+    with ``vae``; ``fill`` a MASK under which the pixels are grey 0.5 first (VAEEncodeForInpaint)."""
+
+    image: Any
+    vae: VaeValue
+    fill: Any = None
+
+
+@dataclass(frozen=True)
+class MaskedLatent:
+    """A latent with a noise mask (ComfyUI's ``noise_mask``): SetLatentNoiseMask's mask as it is
+    (``image_size`` None), or the inpaint nodes' mask resized to the image (``image_size``) and cropped,
+    then (``grow`` not None: VAEEncodeForInpaint) rounded and grown by ``grow`` pixels."""
+
+    latent: Any
+    mask: Any
+    image_size: tuple[int, int] | None = None
+    grow: int | None = None
+
+
+@dataclass(frozen=True)
+class UpscaledLatent:
+    """LatentUpscaleBy: ``latent`` resized to ``width`` x ``height`` pixels (its cells times 8)."""
+
+    latent: Any
+    method: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a sampler over a made latent starts: :class:`~sd35.pipeline.LatentStart`'s settings, with the
+    latent as a description."""
+
+    latent: Any
+    denoise: float = 1.0
+    start_step: int | None = None
+    last_step: int | None = None
+    force_full_denoise: bool = False
+    add_noise: bool = True
+
+
+def image_size(value: Any) -> tuple[int, int, int]:
+    """``(width, height, batch)`` of an IMAGE or MASK description."""
+    if isinstance(value, ImageValue):
+        return latent_size(value.sampling)
+    return value.width, value.height, value.batch
+
+
+def latent_size(value: Any) -> tuple[int, int, int]:
+    """``(width, height, batch)`` in pixels of a LATENT description."""
+    if isinstance(value, LatentValue):
+        return value.width, value.height, value.batch
+    if isinstance(value, Sampling):
+        r = value.request
+        return r.width, r.height, r.num_images
+    if isinstance(value, EncodedLatent):
+        width, height, batch = image_size(value.image)
+        return width // DOWNSCALE * DOWNSCALE, height // DOWNSCALE * DOWNSCALE, batch
+    if isinstance(value, MaskedLatent):
+        return latent_size(value.latent)
+    return value.width, value.height, latent_size(value.latent)[2]
+
+
+def encoders(value: Any) -> list[VaeValue]:
+    """The VAEs that encode images on the way to a LATENT (up to the sampler before it)."""
+    if isinstance(value, EncodedLatent):
+        return [value.vae]
+    if isinstance(value, (MaskedLatent, UpscaledLatent)):
+        return encoders(value.latent)
+    return []
+
+
+def _read(node: str, c: Checked, name: str, read: Callable[[Path], tuple[int, int, int]]) -> Any:
+    path = c.files[(node, name)]
+    try:
+        return path, *read(path)
+    except Exception as e:  # PIL raises many kinds for files that are not images
+        raise _Fail(name, f"{path.name} is not an image sd35 can read ({e})", InvalidRequest) from None
+
+
+def _load_image(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    path, width, height, batch = _read(node, c, "image", read_image_size)
+    mask_size = (width, height) if alpha_mask(path) else (EMPTY_MASK, EMPTY_MASK)
+    return LoadedImage(path, width, height, batch), LoadedMask(path, None, *mask_size, batch)
+
+
+def _load_image_mask(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    path, width, height, _ = _read(node, c, "image", read_image_size)
+    return (LoadedMask(path, i["channel"], width, height, 1),)
+
+
+def _check_mask(mask: Any, size: tuple[int, int, int], what: str) -> None:
+    """A mask must have its image's shape (ComfyUI resizes it; another aspect ratio is a mistake)."""
+    mw, mh, _ = image_size(mask)
+    width, height, _ = size
+    if abs(mw / mh - width / height) > ASPECT_SLACK * (width / height):
+        empty = (
+            " (LoadImage's mask of an image without alpha is an empty 64x64 one)" if mw == EMPTY_MASK else ""
+        )
+        raise _Fail(
+            "mask",
+            f"the mask is {mw}x{mh}{empty} but the {what} is {width}x{height}; give a mask of the {what}'s size",
+            InvalidRequest,
+        )
+
+
+def _vae_encode(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    return (EncodedLatent(i["pixels"], i["vae"]),)
+
+
+def _vae_encode_inpaint(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    size = image_size(i["pixels"])
+    _check_mask(i["mask"], size, "image")
+    latent = EncodedLatent(i["pixels"], i["vae"], fill=i["mask"])
+    return (MaskedLatent(latent, i["mask"], size[:2], int(i["grow_mask_by"])),)
+
+
+def _set_noise_mask(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    _check_mask(i["mask"], latent_size(i["samples"]), "latent")
+    return (MaskedLatent(i["samples"], i["mask"]),)
+
+
+def _inpaint_conditioning(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    """InpaintModelConditioning for SD3.5: the image's latent with the mask as its noise mask. The
+    conditionings pass through: ComfyUI adds the masked image to them, which only inpainting models with
+    extra input channels read, and SD3.5's MMDiT-X has none."""
+    size = image_size(i["pixels"])
+    _check_mask(i["mask"], size, "image")
+    latent: Any = EncodedLatent(i["pixels"], i["vae"])
+    if i["noise_mask"]:
+        latent = MaskedLatent(latent, i["mask"], size[:2])
+    return i["positive"], i["negative"], latent
+
+
+def _latent_upscale_by(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    width, height, _ = latent_size(i["samples"])
+    cells = (round(width // DOWNSCALE * i["scale_by"]), round(height // DOWNSCALE * i["scale_by"]))
+    if min(cells) < 1:
+        raise _Fail("scale_by", f"scale_by {i['scale_by']} leaves no latent cell", InvalidRequest)
+    return (UpscaledLatent(i["samples"], i["upscale_method"], cells[0] * DOWNSCALE, cells[1] * DOWNSCALE),)
+
+
+def _image_scale(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    width, height, batch = image_size(i["image"])
+    size = scale_size(width, height, int(i["width"]), int(i["height"]))
+    return (ScaledImage(i["image"], i["upscale_method"], *size, i["crop"], batch),)
+
+
+def _image_scale_by(node: str, i: dict[str, Any], c: Checked) -> tuple[Any, ...]:
+    width, height, batch = image_size(i["image"])
+    size = (round(width * i["scale_by"]), round(height * i["scale_by"]))
+    if min(size) < 1:
+        raise _Fail("scale_by", f"scale_by {i['scale_by']} leaves no pixel", InvalidRequest)
+    return (ScaledImage(i["image"], i["upscale_method"], *size, "disabled", batch),)
+
+
+_IMAGE_HANDLERS: dict[str, Handler] = {
+    "LoadImage": _load_image,
+    "LoadImageMask": _load_image_mask,
+    "VAEEncode": _vae_encode,
+    "VAEEncodeForInpaint": _vae_encode_inpaint,
+    "SetLatentNoiseMask": _set_noise_mask,
+    "InpaintModelConditioning": _inpaint_conditioning,
+    "LatentUpscaleBy": _latent_upscale_by,
+    "ImageScale": _image_scale,
+    "ImageScaleBy": _image_scale_by,
+}
 
 
 HANDLERS: dict[str, Handler] = {
@@ -570,6 +826,7 @@ HANDLERS: dict[str, Handler] = {
     "SetUnionControlNetType": _union_type,
 }
 """Each node's meaning, by class name (the same names as :data:`sd35.workflows.nodes.NODES`)."""
+HANDLERS |= _IMAGE_HANDLERS
 
 
 def evaluate(checked: Checked) -> Plan:

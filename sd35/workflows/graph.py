@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from sd35.errors import InvalidRequest, NotFound, SD35Error, WorkflowError
+from sd35.workflows.inputs import InputDir
 from sd35.workflows.models import ModelsDir, text_role
 from sd35.workflows.nodes import LINK_TYPES, NODES, Input
 
@@ -148,7 +149,10 @@ def _widget_error(spec: Input, name: str, value: Any) -> dict[str, Any] | None:
     elif spec.type == "FLOAT":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return error_entry("invalid_input_type", f"{name} must be a number, got {value!r}", name)
-    elif spec.type in ("STRING", "MODEL_NAME"):
+    elif spec.type == "BOOLEAN":
+        if not isinstance(value, bool):
+            return error_entry("invalid_input_type", f"{name} must be true or false, got {value!r}", name)
+    elif spec.type in ("STRING", "MODEL_NAME", "IMAGE_NAME"):
         if not isinstance(value, str):
             return error_entry("invalid_input_type", f"{name} must be text, got {value!r}", name)
     elif spec.type == "COMBO" and value not in spec.choices:
@@ -256,12 +260,13 @@ def _needed(workflow: Workflow, outputs: list[str]) -> tuple[list[str], list[lis
     return order, cycles
 
 
-def check(workflow: Workflow, models: ModelsDir) -> Checked:
+def check(workflow: Workflow, models: ModelsDir, inputs: InputDir | None = None) -> Checked:
     """Every problem of ``workflow`` at once, as one WorkflowError; else what :func:`run` needs.
 
     Checked: node types, required inputs, links (to a node that exists, an output it has, of the right
-    type), widget values (type, limits, choices), cycles, and model names (resolved in ``models``, or
-    found by content; a path is refused).
+    type), widget values (type, limits, choices), cycles, model names (resolved in ``models``, or
+    found by content; a path is refused) and image names (in ``inputs``, ComfyUI's input folder; a path
+    or a link leading out of it is refused).
     """
     errors: dict[str, list[dict[str, Any]]] = {}
     for node_id in workflow:
@@ -292,6 +297,7 @@ def check(workflow: Workflow, models: ModelsDir) -> Checked:
     checked = Checked(workflow, order, outputs)
     if not errors:
         _resolve_models(checked, models, errors)
+        _resolve_images(checked, inputs or InputDir(None), errors)
     if errors:
         raise WorkflowError(
             _summary(workflow, errors), param="workflow", node_errors=_shape(workflow, errors, order)
@@ -321,6 +327,21 @@ def _resolve_models(checked: Checked, models: ModelsDir, errors: dict[str, list[
             checked.files[(node_id, name)] = path
             if note:
                 checked.notes.append(f"node {node_id} ({node['class_type']}) {name}: {note}")
+
+
+def _resolve_images(checked: Checked, inputs: InputDir, errors: dict[str, list[dict[str, Any]]]) -> None:
+    """Each image name's file in the input folder (into ``checked.files``), or its error."""
+    for node_id in checked.order:
+        node = checked.workflow[node_id]
+        for name, spec in NODES[node["class_type"]].inputs.items():
+            if spec.type != "IMAGE_NAME":
+                continue
+            try:
+                checked.files[(node_id, name)] = inputs.resolve(node["inputs"][name])
+            except NotFound as e:
+                errors.setdefault(node_id, []).append(error_entry("value_not_in_list", e.message, name))
+            except SD35Error as e:
+                errors.setdefault(node_id, []).append(error_entry("invalid_image_name", e.message, name))
 
 
 def _dependents(workflow: Workflow, order: list[str]) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ from sd35.request import MAX_SEED
 from sd35.sampling.samplers import SamplerName
 from sd35.sampling.schedules import SchedulerName
 
-LINK_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "CONTROL_NET"})
+LINK_TYPES = frozenset({"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CONTROL_NET"})
 """Values that only travel over links (ComfyUI's socket types)."""
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
@@ -25,9 +25,9 @@ MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
 @dataclass(frozen=True)
 class Input:
     """One input of a node: a link ``type`` from :data:`LINK_TYPES`, or a widget (``INT``, ``FLOAT``,
-    ``STRING``, ``COMBO`` with ``choices``, ``MODEL_NAME`` in ComfyUI's model ``folder``; ``role``: the
-    text encoder a text-encoder slot holds, for the content fallback). ``optional``: ComfyUI's optional
-    inputs, which a workflow may leave out."""
+    ``STRING``, ``BOOLEAN``, ``COMBO`` with ``choices``, ``MODEL_NAME`` in ComfyUI's model ``folder``,
+    ``IMAGE_NAME`` in its input folder; ``role``: the text encoder a text-encoder slot holds, for the content
+    fallback). ``optional``: ComfyUI's optional inputs, which a workflow may leave out."""
 
     type: str
     min: float | None = None
@@ -249,3 +249,62 @@ NODES: dict[str, NodeType] = {
     **CONTROL_NODES,
 }
 """Every node sd35 runs, by ComfyUI class name."""
+
+
+# ------------------------------------------------------------------------------- image and latent nodes
+# ComfyUI v0.3.64 nodes.py: LoadImage, LoadImageMask, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask,
+# InpaintModelConditioning, LatentUpscaleBy, ImageScale, ImageScaleBy.
+
+IMAGE_NAME = Input("IMAGE_NAME")
+IMAGE_UPSCALE = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+LATENT_UPSCALE = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+
+NODES |= {
+    "LoadImage": NodeType({"image": IMAGE_NAME}, ("IMAGE", "MASK")),
+    "LoadImageMask": NodeType(
+        {"image": IMAGE_NAME, "channel": Input("COMBO", choices=("alpha", "red", "green", "blue"))}, ("MASK",)
+    ),
+    "VAEEncode": NodeType({"pixels": _link("IMAGE"), "vae": _link("VAE")}, ("LATENT",)),
+    "VAEEncodeForInpaint": NodeType(
+        {"pixels": _link("IMAGE"), "vae": _link("VAE"), "mask": _link("MASK"), "grow_mask_by": _int(0, 64)},
+        ("LATENT",),
+    ),
+    "SetLatentNoiseMask": NodeType({"samples": _link("LATENT"), "mask": _link("MASK")}, ("LATENT",)),
+    "InpaintModelConditioning": NodeType(
+        {
+            "positive": _link("CONDITIONING"),
+            "negative": _link("CONDITIONING"),
+            "vae": _link("VAE"),
+            "pixels": _link("IMAGE"),
+            "mask": _link("MASK"),
+            "noise_mask": Input("BOOLEAN"),
+        },
+        ("CONDITIONING", "CONDITIONING", "LATENT"),
+    ),
+    "LatentUpscaleBy": NodeType(
+        {
+            "samples": _link("LATENT"),
+            "upscale_method": Input("COMBO", choices=LATENT_UPSCALE),
+            "scale_by": _float(0.01, 8),
+        },
+        ("LATENT",),
+    ),
+    "ImageScale": NodeType(
+        {
+            "image": _link("IMAGE"),
+            "upscale_method": Input("COMBO", choices=IMAGE_UPSCALE),
+            "width": _int(0, MAX_RESOLUTION),
+            "height": _int(0, MAX_RESOLUTION),
+            "crop": Input("COMBO", choices=("disabled", "center")),
+        },
+        ("IMAGE",),
+    ),
+    "ImageScaleBy": NodeType(
+        {
+            "image": _link("IMAGE"),
+            "upscale_method": Input("COMBO", choices=IMAGE_UPSCALE),
+            "scale_by": _float(0.01, 8),
+        },
+        ("IMAGE",),
+    ),
+}

@@ -1,5 +1,8 @@
 """Running a workflow: check it, evaluate it, load each distinct set of files once, run each sampler node
-once, and save what the output nodes show.
+once (:class:`~sd35.workflows.execute.Executor`), and save what the output nodes show.
+
+Images that LoadImage and LoadImageMask name are read from ``input_dir``, ComfyUI's ``input/`` folder
+(:class:`~sd35.workflows.inputs.InputDir`: nothing outside it).
 
 SaveImage writes ``OUTDIR/{filename_prefix}_{counter:05}_.png`` as ComfyUI does (the counter one past the
 highest already there; a name taken meanwhile gets the next free ``-N`` name, never overwritten), with
@@ -12,9 +15,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,26 +26,12 @@ from sd35.errors import InvalidRequest
 from sd35.files import check_writable_folder
 from sd35.image_io import save_png
 from sd35.loading.assemble import load_pipeline
-from sd35.models.vae_tiling import Tiling
 from sd35.pipeline import SD3Pipeline
-from sd35.result import Progress
-from sd35.workflows.evaluate import ImageValue, LoadSpec, Plan, Sampling, evaluate
+from sd35.workflows.evaluate import LoadSpec, Plan, evaluate
+from sd35.workflows.execute import Executor, Loader, RunHooks
 from sd35.workflows.graph import Source, check, set_input
+from sd35.workflows.inputs import InputDir
 from sd35.workflows.models import ModelsDir
-
-Loader = Callable[[LoadSpec], SD3Pipeline]
-
-
-@dataclass(frozen=True)
-class RunHooks:
-    """What a server follows while a workflow runs (``sd35 run`` needs none): each sampler node as it
-    starts, its steps (``cancel()`` asked after each: true stops the run with Cancelled), and each output
-    node's files once written."""
-
-    on_node: Callable[[str], None] | None = None
-    on_progress: Callable[[str, Progress], None] | None = None
-    cancel: Callable[[], bool] | None = None
-    on_output: Callable[[str, list[Path]], None] | None = None
 
 
 @dataclass
@@ -55,12 +43,14 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(source: Source, models: ModelsDir, assignments: Sequence[str] = ()) -> Plan:
+def prepare(
+    source: Source, models: ModelsDir, assignments: Sequence[str] = (), input_dir: Path | None = None
+) -> Plan:
     """``source`` with the ``NODE.INPUT=VALUE`` assignments applied, checked and evaluated (nothing runs;
-    every problem raises a :class:`~sd35.errors.WorkflowError`)."""
+    every problem raises a :class:`~sd35.errors.WorkflowError`); image names resolve in ``input_dir``."""
     for assignment in assignments:
         set_input(source.prompt, assignment)
-    return evaluate(check(source.prompt, models))
+    return evaluate(check(source.prompt, models, InputDir(input_dir)))
 
 
 def _prefix(prefix: Any, node: str) -> PurePosixPath:
@@ -105,56 +95,15 @@ def run_plan(
     if source.ui is not None:
         chunks["workflow"] = json.dumps(source.ui)
     prefixes = {o.node: _prefix(o.prefix, o.node) for o in plan.outputs if o.prefix is not None}
-    pipes: dict[LoadSpec, SD3Pipeline] = {}
-    images: dict[tuple[Sampling, Tiling | None], list[Image.Image]] = {}
-
-    def images_of(value: ImageValue) -> list[Image.Image]:
-        """The images of an IMAGE value, each sampling run once per decoding (its ControlNets' images
-        made first)."""
-        sampling = value.sampling
-        key = (sampling, value.tiling)
-        if key not in images:
-            units = tuple(spec.unit(images_of(spec.image)[0]) for spec in sampling.controls)
-            request = replace(sampling.request, controls=units) if units else sampling.request
-            if hooks.on_node is not None:
-                hooks.on_node(sampling.node)
-            if sampling.load not in pipes:
-                pipes[sampling.load] = loader(sampling.load)
-            on_step = hooks.on_progress
-            with decoding(pipes[sampling.load], value.tiling):
-                run = pipes[sampling.load].run(
-                    request,
-                    None if on_step is None else lambda p, node=sampling.node, f=on_step: f(node, p),
-                    hooks.cancel,
-                    on_warning=on_note,
-                )
-            result.notes += run.warnings
-            images[key] = run.images
-        return images[key]
-
+    executor = Executor(loader, on_note, hooks)
     for output in plan.outputs:
         prefix = prefixes.get(output.node, PurePosixPath("preview", "ComfyUI_preview"))
-        result.files[output.node] = [
-            save_output(im, out_dir, prefix, chunks) for im in images_of(output.image)
-        ]
+        images = executor.images(output.image)
+        result.files[output.node] = [save_output(im, out_dir, prefix, chunks) for im in images]
         if hooks.on_output is not None:
             hooks.on_output(output.node, result.files[output.node])
+    result.notes += executor.notes
     return result
-
-
-@contextmanager
-def decoding(pipe: SD3Pipeline, tiling: Tiling | None) -> Iterator[None]:
-    """``pipe`` decoding (and encoding) in ``tiling``'s tiles inside the block (VAEDecodeTiled); as set
-    before otherwise."""
-    if tiling is None:
-        yield
-        return
-    before = pipe.vae_tiling, pipe.tiling
-    pipe.vae_tiling, pipe.tiling = "on", tiling
-    try:
-        yield
-    finally:
-        pipe.vae_tiling, pipe.tiling = before
 
 
 def default_loader(

@@ -241,10 +241,26 @@ BAD = [
         lambda w: w["3"]["inputs"].update(steps=5000),
         "value_bigger_than_max",
     ),  # the server's limit
+    ("181", "steps", lambda w: _hires(w, steps=5000), "value_bigger_than_max"),  # on a second pass too
 ]
 
 
-@pytest.mark.parametrize(("node", "name", "change", "kind"), BAD, ids=[b[1] for b in BAD])
+def _hires(workflow: dict, **second) -> None:
+    """A second KSampler over the first one's latent upscaled 1.5x (ComfyUI's hires fix), saved."""
+    workflow["180"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 1.5},
+    }
+    workflow["181"] = {
+        "class_type": "KSampler",
+        "inputs": workflow["3"]["inputs"] | {"latent_image": ["180", 0]},
+    }
+    workflow["181"]["inputs"].update(denoise=0.5, **second)
+    workflow["182"] = {"class_type": "VAEDecode", "inputs": {"samples": ["181", 0], "vae": ["4", 2]}}
+    workflow["183"] = {"class_type": "SaveImage", "inputs": {"images": ["182", 0], "filename_prefix": "hi"}}
+
+
+@pytest.mark.parametrize(("node", "name", "change", "kind"), BAD, ids=[f"{b[0]}.{b[1]}" for b in BAD])
 def test_a_bad_graph_is_comfyuis_400_naming_the_node_and_nothing_is_queued(
     server, client, node, name, change, kind
 ):

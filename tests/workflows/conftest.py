@@ -6,11 +6,14 @@ import pytest
 
 from sd35.workflows.run import default_loader
 
+TE_NAMES = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
+
 
 @pytest.fixture(scope="module")
 def models(tiny, tmp_path_factory):
     """A ComfyUI models folder over the tiny set (links, not copies): the checkpoint as
-    ``checkpoints/sd3.5_medium.safetensors``, the text encoders under their own names in ``text_encoders/``."""
+    ``checkpoints/sd3.5_medium.safetensors``, the text encoders under their own names (:data:`TE_NAMES`
+    among them) in ``text_encoders/``."""
     root = tmp_path_factory.mktemp("models")
     (root / "checkpoints").mkdir()
     (root / "text_encoders").mkdir()

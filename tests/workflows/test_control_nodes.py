@@ -22,9 +22,11 @@ from sd35.loading.components import scan
 from sd35.loading.safetensors_io import save_file_atomic
 from sd35.loading.tensors import materialize
 from sd35.testing import tiny_weights
+from sd35.workflows.evaluate import ScaledImage, samplings
+from sd35.workflows.execute import Executor
 from sd35.workflows.graph import Source
 from sd35.workflows.models import ModelsDir
-from sd35.workflows.run import prepare
+from sd35.workflows.run import prepare, run_plan
 from tests.control.control_helpers import diffusers_controlnet, write_controlnet
 from tests.helpers import pixels, run_cli
 from tests.workflows.test_workflows import SIZE, TE_NAMES, _equivalent, _run, sd35_example
@@ -321,3 +323,61 @@ def test_a_missing_controlnet_name_falls_back_to_an_sd3_controlnet(models):
         "node 40 (ControlNetLoader) control_net_name: 'SD3.5M-Canny-ControlNet.safetensors' is not in "
         f"controlnet/ or t2i_adapter/; using controlnet/{CN_NAME}, an SD3 ControlNet found by content."
     ]
+
+
+# ------------------------------------------------------------- ControlNets over the image and latent nodes
+
+
+def test_a_loaded_and_scaled_control_image_is_the_request_with_that_image(models, loaded, tmp_path):
+    """The control image may be any IMAGE: here LoadImage -> ImageScale (ComfyUI's lanczos, to the
+    generation's size), so the unit's image is those scaled pixels and nothing else runs first."""
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(inputs / "edges.png")
+    workflow = _controlled()
+    workflow["50"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+    workflow["51"] = {
+        "class_type": "ImageScale",
+        "inputs": {"image": ["50", 0], "upscale_method": "lanczos", "width": SIZE, "height": SIZE,
+                   "crop": "center"},
+    }  # fmt: skip
+    workflow["41"]["inputs"]["image"] = ["51", 0]
+    for node in ("3", "231", "9"):  # the first sampler and its image are no longer needed
+        del workflow[node]
+    source = Source(copy.deepcopy(workflow))
+    plan = prepare(source, ModelsDir(models), input_dir=inputs)
+    (sampling,) = samplings([o.image for o in plan.outputs])
+    assert sampling.node == "42" and isinstance(sampling.controls[0].image, ScaledImage)
+    result = run_plan(plan, source, tmp_path / "out", loaded)
+    scaled = Executor(loaded).images(sampling.controls[0].image)[0]
+    assert scaled.size == (SIZE, SIZE)
+    expected = loaded(sampling.load).run(_equivalent(seed=8, controls=(_unit(models, scaled),))).images[0]
+    assert np.array_equal(_rgb(result.files["44"][0]), pixels(expected))
+
+
+def test_tiled_decoding_of_a_controlled_sampler_feeding_a_second_pass(models, loaded, tmp_path):
+    """A ControlNet sampler decoded in tiles for SaveImage while its latent goes on, upscaled, into a
+    hires pass: every sampler is listed for the server's limits in the order it runs, the tiled image
+    is the untiled one within 1/255, and the hires pass has the upscaled size."""
+    workflow = _controlled()
+    workflow["43"]["class_type"] = "VAEDecodeTiled"
+    workflow["43"]["inputs"].update(tile_size=64, overlap=8, temporal_size=64, temporal_overlap=8)
+    workflow["60"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["42", 0], "upscale_method": "bislerp", "scale_by": 1.5},
+    }
+    second = copy.deepcopy(workflow["3"])
+    second["inputs"].update(latent_image=["60", 0], denoise=0.5, seed=9)
+    workflow["61"] = second
+    workflow["62"] = {"class_type": "VAEDecode", "inputs": {"samples": ["61", 0], "vae": ["4", 2]}}
+    workflow["63"] = {"class_type": "SaveImage", "inputs": {"images": ["62", 0], "filename_prefix": "hi"}}
+    plan, result = _run(workflow, models, loaded, tmp_path)
+    assert [s.node for s in samplings([o.image for o in plan.outputs])] == ["3", "42", "61"]
+    tiled = next(o for o in plan.outputs if o.node == "44").image
+    assert tiled.tiling is not None
+    untiled = Executor(loaded).images(replace(tiled, tiling=None))[0]
+    diff = np.abs(_rgb(result.files["44"][0]).astype(int) - pixels(untiled).astype(int))
+    assert diff.max() <= 1
+    hires = Image.open(result.files["63"][0])
+    assert hires.size == (SIZE * 3 // 2, SIZE * 3 // 2)

@@ -23,10 +23,10 @@ from sd35.workflows.graph import Source, read_source
 from sd35.workflows.models import ModelsDir
 from sd35.workflows.run import prepare, run_plan
 from tests.helpers import pixels, run_cli
+from tests.workflows.conftest import TE_NAMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TE_NAMES = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
 SIZE, STEPS, SEED = 32, 4, 7
 
 
@@ -255,7 +255,6 @@ BAD = {
         "positive",
         "unsupported",
     ),
-    "unsupported: denoise": (lambda w: w["3"]["inputs"].update(denoise=0.5), "3", "denoise", "unsupported"),
 }
 
 
@@ -354,20 +353,6 @@ def test_ksampler_advanced_over_all_steps_is_ksampler(models):
     plain = prepare(Source(sd35_example()), ModelsDir(models)).outputs[0].image.sampling
     advanced = prepare(Source(_advanced(sd35_example())), ModelsDir(models)).outputs[0].image.sampling
     assert advanced.request == plain.request and advanced.load == plain.load
-
-
-@pytest.mark.parametrize(
-    "inputs, name",
-    [
-        ({"add_noise": "disable"}, "add_noise"),
-        ({"start_at_step": 1}, "start_at_step"),
-        ({"end_at_step": 2}, "end_at_step"),
-    ],
-)
-def test_ksampler_advanced_partial_runs_are_refused(models, inputs, name):
-    with pytest.raises(WorkflowError) as info:
-        prepare(Source(_advanced(sd35_example(), **inputs)), ModelsDir(models))
-    assert info.value.node_errors["3"]["errors"][0]["extra_info"]["input_name"] == name
 
 
 def test_unet_and_vae_loaders_name_the_files_to_load(tiny, tmp_path):

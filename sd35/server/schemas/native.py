@@ -78,6 +78,9 @@ class EditBody(_Body):
     mask: str | None = Field(None, description="base64 mask: white or transparent = repaint")
     mask_blur: float | None = None
     outpaint: list[int] | None = Field(None, description="LEFT, TOP, RIGHT, BOTTOM border sizes in pixels")
+    mode: str | None = Field(
+        None, description="sd35 (default) or comfyui: ComfyUI's denoise schedule and mask"
+    )
 
 
 class HiresBody(_Body):
