@@ -9,7 +9,6 @@ engine's one loaded model until a job needs another (one model in memory at a ti
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,10 +70,8 @@ class WorkflowRunner:
         return self._prepare(source)
 
     def _prepare(self, source: Source) -> Plan:
-        # the input folder (where LoadImage names resolve) is passed where the runner takes it
-        if "input_dir" in inspect.signature(prepare).parameters:
-            return prepare(source, self.models, input_dir=self.folder("input"))  # type: ignore[call-arg]
-        return prepare(source, self.models)
+        """The plan of ``source``, its image names resolved in ComfyUI's ``input/`` (where uploads go)."""
+        return prepare(source, self.models, input_dir=self.folder("input"))
 
     def model_name(self, spec: LoadSpec) -> str:
         """The engine's name for the pipeline of ``spec``: the server's model for its own files."""

@@ -24,6 +24,7 @@ from websockets.sync.client import connect
 from tests.helpers import run_cli
 from tests.server.http_helpers import wait_until
 from tests.server.server_helpers import ServerProcess, db_rows
+from tests.workflows.test_image_nodes import img2img
 from tests.workflows.test_workflows import STEPS, TE_NAMES, sd35_example
 
 KEY = "comfy-key-123"
@@ -375,6 +376,38 @@ def test_uploads_round_trip_through_view(client):
         "/upload/image", files={"image": ("pic.png", red, "image/png")}, data={"subfolder": "../.."}
     )
     assert r.status_code == 400
+
+
+def test_an_uploaded_image_runs_img2img_as_sd35_run_runs_it(server, client, tiny, models, tmp_path, capsys):
+    """A front end's img2img: upload the picture, queue LoadImage -> VAEEncode -> KSampler (denoise 0.6)
+    naming it, and get the file ``sd35 run --input-dir`` writes for the same graph; /object_info lists
+    the upload as LoadImage's choice."""
+    rng = np.random.default_rng(4)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    r = client.post("/upload/image", files={"image": ("photo.png", buffer.getvalue(), "image/png")},
+                    data={"subfolder": "img2img"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    load = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
+    assert "img2img/photo.png" in load[0] and load[1] == {"image_upload": True}
+    workflow = img2img(image="img2img/photo.png")
+    r = client.post("/prompt", json={"prompt": workflow, "client_id": "img2img"})
+    assert r.status_code == 200, r.text
+    entry = history(client, r.json()["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (image,) = entry["outputs"]["9"]["images"]
+    served = client.get("/view", params=image).content
+    path = tmp_path / "img2img.json"
+    path.write_text(json.dumps(workflow))
+    inputs = tmp_path / "input"
+    (inputs / "img2img").mkdir(parents=True)
+    (inputs / "img2img" / "photo.png").write_bytes(buffer.getvalue())
+    code, _, err = run_cli(
+        capsys, "run", str(path), "--models-dir", str(models), "--input-dir", str(inputs), "--tokenizers",
+        str(tiny["diffusers"]), "--device", "cpu", "--dtype", "fp32", "-o", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert served == (tmp_path / "out" / "ComfyUI_00001_.png").read_bytes()
 
 
 def test_object_info_and_the_other_listings(client):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +30,25 @@ CATEGORIES = {
 }
 
 
-def input_spec(spec: Input, models: ModelsDir) -> list[Any]:
-    """One input as ComfyUI lists it: ``[TYPE, options]``, a combo's choices as a list in place of TYPE."""
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def input_images(folder: Path) -> list[str]:
+    """The images of ComfyUI's input folder as LoadImage names them (``sub/name.png``), sorted."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def input_spec(spec: Input, models: ModelsDir, images: list[str]) -> list[Any]:
+    """One input as ComfyUI lists it: ``[TYPE, options]``, a combo's choices as a list in place of TYPE
+    (an image name's: the input folder's ``images``, with the front end's upload button)."""
     if spec.type == "MODEL_NAME":
         return [models.names(spec.folder or ""), {}]
+    if spec.type == "IMAGE_NAME":
+        return [images, {"image_upload": True}]
     if spec.type == "COMBO":
         return [list(spec.choices), {}]
     if spec.type == "STRING":
@@ -47,15 +63,18 @@ def input_spec(spec: Input, models: ModelsDir) -> list[Any]:
     return [spec.type, options]
 
 
-def node_info(name: str, node: NodeType, models: ModelsDir) -> dict[str, Any]:
-    """ComfyUI's ``/object_info`` entry of one node type."""
+def node_info(name: str, node: NodeType, models: ModelsDir, images: list[str]) -> dict[str, Any]:
+    """ComfyUI's ``/object_info`` entry of one node type (its optional inputs apart, as ComfyUI lists them)."""
     loader = any(i.type == "MODEL_NAME" for i in node.inputs.values())
     category = (
         "loaders" if loader else CATEGORIES.get(node.outputs[0] if node.outputs else "IMAGE", "sampling")
     )
+    groups: dict[str, dict[str, list[Any]]] = {"required": {}, "optional": {}}
+    for n, i in node.inputs.items():
+        groups["optional" if i.optional else "required"][n] = input_spec(i, models, images)
     return {
-        "input": {"required": {n: input_spec(i, models) for n, i in node.inputs.items()}, "optional": {}},
-        "input_order": {"required": list(node.inputs)},
+        "input": groups,
+        "input_order": {k: list(v) for k, v in groups.items() if v},
         "output": list(node.outputs),
         "output_is_list": [False] * len(node.outputs),
         "output_name": list(node.outputs),
@@ -72,18 +91,27 @@ def node_info(name: str, node: NodeType, models: ModelsDir) -> dict[str, Any]:
 
 @router.get("/object_info")
 async def object_info(request: Request) -> dict:
-    models = runner_of(request).models
-    return await run_in_threadpool(lambda: {n: node_info(n, node, models) for n, node in NODES.items()})
+    runner = runner_of(request)
+
+    def listing() -> dict:
+        images = input_images(runner.folder("input"))
+        return {n: node_info(n, node, runner.models, images) for n, node in NODES.items()}
+
+    return await run_in_threadpool(listing)
 
 
 @router.get("/object_info/{node_class}")
 async def object_info_of(node_class: str, request: Request) -> dict:
     """One node type (``{}`` for a type sd35 does not run, as ComfyUI answers)."""
-    models = runner_of(request).models
+    runner = runner_of(request)
     node = NODES.get(node_class)
     if node is None:
         return {}
-    return {node_class: await run_in_threadpool(node_info, node_class, node, models)}
+
+    def entry() -> dict:
+        return node_info(node_class, node, runner.models, input_images(runner.folder("input")))
+
+    return {node_class: await run_in_threadpool(entry)}
 
 
 @router.get("/models")
