@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build stable-diffusion.cpp's `sd` CLI as a benchmark-only peer for benchmarks/cpu_compare.py.
+# Build stable-diffusion.cpp's `sd` CLI as a benchmark-only peer for `sd35 bench --device cpu --peers`.
 #
 # stable-diffusion.cpp (https://github.com/leejet/stable-diffusion.cpp) and its vendored ggml are MIT-licensed
 # (Copyright (c) 2023 leejet; ggml Copyright (c) 2023-2024 The ggml authors). We do not ship or link it: this
@@ -8,7 +8,7 @@
 #
 # Usage: benchmarks/build_sdcpp.sh            # builds into $SDCPP_HOME (default /work/sdcpp)
 #        SDCPP_JOBS=4 benchmarks/build_sdcpp.sh
-# Result: $SDCPP_HOME/build/bin/sd-cli   (pass it as: benchmarks/cpu_compare.py --sdcpp $SDCPP_HOME/build/bin/sd-cli)
+# Result: $SDCPP_HOME/build/bin/sd-cli   (found there by `sd35 bench --peers`, or pass --sdcpp PATH)
 #
 # Why these flags: Release + GGML_NATIVE=ON so ggml compiles for this CPU (-march=native: AVX-512 and
 # AVX512_BF16 where present), examples ON to get the `sd-cli` CLI, WebP/WebM OFF (PNG output is enough and the

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peers:
+        return run_peers(args)
     from sd35.bench import make_options, run
 
     extra_ours = tuple(
@@ -34,6 +36,50 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     return run(options)
+
+
+def _csv(flag: str, value: str, kind: type = str) -> tuple:
+    from sd35.errors import SD35Error
+
+    try:
+        items = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise SD35Error(f"{flag} takes comma-separated values like 256,512, got {value!r}.") from None
+    if not items:
+        raise SD35Error(f"{flag} is empty; give at least one value.")
+    return items
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    """``--peers``: ours, diffusers and stable-diffusion.cpp side by side on the CPU (sd35.bench.peers)."""
+    from sd35.bench.peers import PeerOptions
+    from sd35.bench.peers import run_peers as run_side_by_side
+    from sd35.errors import SD35Error
+
+    if args.device not in (None, "cpu"):
+        raise SD35Error("--peers times CPU engines (stable-diffusion.cpp's CPU build); use --device cpu.")
+    defaults = PeerOptions()
+    if args.diffusers not in (None, "eager", "none"):
+        raise SD35Error(
+            "--peers times diffusers eager (or --diffusers none); its other variants are GPU paths."
+        )
+    options = PeerOptions(
+        sizes=_csv("--sizes", args.sizes, int) if args.sizes else defaults.sizes,
+        depth=args.depth,
+        rounds=args.rounds,
+        iters=args.iters or defaults.iters,
+        dtypes=_csv("--peer-dtypes", args.peer_dtypes) if args.peer_dtypes else defaults.dtypes,
+        diffusers=args.diffusers != "none",
+        sdcpp=args.sdcpp,
+        sdcpp_types=_csv("--sdcpp-types", args.sdcpp_types) if args.sdcpp_types else defaults.sdcpp_types,
+        sdcpp_threads=args.sdcpp_threads,
+        weights_dir=args.sdcpp_weights or defaults.weights_dir,
+        seed=args.seed,
+        json_path=args.json,
+        plot_path=Path(args.plot) if args.plot else None,
+    )
+    report = run_side_by_side(options)
+    return 0 if all(r["ok"] for r in report["equivalence"]) else 1
 
 
 def add_parser(sub) -> None:
@@ -112,4 +158,41 @@ def add_parser(sub) -> None:
         "--json", type=Path, default=None, metavar="OUT", help="write every number to this JSON file"
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    peers = b.add_argument_group(
+        "side by side on the CPU (--peers)",
+        "ours and diffusers in bf16 and fp32 and stable-diffusion.cpp's sd-cli (benchmarks/build_sdcpp.sh) on "
+        "the same random weights, SD3.5 Medium's MMDiT-X at --depth blocks, one CFG step at each of --sizes "
+        "(default 256,384,512,768), alternating in rounds; the table gives ours against diffusers at their "
+        "defaults and in bf16, against sd.cpp's fastest type, and the share of the matmul rate our step reaches",
+    )
+    peers.add_argument(
+        "--peers", action="store_true", help="run this comparison instead of the step benchmark"
+    )
+    peers.add_argument(
+        "--depth", type=int, default=8, help="MMDiT-X blocks (hidden = 64 x depth; 24: SD3.5M)"
+    )
+    peers.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every engine at every size (default 3)"
+    )
+    peers.add_argument(
+        "--peer-dtypes", default="bf16,fp32", help="ours' and diffusers' dtypes (default bf16,fp32)"
+    )
+    peers.add_argument(
+        "--sdcpp", default=None, help="sd-cli (default $SDCPP_HOME/build/bin/sd-cli, then PATH)"
+    )
+    peers.add_argument(
+        "--sdcpp-types", default="f16,q8_0,f32", help="sd.cpp --type values (default f16,q8_0,f32)"
+    )
+    peers.add_argument(
+        "--sdcpp-threads", type=int, default=None, help="sd.cpp's -t (default: torch's threads)"
+    )
+    peers.add_argument(
+        "--sdcpp-weights",
+        type=Path,
+        default=None,
+        help="where sd.cpp's weight files are written once and reused",
+    )
+    peers.add_argument(
+        "--plot", default=None, metavar="PNG", help="step time against resolution (needs matplotlib)"
+    )
     b.set_defaults(func=run)

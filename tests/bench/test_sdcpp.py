@@ -1,5 +1,6 @@
-"""stable-diffusion.cpp as a benchmark peer (sd35/bench/sdcpp.py, benchmarks/cpu_compare.py), without sd.cpp:
-its log is read from a captured excerpt, and the comparison runs ours against diffusers when it is absent."""
+"""stable-diffusion.cpp as a benchmark peer (sd35/bench/sdcpp.py, ``sd35 bench --peers``), without sd.cpp: its
+log is read from a captured excerpt, a stand-in sd-cli prints such a log, and the comparison runs ours
+against diffusers when it is absent."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from sd35.bench.peers import table
 from sd35.bench.sdcpp import comparison_config, find_sdcpp, parse_sdcpp_log, run_sdcpp, sdcpp_command
 from sd35.errors import SD35Error
 from sd35.models.configs import medium_mmditx_config
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 # sd-cli's own output (stable-diffusion-cpp-python 0.4.7's sd.cpp, depth-8 random weights, 256 px, 4 Euler
@@ -101,47 +104,73 @@ def test_a_failing_sd_cli_is_one_error_with_its_log(tmp_path):
         run_sdcpp(command)
 
 
-def _cpu_compare():
-    spec = importlib.util.spec_from_file_location("cpu_compare", REPO / "benchmarks" / "cpu_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _peers(capsys, tmp_path, *more: str) -> tuple[dict, str, str]:
+    out = tmp_path / "cpu.json"
+    argv = ["bench", "--device", "cpu", "--peers", "--depth", "2", "--sizes", "64", "--rounds", "1"]
+    code, stdout, stderr = run_cli(capsys, *argv, "--iters", "1", "--json", str(out), *more)
+    assert code == 0, stderr
+    return json.loads(out.read_text()), stdout, stderr
 
 
-def test_compare_without_sdcpp_times_ours_against_diffusers(tmp_path, monkeypatch, capsys):
+def test_peers_without_sdcpp_time_ours_against_diffusers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SDCPP_HOME", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    out = tmp_path / "cpu.json"
-    argv = [
-        "--depth",
-        "2",
-        "--sizes",
-        "64",
-        "--rounds",
-        "1",
-        "--iters",
-        "1",
-        "--json",
-        str(out),
-        "--plot",
-        "",
-    ]
-    assert _cpu_compare().main(argv) == 0
-    captured = capsys.readouterr()
-    assert "sd.cpp was not found" in captured.err
-    report = json.loads(out.read_text())
+    report, stdout, stderr = _peers(capsys, tmp_path)
+    assert "sd.cpp was not found" in stderr
     assert report["sdcpp_found"] is False and report["sdcpp_runs"] == []
     assert all(row["ok"] for row in report["equivalence"]) and len(report["equivalence"]) == 2
     engines = {row["engine"]: row["step_s"] for row in report["rows"]}
     assert set(engines) == {"ours bf16", "diffusers bf16", "ours fp32", "diffusers fp32"}
     assert all(seconds > 0 for seconds in engines.values())
-    assert "| 64 px |" in captured.out and "sd.cpp" not in captured.out.split("load average")[0]
+    assert set(report["matmul_flops_per_s"]) == {"bf16", "fp32"}
+    assert "| 64 px |" in stdout and "sd.cpp" not in stdout.split("load average")[0]
+    assert "ours bf16 / diffusers bf16" in stdout and "of the bf16 matmul rate" in stdout
 
 
-def test_table_compares_ours_with_the_fastest_sdcpp_type():
+def test_peers_with_an_sd_cli_rank_ours_against_its_fastest_type(tmp_path, monkeypatch, capsys):
+    """A stand-in sd-cli logs a 2-step run whose steady step is 0.75 s for q8_0 and 1.5 s for f16 (its
+    ``--type`` read from the command line); the weight files it would read are already in the weights
+    folder, so none are written."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("sd3.5m-depth2-seed0-f32", "clip_l", "clip_g"):
+        (weights / f"{name}.safetensors").write_bytes(b"")
+    binary = _fake_sd_cli(
+        tmp_path,
+        'case "$*" in *q8_0*) a=1.00; b=0.875 ;; *) a=2.00; b=1.75 ;; esac\n'
+        'echo "1/2 - ${a}s/it"; echo "2/2 - ${b}s/it"; echo "sampling completed, taking 3.00s"',
+    )[0]
+    report, stdout, _ = _peers(
+        capsys, tmp_path, "--sdcpp", binary, "--sdcpp-types", "f16,q8_0", "--sdcpp-weights", str(weights),
+        "--peer-dtypes", "bf16", "--sdcpp-threads", "1", "--plot", str(tmp_path / "plot.png"),
+    )  # fmt: skip
+    steps = {row["engine"]: row["step_s"] for row in report["rows"]}
+    assert steps["sd.cpp q8_0"] == pytest.approx(0.75) and steps["sd.cpp f16"] == pytest.approx(1.5)
+    assert report["sdcpp_threads"] == 1 and {r["type"] for r in report["sdcpp_runs"]} == {"f16", "q8_0"}
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("| 64 px |"))
+    assert f"{steps['ours bf16'] / 0.75:.2f}x" in line
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_peer_options_are_one_error(tmp_path, capsys):
+    for argv, says in (
+        (["--sizes", "100"], "multiples of 64"),
+        (["--peer-dtypes", "fp16"], "--peer-dtypes"),
+        (["--device", "cuda"], "use --device cpu"),
+        (["--sdcpp", str(tmp_path / "none")], "build_sdcpp.sh"),
+    ):
+        code, _, err = run_cli(capsys, "bench", "--peers", *argv)
+        assert code != 0 and says in err and "Traceback" not in err
+
+
+def test_table_gives_the_ratios_and_the_matmul_share():
     rows = [
-        {"engine": "ours bf16", "size": 256, "step_s": 1.0},
-        {"engine": "sd.cpp f16", "size": 256, "step_s": 4.0},
-        {"engine": "sd.cpp q8_0", "size": 256, "step_s": 2.0},
+        {"engine": "ours bf16", "size": 256, "step_s": 1.0, "flops": 1e12},
+        {"engine": "diffusers bf16", "size": 256, "step_s": 1.25, "flops": 1e12},
+        {"engine": "diffusers fp32", "size": 256, "step_s": 4.0, "flops": 1e12},
+        {"engine": "sd.cpp f16", "size": 256, "step_s": 4.0, "flops": 1e12},
+        {"engine": "sd.cpp q8_0", "size": 256, "step_s": 2.0, "flops": 1e12},
     ]
-    assert "| 256 px | 1.000 | 4.000 | 2.000 | 0.50x |" in _cpu_compare().table(rows, [256])
+    text = table(rows, [256], "bf16", {"bf16": 2e12})
+    assert "| 256 px | 1.000 | 1.250 | 4.000 | 4.000 | 2.000 | 0.25x | 0.80x | 0.50x | 50% |" in text

@@ -1,23 +1,25 @@
-"""One CFG step on the CPU: ours, diffusers and stable-diffusion.cpp side by side, at several resolutions.
-
-    python benchmarks/cpu_compare.py [--sdcpp PATH] [--sizes 256,384,512,768] [--depth 8] [--rounds 3]
-        [--dtypes bf16,fp32] [--sdcpp-threads N] [--json benchmarks/cpu_speed.json] [--plot benchmarks/cpu_speed.png]
+"""``sd35 bench --device cpu --peers``: one CFG step on the CPU, ours, diffusers and stable-diffusion.cpp side
+by side at several resolutions, with the share of the measured matmul rate our step reaches.
 
 Engines: ours and diffusers' ``SD3Transformer2DModel`` in bf16 and fp32 (the same random weights, in this
-process), and sd.cpp's ``sd-cli`` (``benchmarks/build_sdcpp.sh``) with ``--type`` f16, q8_0 and f32 on a file
-holding those same weights. The model is SD3.5 Medium's MMDiT-X at ``--depth`` blocks in the shape sd.cpp
-accepts (:func:`sd35.bench.sdcpp.comparison_config`: hidden 64 * depth, text 4096, pooled 2048), with
-sd.cpp's 154 text tokens for all engines. A round times every engine once at every size, in a rotating
-order, so the drift of a shared machine hits all alike; each number is the median over rounds of (torch)
-the median of ``--iters`` back-to-back steps after one warm-up, (sd.cpp) its steady-state step from its log
-over ``--iters`` + 1 steps. A step is cond + uncond: batch 2 for ours and diffusers, two forwards for sd.cpp.
-``--depth 24 --sizes 512 --dtypes bf16`` is SD3.5 Medium's own width (fp32 would hold two 10 GB models).
-Without sd.cpp it says so and times ours against diffusers. The plot needs matplotlib (the [bench] extra).
+process), and sd.cpp's ``sd-cli`` (``benchmarks/build_sdcpp.sh``; a benchmark-only peer, found by
+:func:`sd35.bench.sdcpp.find_sdcpp`) with ``--type`` f16, q8_0 and f32 on a file holding those same weights.
+The model is SD3.5 Medium's MMDiT-X at ``depth`` blocks in the shape sd.cpp accepts
+(:func:`sd35.bench.sdcpp.comparison_config`: hidden 64 * depth, text 4096, pooled 2048), with sd.cpp's 154
+text tokens for all engines. A round times every engine once at every size, in a rotating order, so the
+drift of a shared machine hits all alike; each number is the median over rounds of (torch) the median of
+``iters`` back-to-back steps after one warm-up, (sd.cpp) its steady-state step from its log over ``iters``
++ 1 steps. A step is cond + uncond: batch 2 for ours and diffusers, two forwards for sd.cpp. Depth 24 with
+bf16 alone is SD3.5 Medium's own width (fp32 would hold two 10 GB models). Without sd.cpp it says so and
+times ours against diffusers. The plot needs matplotlib (the [bench] extra).
+
+The table states the issue's ratios per size: ours at our CPU default dtype against diffusers at its
+default (fp32), ours against diffusers in bf16, ours bf16 against sd.cpp's fastest type, and the share of
+one 2048^3 matmul's FLOP rate (same dtype, same threads, measured in the run) that our step reaches.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -29,15 +31,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    # as the CLI does, before torch loads OpenMP: our engine at its own thread settings
-    __import__("sd35.cpu_threads").cpu_threads.configure()
 
 import torch
 
+from sd35.bench.flops import matmul_rate, step_flops
 from sd35.bench.random_models import call_diffusers, compare, diffusers_transformer, step_inputs
 from sd35.bench.sdcpp import (
     SDCPP_TEXT_TOKENS,
@@ -48,7 +47,9 @@ from sd35.bench.sdcpp import (
     sdcpp_command,
     write_sdcpp_files,
 )
+from sd35.devices import default_dtype
 from sd35.errors import SD35Error
+from sd35.files import write_atomic
 from sd35.models.mmditx import MMDiTX, MMDiTXConfig
 from sd35.models.random_init import build_random
 
@@ -57,7 +58,7 @@ EQUIVALENCE = {"bf16": 5e-2, "fp32": 1e-4}  # relative L2, ours vs diffusers (as
 
 
 def log(message: str) -> None:
-    print(f"cpu_compare: {message}", file=sys.stderr, flush=True)
+    print(f"sd35 bench: {message}", file=sys.stderr, flush=True)
 
 
 def machine_facts(sdcpp: Path | None) -> dict:
@@ -169,19 +170,42 @@ def rows_of(samples: dict) -> list[dict]:
     ]
 
 
-def table(rows: list[dict], sizes: list[int]) -> str:
-    """Markdown: one line per size, one column per engine, then ours bf16 against the fastest sd.cpp type."""
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def table(
+    rows: list[dict], sizes: list[int], default: str = "bf16", rates: dict[str, float] | None = None
+) -> str:
+    """Markdown: one line per size, one column per engine (seconds per step), then the ratios: ours at our
+    default dtype ``default`` against diffusers' default (fp32), ours against diffusers in bf16, ours bf16
+    against the fastest sd.cpp type, and the share of ``rates`` (FLOP/s of one matmul per dtype) that our
+    step's matmul FLOPs (``flops`` in the rows) reach."""
     names = list(dict.fromkeys(r["engine"] for r in rows))
     by = {(r["engine"], r["size"]): r["step_s"] for r in rows}
+    flops = {r["size"]: r.get("flops") for r in rows}
     sd_names = [n for n in names if n.startswith("sd.cpp")]
-    head = ["size", *names] + (["ours bf16 / fastest sd.cpp"] if sd_names else [])
+    ratios = []
+    if "diffusers fp32" in names and f"ours {default}" in names:
+        ratios.append(
+            (f"ours {default} (default) / diffusers fp32 (default)", f"ours {default}", "diffusers fp32")
+        )
+    if "diffusers bf16" in names and "ours bf16" in names:
+        ratios.append(("ours bf16 / diffusers bf16", "ours bf16", "diffusers bf16"))
+    shares = [d for d in ("bf16", "fp32") if rates and d in rates and f"ours {d}" in names]
+    head = ["size", *names, *(r[0] for r in ratios)]
+    head += ["ours bf16 / fastest sd.cpp"] if sd_names else []
+    head += [f"ours {d}: of the {d} matmul rate" for d in shares]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in sizes:
         cells = [f"{s} px"] + [f"{by[(n, s)]:.3f}" if by.get((n, s)) else "-" for n in names]
+        cells += [_ratio(by.get((a, s)), by.get((b, s))) for _, a, b in ratios]
         if sd_names:
             best = [by[(n, s)] for n in sd_names if by.get((n, s))]
-            ours = by.get(("ours bf16", s))
-            cells.append(f"{ours / min(best):.2f}x" if best and ours else "-")
+            cells.append(_ratio(by.get(("ours bf16", s)), min(best) if best else None))
+        for d in shares:
+            seconds, work = by.get((f"ours {d}", s)), flops.get(s)
+            cells.append(f"{work / seconds / rates[d]:.0%}" if seconds and work else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -210,37 +234,47 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), "replace")
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sdcpp", help="sd.cpp's sd-cli (default: $SDCPP_HOME/build/bin/sd-cli, then PATH)")
-    p.add_argument("--sizes", default="256,384,512,768")
-    p.add_argument("--depth", type=int, default=8, help="MMDiT-X blocks (hidden = 64 * depth; 24 = SD3.5M)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--iters", type=int, default=3, help="timed steps per engine and size in a round")
-    p.add_argument("--types", default=",".join(SDCPP_TYPES), help="sd.cpp --type values")
-    p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--dtypes", default="bf16,fp32", help="ours' and diffusers' dtypes")
-    p.add_argument("--sdcpp-threads", type=int, help="sd.cpp's -t (default: torch's thread count)")
-    p.add_argument("--weights-dir", default=os.environ.get("SDCPP_WEIGHTS", "/work/sdcpp/weights"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="benchmarks/cpu_speed.json")
-    p.add_argument("--plot", default="benchmarks/cpu_speed.png", help="'' for none")
-    a = p.parse_args(argv)
-    try:
-        sizes = sorted({int(s) for s in a.sizes.split(",") if s.strip()})
-    except ValueError:
-        raise SystemExit(f"--sizes takes comma-separated sizes like 256,512, got {a.sizes!r}") from None
-    if not sizes or any(s % 64 for s in sizes):
-        raise SystemExit(f"--sizes must be multiples of 64 (sd.cpp's latent grid), got {a.sizes!r}")
-    types = tuple(t.strip() for t in a.types.split(",") if t.strip())
-    try:
-        binary = find_sdcpp(a.sdcpp)
-    except SD35Error as e:
-        raise SystemExit(str(e)) from None
+@dataclass(frozen=True)
+class PeerOptions:
+    """What ``sd35 bench --device cpu --peers`` runs (the CLI's flags of the same names)."""
+
+    sizes: tuple[int, ...] = (256, 384, 512, 768)
+    depth: int = 8
+    rounds: int = 3
+    iters: int = 3
+    dtypes: tuple[str, ...] = ("bf16", "fp32")
+    diffusers: bool = True
+    sdcpp: str | None = None
+    sdcpp_types: tuple[str, ...] = SDCPP_TYPES
+    sdcpp_threads: int | None = None
+    weights_dir: Path = Path(os.environ.get("SDCPP_WEIGHTS", "/work/sdcpp/weights"))
+    seed: int = 0
+    json_path: Path | None = None
+    plot_path: Path | None = None
+
+
+def check_peer_options(opts: PeerOptions) -> None:
+    """Refuse what cannot run, before anything is built (an SD35Error naming the flag)."""
+    if not opts.sizes or any(s <= 0 or s % 64 for s in opts.sizes):
+        raise SD35Error(f"--sizes must be multiples of 64 (sd.cpp's latent grid), got {opts.sizes}.")
+    if not opts.dtypes or any(d not in TORCH_DTYPES for d in opts.dtypes):
+        raise SD35Error(f"--peer-dtypes takes {','.join(TORCH_DTYPES)} (comma-separated), got {opts.dtypes}.")
+    if opts.depth < 2 or opts.rounds < 1 or opts.iters < 1:
+        raise SD35Error("--depth must be at least 2, --rounds and --iters at least 1.")
+    cfg = comparison_config(opts.depth)
+    if max(opts.sizes) > cfg.max_image_size:
+        raise SD35Error(f"--sizes: at most {cfg.max_image_size} px (SD3.5 Medium's position grid).")
+
+
+def run_peers(opts: PeerOptions) -> dict:
+    """Time the engines (module doc), print the table, write the JSON and the plot; returns the report."""
+    check_peer_options(opts)
+    sizes = sorted(set(opts.sizes))
+    binary = find_sdcpp(opts.sdcpp)
     if binary is None:
         log(
             "sd.cpp was not found (build it with benchmarks/build_sdcpp.sh, or pass --sdcpp PATH); "
@@ -248,46 +282,50 @@ def main(argv: list[str] | None = None) -> int:
         )
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
-    cfg = comparison_config(a.depth)
+    cfg = comparison_config(opts.depth)
     log(f"depth {cfg.depth}, hidden {cfg.hidden_size}, {SDCPP_TEXT_TOKENS} text tokens, {threads} threads")
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    if not dtypes or any(d not in TORCH_DTYPES for d in dtypes):
-        raise SystemExit(f"--dtypes takes {','.join(TORCH_DTYPES)} (comma-separated), got {a.dtypes!r}")
-    engines, equivalence = torch_engines(cfg, sizes, a.seed, a.iters, not a.no_diffusers, dtypes)
+    rates = {}
+    for d in opts.dtypes:
+        rates[d] = matmul_rate(torch.device("cpu"), TORCH_DTYPES[d])
+        log(f"one 2048^3 {d} matmul: {rates[d] / 1e12:.3f} TF/s")
+    engines, equivalence = torch_engines(cfg, sizes, opts.seed, opts.iters, opts.diffusers, list(opts.dtypes))
     sd_runs: list[dict] = []
+    sd_threads = (opts.sdcpp_threads or threads) if binary is not None else None
     if binary is not None:
-        files = write_sdcpp_files(Path(a.weights_dir), cfg, a.seed)
-        sd_threads = a.sdcpp_threads or threads
-        engines.update(sdcpp_engines(binary, files, types, a.iters, sd_threads, sd_runs))
-    rows = rows_of(time_rounds(engines, sizes, a.rounds))
+        files = write_sdcpp_files(Path(opts.weights_dir), cfg, opts.seed)
+        engines.update(sdcpp_engines(binary, files, opts.sdcpp_types, opts.iters, sd_threads, sd_runs))
+    rows = rows_of(time_rounds(engines, sizes, opts.rounds))
+    for row in rows:
+        row["flops"] = step_flops(cfg, row["size"], SDCPP_TEXT_TOKENS)
     load_after = os.getloadavg()
     facts = machine_facts(binary) | {"load_before": load_before, "load_after": load_after}
+    default = "bf16" if default_dtype(torch.device("cpu")) == torch.bfloat16 else "fp32"
     report = {
         "machine": facts,
         "config": {"depth": cfg.depth, "hidden": cfg.hidden_size, "text_tokens": SDCPP_TEXT_TOKENS},
-        "sdcpp_threads": (a.sdcpp_threads or threads) if binary is not None else None,
+        "our_default_dtype": default,
+        "matmul_flops_per_s": rates,
+        "sdcpp_threads": sd_threads,
         "sdcpp_found": binary is not None,
-        "rounds": a.rounds,
-        "iters": a.iters,
+        "rounds": opts.rounds,
+        "iters": opts.iters,
         "equivalence": equivalence,
         "rows": rows,
         "sdcpp_runs": sd_runs,
     }
-    Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(rows, sizes))
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; wrote {a.json}")
-    if a.plot and importlib.util.find_spec("matplotlib") is None:
+    print(table(rows, sizes, default, rates))
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    if opts.json_path is not None:
+        text = json.dumps(report, indent=2) + "\n"
+        write_atomic(opts.json_path, lambda tmp: tmp.write_text(text), "replace")
+        print(f"wrote {opts.json_path}")
+    if opts.plot_path is not None and importlib.util.find_spec("matplotlib") is None:
         log("matplotlib is not installed (pip install -e '.[bench]'): no plot written.")
-    elif a.plot:
+    elif opts.plot_path is not None:
         title = (
             f"one CFG step, MMDiT-X depth {cfg.depth} / hidden {cfg.hidden_size}, torch {threads} threads, "
-            f"sd.cpp -t {report['sdcpp_threads']}, "
-            f"{facts['cpu']}, {facts['date'][:10]}"
+            f"sd.cpp -t {sd_threads}, {facts['cpu']}, {facts['date'][:10]}"
         )
-        plot(rows, Path(a.plot), title)
-        print(f"wrote {a.plot}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        plot(rows, opts.plot_path, title)
+        print(f"wrote {opts.plot_path}")
+    return report
