@@ -244,9 +244,9 @@ class Engine:
             self._wake.set()
         return job
 
-    def submit_workflow(self, body: dict[str, Any], job_id: str | None = None) -> Job:
+    def submit_workflow(self, body: dict[str, Any], job_id: str | None = None, front: bool = False) -> Job:
         """Check a ComfyUI ``/prompt`` body's graph (and its samplers against the deployment's limits) and
-        store it as a queued workflow job (``job_id``: the client's own id). Raises WorkflowError (naming
+        store it as a queued workflow job (``job_id``: the client's own id; ``front``: before every waiting job). Raises WorkflowError (naming
         the node), Conflict for a taken id, or Busy; nothing is stored for a bad graph."""
         if self.workflows is None:
             raise SD35Error("this server runs no ComfyUI workflows.", param="prompt")
@@ -258,7 +258,12 @@ class Engine:
             except SD35Error as e:
                 raise limit_error(sampling.node, prompt[sampling.node]["class_type"], e) from None
         job, created = self.store.enqueue(
-            WORKFLOW_API, WORKFLOW_MODEL, stored_body(body), self.settings.queue_limit, job_id=job_id
+            WORKFLOW_API,
+            WORKFLOW_MODEL,
+            stored_body(body),
+            self.settings.queue_limit,
+            job_id=job_id,
+            front=front,
         )
         if created:
             self._wake.set()

@@ -32,11 +32,18 @@ COLUMNS = """
     error TEXT,
     result TEXT,
     worker TEXT,
-    lease {real}
+    lease {real},
+    front {real}
 """
 # worker: the server running the job (or, while queued, the one whose synchronous request waits for it);
-# lease: the Unix time until which that server vouches for it (renewed while it lives).
-LEASE_COLUMNS = (("worker", "TEXT"), ("lease", "REAL"))
+# lease: the Unix time until which that server vouches for it (renewed while it lives);
+# front: set (to the job's seq) for a job queued at the front (ComfyUI's ``front``): see QUEUE_ORDER.
+ADDED_COLUMNS = (("worker", "TEXT"), ("lease", "REAL"), ("front", "REAL"))
+"""Columns later than the first job table, added to a database made before them."""
+QUEUE_ORDER = "(front IS NULL), front DESC, seq"
+"""The order queued jobs run in: those queued at the front first, the latest of them first (as ComfyUI's
+queue), then the rest first come first served."""
+COLUMN_TYPES = {"worker": "TEXT", "lease": "DOUBLE PRECISION", "front": "DOUBLE PRECISION"}  # PostgreSQL's
 ADMISSION_LOCK = 0x5D35  # PostgreSQL advisory lock id that serializes admissions (count + insert)
 
 
@@ -71,7 +78,7 @@ class SQLiteDatabase:
             + ");\nCREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);"
         )
         have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, kind in LEASE_COLUMNS:  # a database made before leases existed
+        for name, kind in ADDED_COLUMNS:  # a database made before these columns existed
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
@@ -144,6 +151,8 @@ class PostgresDatabase:
                 + COLUMNS.format(real="DOUBLE PRECISION")
                 + ")"
             )
+            for name, _ in ADDED_COLUMNS:  # a database made before these columns existed
+                self.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {COLUMN_TYPES[name]}")
             self.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq)")
 
     def _live(self):

@@ -28,7 +28,7 @@ from typing import Any
 
 from sd35.errors import Busy, Conflict, NotFound, SD35Error
 from sd35.files import check_writable_folder
-from sd35.server.job_db import Database, open_database
+from sd35.server.job_db import QUEUE_ORDER, Database, open_database
 
 MAX_ATTEMPTS = 3
 FINAL = ("done", "failed", "cancelled")
@@ -61,6 +61,7 @@ class Job:
     idempotency_key: str | None = None
     worker: str | None = None
     lease: float | None = None
+    front: bool = False
 
     @property
     def is_final(self) -> bool:
@@ -84,6 +85,7 @@ def _job(row: Any) -> Job:
         idempotency_key=row["idempotency_key"],
         worker=row["worker"],
         lease=row["lease"],
+        front=row["front"] is not None,
     )
 
 
@@ -153,6 +155,7 @@ class JobStore:
         seed_drawn: bool = False,
         worker: str | None = None,
         job_id: str | None = None,
+        front: bool = False,
     ) -> tuple[Job, bool]:
         """Store a new queued job, or return the job already stored under ``idempotency_key``.
 
@@ -163,6 +166,7 @@ class JobStore:
         taken), else one is drawn. ``worker`` reserves the job for that server (a synchronous request runs where its
         client waits; :meth:`reap` frees it if that server dies). The count and the insert are one
         serialized transaction, so concurrent admissions never overshoot the limit, from any server.
+        ``front``: the job goes before every waiting job (ComfyUI's ``front``; :data:`QUEUE_ORDER`).
         """
         text = json.dumps(request, sort_keys=True)
         with self._db.transaction(serialized=True) as db:
@@ -197,6 +201,8 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                 (job_id, idempotency_key, api, model, text, now, worker, now + LEASE_S if worker else None),
             )
+            if front:
+                db.execute("UPDATE jobs SET front = seq WHERE id = ?", (job_id,))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return _job(row), True
 
@@ -213,29 +219,38 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def queued(self, limit: int = 64, worker: str | None = None) -> list[Job]:
-        """The oldest waiting jobs, first come first; with ``worker``, only those it may take (free ones
-        and those reserved for it)."""
+        """The waiting jobs in the order they run (:data:`QUEUE_ORDER`: first come first, those queued at
+        the front before them); with ``worker``, only those it may take (free ones and those reserved for
+        it)."""
         mine = " AND (worker IS NULL OR worker = ?)" if worker is not None else ""
         args = (worker, limit) if worker is not None else (limit,)
         rows = self._db.execute(
-            f"SELECT * FROM jobs WHERE status = 'queued'{mine} ORDER BY seq LIMIT ?", args
+            f"SELECT * FROM jobs WHERE status = 'queued'{mine} ORDER BY {QUEUE_ORDER} LIMIT ?", args
         ).fetchall()
         return [_job(r) for r in rows]
 
     def position(self, job: Job) -> int:
-        """How many waiting jobs are ahead of a queued one."""
-        row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND seq < ?", (job.seq,))
+        """How many waiting jobs are ahead of a queued one (:data:`QUEUE_ORDER`)."""
+        if job.front:
+            ahead, args = "front > ?", (job.seq,)
+        else:
+            ahead, args = "(front IS NOT NULL OR seq < ?)", (job.seq,)
+        row = self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND {ahead}", args)
         return int(row["n"]) if row else 0
 
     def waiting(self) -> int:
         row = self._one("SELECT COUNT(*) AS n FROM jobs WHERE status IN ('queued', 'running')")
         return int(row["n"]) if row else 0
 
-    def of_api(self, api: str, statuses: Sequence[str], limit: int = 10_000) -> list[Job]:
-        """The jobs of one API in these statuses, oldest first (ComfyUI's queue and history lists)."""
+    def of_api(
+        self, api: str, statuses: Sequence[str], limit: int = 10_000, queue_order: bool = False
+    ) -> list[Job]:
+        """The jobs of one API in these statuses, oldest first, or (``queue_order``) in the order they run
+        (:data:`QUEUE_ORDER`): ComfyUI's queue and history lists."""
         marks = ", ".join("?" for _ in statuses)
+        order = QUEUE_ORDER if queue_order else "seq"
         rows = self._db.execute(
-            f"SELECT * FROM jobs WHERE api = ? AND status IN ({marks}) ORDER BY seq LIMIT ?",
+            f"SELECT * FROM jobs WHERE api = ? AND status IN ({marks}) ORDER BY {order} LIMIT ?",
             (api, *statuses, limit),
         ).fetchall()
         return [_job(r) for r in rows]

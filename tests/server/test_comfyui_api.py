@@ -493,6 +493,23 @@ def test_queue_delete_and_clear_drop_pending_prompts(server, client):
     assert client.get(f"/history/{ids[1]}").json() == {}  # deleted before it ran: never in the history
 
 
+def test_a_prompt_queued_at_the_front_runs_next(server, client):
+    """``front: true`` goes before the waiting prompts, with ComfyUI's negative number; it runs next."""
+    first = client.post("/prompt", json={"prompt": example(steps=LONG_STEPS, seed=20)}).json()["prompt_id"]
+    wait_until(lambda: client.get("/queue").json()["queue_running"], 30, 0.02, "the first prompt running")
+    later = client.post("/prompt", json={"prompt": example(seed=21)}).json()
+    front = client.post("/prompt", json={"prompt": example(seed=22), "front": True}).json()
+    assert front["number"] < 0 < later["number"]
+    pending = client.get("/queue").json()["queue_pending"]
+    assert [item[1] for item in pending] == [front["prompt_id"], later["prompt_id"]]
+    assert pending[0][0] == front["number"]
+    client.post("/interrupt", json={"prompt_id": first})
+    done = [history(client, p) for p in (front["prompt_id"], later["prompt_id"])]
+    assert all(entry["status"]["status_str"] == "success" for entry in done)
+    started = [entry["status"]["messages"][0][1]["timestamp"] for entry in done]
+    assert started[0] < started[1]  # the front prompt ran first
+
+
 @pytest.fixture(scope="module")
 def keyed(tiny, models, tmp_path_factory):
     proc = ServerProcess(

@@ -70,6 +70,23 @@ def test_enqueue_get_and_queue_order(store):
     assert store.waiting() == 3
 
 
+def test_a_job_queued_at_the_front_runs_before_the_waiting_ones(store):
+    """ComfyUI's ``front``: before every waiting job, the latest such first; the rest first come first."""
+    a, b = (store.enqueue("native", "m", body(p), limit=10)[0] for p in ("a", "b"))
+    f1 = store.enqueue("comfyui", "workflow", body("f1"), limit=10, front=True)[0]
+    c = store.enqueue("native", "m", body("c"), limit=10)[0]
+    f2 = store.enqueue("comfyui", "workflow", body("f2"), limit=10, front=True)[0]
+    order = [f2, f1, a, b, c]
+    assert [job.id for job in store.queued()] == [job.id for job in order]
+    assert [store.position(store.get(job.id)) for job in order] == [0, 1, 2, 3, 4]
+    assert f1.front and f2.front and not a.front and store.get(f2.id).front
+    assert [j.id for j in store.of_api("comfyui", ("queued",), queue_order=True)] == [f2.id, f1.id]
+    assert [j.id for j in store.of_api("comfyui", ("queued",))] == [f1.id, f2.id]  # oldest first
+    assert store.start([f2.id]) == [f2.id]
+    assert [job.id for job in store.queued(limit=2)] == [f1.id, a.id]
+    assert store.position(store.get(c.id)) == 3
+
+
 def test_unknown_job_is_not_found(store):
     with pytest.raises(NotFound) as info:
         store.get("0123456789abcdef01234567")
@@ -455,8 +472,8 @@ def test_purge_deletes_old_finished_jobs_and_their_files_only(store):
 
 
 def test_a_database_from_before_leases_gains_their_columns(tmp_path):
-    """A SQLite queue made by an earlier version (no worker or lease columns) opens, keeps its jobs, and
-    runs them under leases."""
+    """A SQLite queue made by an earlier version (no worker, lease or front columns) opens, keeps its jobs,
+    and runs them under leases."""
     import sqlite3
 
     old = sqlite3.connect(tmp_path / "jobs.sqlite3")
@@ -474,7 +491,9 @@ def test_a_database_from_before_leases_gains_their_columns(tmp_path):
         job = s.get("0123456789abcdef01234567")
         assert job.request == {"prompt": "old"} and job.worker is None and job.lease is None
         assert s.start([job.id], "w1", lease_s=60) == [job.id]
-        assert s.get(job.id).worker == "w1"
+        assert s.get(job.id).worker == "w1" and not s.get(job.id).front
+        front = s.enqueue("comfyui", "workflow", body("f"), limit=10, front=True)[0]
+        assert s.get(front.id).front  # the front column was added too
     finally:
         s.close()
 

@@ -74,15 +74,21 @@ def _outputs(graph: dict[str, Any]) -> list[str]:
 def queue_item(job: Job) -> list[Any]:
     """ComfyUI's queue entry: ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``."""
     graph = graph_of(job.request)
-    return [job.seq, job.id, graph, job.request.get("extra_data") or {}, _outputs(graph)]
+    return [number(job), job.id, graph, job.request.get("extra_data") or {}, _outputs(graph)]
+
+
+def number(job: Job) -> int:
+    """ComfyUI's ``number`` of a prompt, by which its front ends sort the queue: the job's sequence number,
+    negative for one queued at the front (as ComfyUI numbers them)."""
+    return -job.seq if job.front else job.seq
 
 
 @router.post("/prompt")
 async def post_prompt(request: Request) -> JSONResponse:
     """Queue a workflow: ``{"prompt": graph, "client_id", "extra_data", "prompt_id"}`` -> ``{"prompt_id",
     "number", "node_errors"}`` (``prompt_id``: the client's own, else one is drawn); a bad graph is a 400
-    naming the nodes, and nothing is queued. (``front`` and ``number`` are accepted; prompts run in the
-    order they arrive.)"""
+    naming the nodes, and nothing is queued. ``front``: true queues it before every waiting prompt and job
+    (the latest such first, as ComfyUI); a client's own ``number`` is accepted and not used."""
     body = await _json_body(request)
     if not isinstance(body, dict) or "prompt" not in body:
         return _error("no_prompt", "No prompt provided", 'the body must be {"prompt": {node_id: {...}}}')
@@ -97,7 +103,7 @@ async def post_prompt(request: Request) -> JSONResponse:
         return _error("invalid_prompt", "prompt_id must be 1 to 64 letters, digits, '-' or '_'")
     engine = engine_of(request)
     try:
-        job = await run_in_threadpool(engine.submit_workflow, entry, prompt_id)
+        job = await run_in_threadpool(engine.submit_workflow, entry, prompt_id, body.get("front") is True)
     except WorkflowError as e:
         if not e.node_errors:
             return _error("prompt_no_outputs", "Prompt has no outputs", e.message)
@@ -107,7 +113,7 @@ async def post_prompt(request: Request) -> JSONResponse:
     except (InvalidRequest, Conflict) as e:
         return _error("invalid_prompt", f"Cannot execute because the prompt is not valid: {e.message}")
     await run_in_threadpool(hub_of(request).queue_changed)
-    return JSONResponse({"prompt_id": job.id, "number": job.seq, "node_errors": {}})
+    return JSONResponse({"prompt_id": job.id, "number": number(job), "node_errors": {}})
 
 
 @router.get("/prompt")
@@ -120,7 +126,7 @@ async def get_prompt(request: Request) -> dict:
 async def get_queue(request: Request) -> dict:
     store = engine_of(request).store
     running = await run_in_threadpool(store.of_api, WORKFLOW_API, ("running",))
-    pending = await run_in_threadpool(store.of_api, WORKFLOW_API, ("queued",))
+    pending = await run_in_threadpool(store.of_api, WORKFLOW_API, ("queued",), queue_order=True)
     return {
         "queue_running": [queue_item(j) for j in running],
         "queue_pending": [queue_item(j) for j in pending],
