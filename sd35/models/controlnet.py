@@ -40,6 +40,7 @@ from sd35.models.mmditx import (
     PatchEmbed,
     crop_pos_embed,
     embedding_and_block_sizes,
+    joint_modulation_paths,
     timestep_embedding,
 )
 from sd35.models.modulation import FusedLinears
@@ -150,11 +151,7 @@ class ControlNet(nn.Module):
         )
         self.controlnet_blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(cfg.depth))
         self.fused_modulation = True  # every adaLN as one matmul where exact, as MMDiTX does
-        paths = [
-            f"joint_blocks.{i}.{s}.adaLN_modulation"
-            for i in range(cfg.depth)
-            for s in ("context_block", "x_block")
-        ]
+        paths = joint_modulation_paths(cfg.depth)
         self._adaln = FusedLinears([p + ".1" for p in paths], [p + ".0" for p in paths])
 
     @classmethod

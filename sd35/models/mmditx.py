@@ -393,6 +393,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
+def joint_modulation_paths(depth: int) -> list[str]:
+    """The adaLN modules of ``depth`` joint blocks, per block (context, image): what
+    :class:`~sd35.models.modulation.FusedLinears` fuses in the MMDiT-X and in an SD3 ControlNet alike."""
+    return [
+        f"joint_blocks.{i}.{s}.adaLN_modulation" for i in range(depth) for s in ("context_block", "x_block")
+    ]
+
+
 class MMDiTX(nn.Module):
     """The SD3-family transformer: ``forward(x, t, y, context, skip_layers=())`` predicts the flow velocity.
 
@@ -462,11 +470,7 @@ class MMDiTX(nn.Module):
     def modulation_paths(self, layer: str = ".1") -> list[str]:
         """Module names of every adaLN linear (``layer=".0"``: their SiLUs), in the order of :meth:`modulations`:
         per block (context, image), then the final layer's."""
-        streams = [
-            f"joint_blocks.{i}.{s}.adaLN_modulation"
-            for i in range(self.config.depth)
-            for s in ("context_block", "x_block")
-        ]
+        streams = joint_modulation_paths(self.config.depth)
         return [p + layer for p in (*streams, "final_layer.adaLN_modulation")]
 
     def modulation_layers(self) -> list[nn.Module]:
