@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -52,6 +52,14 @@ from sd35.workflows.pixels import (
 Loader = Callable[[LoadSpec], SD3Pipeline]
 Latent = tuple[torch.Tensor, torch.Tensor | None]
 """A LATENT's samples ``(b, c, h, w)`` in the model's space and its noise mask ``(b, 1, H, W)`` or None."""
+
+
+class SamplerRun(NamedTuple):
+    """A sampler node's run: the pipeline it ran on, the tiling its images were decoded in, its result."""
+
+    spec: LoadSpec
+    tiling: Tiling | None
+    result: GenerateResult
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Executor:
     ):
         self.loader, self.on_note, self.hooks = loader, on_note, hooks or RunHooks()
         self.pipes: dict[LoadSpec, SD3Pipeline] = {}
-        self.runs: dict[str, tuple[LoadSpec, GenerateResult]] = {}
+        self.runs: dict[str, SamplerRun] = {}
         self.notes: list[str] = []
         self._made: dict[Any, Any] = {}
 
@@ -106,8 +114,9 @@ class Executor:
         same = (load.model, load.text_encoders)
         return next((s for s in self.pipes if (s.model, s.text_encoders) == same), load)
 
-    def run(self, sampling: Sampling) -> tuple[LoadSpec, GenerateResult]:
-        """The result of a sampler node (run once, on the first pipeline that fits) and its pipeline's spec."""
+    def run(self, sampling: Sampling, tiling: Tiling | None = None) -> SamplerRun:
+        """A sampler node's run: once, on the first pipeline that fits, its images decoded in ``tiling``'s
+        tiles (VAEDecodeTiled's) when the first to ask for it decodes so, so no image is decoded twice."""
         if sampling.node not in self.runs:
             spec = sampling.load if sampling.controls else self._sampler_spec(sampling.load)
             request = sampling.request
@@ -131,9 +140,11 @@ class Executor:
                 def on_step(progress: Progress) -> None:
                     on_progress(node, progress)
 
-            result = self.pipe(spec).run(request, on_step, hooks.cancel, on_warning=self.on_note, start=start)
+            pipe = self.pipe(spec)
+            with decoding(pipe, tiling):
+                result = pipe.run(request, on_step, hooks.cancel, on_warning=self.on_note, start=start)
             self.notes += result.warnings
-            self.runs[sampling.node] = (spec, result)
+            self.runs[sampling.node] = SamplerRun(spec, tiling, result)
         return self.runs[sampling.node]
 
     def images(self, value: Any) -> list[Image.Image]:
@@ -141,8 +152,8 @@ class Executor:
         8-bit pictures of any other IMAGE (as SaveImage writes them)."""
         if not isinstance(value, ImageValue):
             return to_pil(self.image(value))
-        spec, result = self.run(value.sampling)
-        if spec == value.sampling.load and value.tiling is None:
+        spec, tiling, result = self.run(value.sampling, value.tiling)
+        if spec == value.sampling.load and tiling == value.tiling:
             return result.images
         pipe = self.pipe(value.sampling.load)  # another VAE than the sampler's pipeline has, or tiles
         with decoding(pipe, value.tiling):
@@ -157,7 +168,7 @@ class Executor:
             if isinstance(value, LoadedImage):
                 made = load_image(value.file)[0]
             elif isinstance(value, ImageValue):
-                _, result = self.run(value.sampling)
+                result = self.run(value.sampling).result
                 pipe = self.pipe(value.sampling.load)
                 with decoding(pipe, value.tiling):
                     made = from_vae(pipe.decode_pixels(torch.cat(result.latents)))
@@ -190,7 +201,7 @@ class Executor:
             shape = (value.batch, channels, value.height // DOWNSCALE, value.width // DOWNSCALE)
             return torch.zeros(shape), None
         if isinstance(value, Sampling):  # a sampler's output keeps its input's noise mask, as in ComfyUI
-            _, result = self.run(value)
+            result = self.run(value).result
             mask = None if value.start is None else self.latent(value.start.latent, load)[1]
             return torch.cat(result.latents).cpu(), mask
         if isinstance(value, EncodedLatent):

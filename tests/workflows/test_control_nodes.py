@@ -356,10 +356,11 @@ def test_a_loaded_and_scaled_control_image_is_the_request_with_that_image(models
     assert np.array_equal(_rgb(result.files["44"][0]), pixels(expected))
 
 
-def test_tiled_decoding_of_a_controlled_sampler_feeding_a_second_pass(models, loaded, tmp_path):
+def test_tiled_decoding_of_a_controlled_sampler_feeding_a_second_pass(models, loaded, tmp_path, monkeypatch):
     """A ControlNet sampler decoded in tiles for SaveImage while its latent goes on, upscaled, into a
-    hires pass: every sampler is listed for the server's limits in the order it runs, the tiled image
-    is the untiled one within 1/255, and the hires pass has the upscaled size."""
+    hires pass: every sampler is listed for the server's limits in the order it runs, each sampler's
+    images are decoded once (the tiled one in tiles only), the tiled image is the untiled one within
+    1/255, and the hires pass has the upscaled size."""
     workflow = _controlled()
     workflow["43"]["class_type"] = "VAEDecodeTiled"
     workflow["43"]["inputs"].update(tile_size=64, overlap=8, temporal_size=64, temporal_overlap=8)
@@ -372,7 +373,22 @@ def test_tiled_decoding_of_a_controlled_sampler_feeding_a_second_pass(models, lo
     workflow["61"] = second
     workflow["62"] = {"class_type": "VAEDecode", "inputs": {"samples": ["61", 0], "vae": ["4", 2]}}
     workflow["63"] = {"class_type": "SaveImage", "inputs": {"images": ["62", 0], "filename_prefix": "hi"}}
+    pipe = loaded(_prepare(workflow, models).outputs[0].image.sampling.load)  # every sampler's pipeline
+    decodes, decode = [], pipe.vae.decode
+
+    def counted(z, tiling=None):
+        decodes.append((tuple(z.shape[-2:]), tiling is not None))
+        return decode(z, tiling=tiling)
+
+    monkeypatch.setattr(pipe.vae, "decode", counted)
     plan, result = _run(workflow, models, loaded, tmp_path)
+    monkeypatch.undo()
+    cells = SIZE // 8
+    assert sorted(decodes) == [
+        ((cells, cells), False),
+        ((cells, cells), True),
+        ((cells * 3 // 2,) * 2, False),
+    ]
     assert [s.node for s in samplings([o.image for o in plan.outputs])] == ["3", "42", "61"]
     tiled = next(o for o in plan.outputs if o.node == "44").image
     assert tiled.tiling is not None

@@ -155,7 +155,7 @@ def test_vae_encode_for_inpaint_keeps_the_filled_latent_outside_the_grown_mask(m
     plan = _plan(inpainting("VAEEncodeForInpaint"), models, inputs)
     sampling = plan.outputs[0].image.sampling
     executor = Executor(loaded)
-    _, result = executor.run(sampling)
+    result = executor.run(sampling).result
     encoded, noise_mask = executor.latent(sampling.start.latent, sampling.load)
     assert noise_mask.unique().tolist() == [0.0, 1.0]  # rounded and grown, as ComfyUI's
     keep = comfy_latent_mask(noise_mask, SIZE // 8, SIZE // 8)[0, 0] == 0
