@@ -27,9 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 from sd35.bench.flops import matmul_rate, step_flops
 from sd35.bench.random_models import call_diffusers, compare, diffusers_transformer, step_inputs
+from sd35.bench.report import log
 from sd35.bench.sdcpp import (
     SDCPP_TEXT_TOKENS,
     SDCPP_TYPES,
@@ -47,6 +46,7 @@ from sd35.bench.sdcpp import (
     sdcpp_command,
     write_sdcpp_files,
 )
+from sd35.bench.timing import time_calls
 from sd35.devices import default_dtype
 from sd35.errors import SD35Error
 from sd35.files import write_atomic
@@ -55,10 +55,6 @@ from sd35.models.random_init import build_random
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EQUIVALENCE = {"bf16": 5e-2, "fp32": 1e-4}  # relative L2, ours vs diffusers (as sd35/bench/steps.py)
-
-
-def log(message: str) -> None:
-    print(f"sd35 bench: {message}", file=sys.stderr, flush=True)
 
 
 def machine_facts(sdcpp: Path | None) -> dict:
@@ -115,14 +111,10 @@ def torch_engines(
 
 
 def _median_step(fn: Callable[[], torch.Tensor], iters: int) -> float:
+    """Seconds: the median of ``iters`` back-to-back calls after one warm-up (allocator, oneDNN caches)."""
     with torch.inference_mode():
-        fn()  # warm-up: allocator, oneDNN primitive cache
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        stats, _ = time_calls(fn, torch.device("cpu"), warmup=1, iters=iters)
+    return stats["median_ms"] / 1000.0
 
 
 def sdcpp_engines(

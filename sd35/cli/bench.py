@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -58,25 +59,29 @@ def run_peers(args: argparse.Namespace) -> int:
 
     if args.device not in (None, "cpu"):
         raise SD35Error("--peers times CPU engines (stable-diffusion.cpp's CPU build); use --device cpu.")
-    defaults = PeerOptions()
     if args.diffusers not in (None, "eager", "none"):
         raise SD35Error(
             "--peers times diffusers eager (or --diffusers none); its other variants are GPU paths."
         )
-    options = PeerOptions(
-        sizes=_csv("--sizes", args.sizes, int) if args.sizes else defaults.sizes,
-        depth=args.depth,
-        rounds=args.rounds,
-        iters=args.iters or defaults.iters,
-        dtypes=_csv("--peer-dtypes", args.peer_dtypes) if args.peer_dtypes else defaults.dtypes,
-        diffusers=args.diffusers != "none",
-        sdcpp=args.sdcpp,
-        sdcpp_types=_csv("--sdcpp-types", args.sdcpp_types) if args.sdcpp_types else defaults.sdcpp_types,
-        sdcpp_threads=args.sdcpp_threads,
-        weights_dir=args.sdcpp_weights or defaults.weights_dir,
-        seed=args.seed,
-        json_path=args.json,
-        plot_path=Path(args.plot) if args.plot else None,
+    given = {  # the flags given; PeerOptions holds the defaults
+        "sizes": _csv("--sizes", args.sizes, int) if args.sizes else None,
+        "depth": args.depth,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "dtypes": _csv("--peer-dtypes", args.peer_dtypes) if args.peer_dtypes else None,
+        "sdcpp_types": _csv("--sdcpp-types", args.sdcpp_types) if args.sdcpp_types else None,
+        "sdcpp_threads": args.sdcpp_threads,
+        "weights_dir": args.sdcpp_weights,
+    }
+    options = replace(
+        PeerOptions(
+            diffusers=args.diffusers != "none",
+            sdcpp=args.sdcpp,
+            seed=args.seed,
+            json_path=args.json,
+            plot_path=Path(args.plot) if args.plot else None,
+        ),
+        **{name: value for name, value in given.items() if value is not None},
     )
     report = run_side_by_side(options)
     return 0 if all(r["ok"] for r in report["equivalence"]) else 1
@@ -169,20 +174,16 @@ def add_parser(sub) -> None:
         "--peers", action="store_true", help="run this comparison instead of the step benchmark"
     )
     peers.add_argument(
-        "--depth", type=int, default=8, help="MMDiT-X blocks (hidden = 64 x depth; 24: SD3.5M)"
+        "--depth", type=int, default=None, help="MMDiT-X blocks (hidden = 64 x depth; 24: SD3.5M; default 8)"
     )
     peers.add_argument(
-        "--rounds", type=int, default=3, help="rounds of every engine at every size (default 3)"
+        "--rounds", type=int, default=None, help="rounds of every engine at every size (default 3)"
     )
-    peers.add_argument(
-        "--peer-dtypes", default="bf16,fp32", help="ours' and diffusers' dtypes (default bf16,fp32)"
-    )
+    peers.add_argument("--peer-dtypes", default=None, help="ours' and diffusers' dtypes (default bf16,fp32)")
     peers.add_argument(
         "--sdcpp", default=None, help="sd-cli (default $SDCPP_HOME/build/bin/sd-cli, then PATH)"
     )
-    peers.add_argument(
-        "--sdcpp-types", default="f16,q8_0,f32", help="sd.cpp --type values (default f16,q8_0,f32)"
-    )
+    peers.add_argument("--sdcpp-types", default=None, help="sd.cpp --type values (default f16,q8_0,f32)")
     peers.add_argument(
         "--sdcpp-threads", type=int, default=None, help="sd.cpp's -t (default: torch's threads)"
     )
