@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from sd35.errors import InvalidRequest, NotFound
 
 ANNOTATION = " [input]"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 OTHER_FOLDERS = (" [output]", " [temp]")
 
 
@@ -21,6 +22,16 @@ class InputDir:
     """The input folder (None: none was given, so every name is missing)."""
 
     root: Path | None
+
+    def names(self) -> list[str]:
+        """The images in the folder as a workflow names them (``sub/photo.png``), sorted: LoadImage's choices."""
+        if self.root is None:
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
 
     def resolve(self, name: object) -> Path:
         """The file ``name`` means; InvalidRequest for a path or name leaving the folder, NotFound for a

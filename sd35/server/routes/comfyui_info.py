@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from sd35._version import __version__
 from sd35.errors import NotFound
 from sd35.server.routes.comfyui_files import runner_of
+from sd35.workflows.inputs import InputDir
 from sd35.workflows.models import FOLDERS, ModelsDir
 from sd35.workflows.nodes import NODES, Input, NodeType
 
@@ -28,18 +28,6 @@ CATEGORIES = {
     "IMAGE": "image",
     "MODEL": "advanced/model",
 }
-
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-
-
-def input_images(folder: Path) -> list[str]:
-    """The images of ComfyUI's input folder as LoadImage names them (``sub/name.png``), sorted."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
 
 
 def input_spec(spec: Input, models: ModelsDir, images: list[str]) -> list[Any]:
@@ -94,7 +82,7 @@ async def object_info(request: Request) -> dict:
     runner = runner_of(request)
 
     def listing() -> dict:
-        images = input_images(runner.folder("input"))
+        images = InputDir(runner.folder("input")).names()
         return {n: node_info(n, node, runner.models, images) for n, node in NODES.items()}
 
     return await run_in_threadpool(listing)
@@ -109,7 +97,7 @@ async def object_info_of(node_class: str, request: Request) -> dict:
         return {}
 
     def entry() -> dict:
-        return node_info(node_class, node, runner.models, input_images(runner.folder("input")))
+        return node_info(node_class, node, runner.models, InputDir(runner.folder("input")).names())
 
     return {node_class: await run_in_threadpool(entry)}
 
