@@ -44,6 +44,7 @@ from sd35.bench.sdcpp import (
     find_sdcpp,
     run_sdcpp,
     sdcpp_command,
+    sdcpp_weights_dir,
     write_sdcpp_files,
 )
 from sd35.bench.timing import time_calls
@@ -243,7 +244,7 @@ class PeerOptions:
     sdcpp: str | None = None
     sdcpp_types: tuple[str, ...] = SDCPP_TYPES
     sdcpp_threads: int | None = None
-    weights_dir: Path = Path(os.environ.get("SDCPP_WEIGHTS", "/work/sdcpp/weights"))
+    weights_dir: Path | None = None  # None: sdcpp_weights_dir()
     seed: int = 0
     json_path: Path | None = None
     plot_path: Path | None = None
@@ -284,7 +285,7 @@ def run_peers(opts: PeerOptions) -> dict:
     sd_runs: list[dict] = []
     sd_threads = (opts.sdcpp_threads or threads) if binary is not None else None
     if binary is not None:
-        files = write_sdcpp_files(Path(opts.weights_dir), cfg, opts.seed)
+        files = write_sdcpp_files(opts.weights_dir or sdcpp_weights_dir(), cfg, opts.seed)
         engines.update(sdcpp_engines(binary, files, opts.sdcpp_types, opts.iters, sd_threads, sd_runs))
     rows = rows_of(time_rounds(engines, sizes, opts.rounds))
     for row in rows:

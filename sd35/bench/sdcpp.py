@@ -65,6 +65,17 @@ def comparison_config(depth: int) -> MMDiTXConfig:
     )
 
 
+def sdcpp_home() -> Path:
+    """Where ``benchmarks/build_sdcpp.sh`` builds sd.cpp: ``$SDCPP_HOME``, by default /work/sdcpp."""
+    return Path(os.environ.get("SDCPP_HOME", "/work/sdcpp"))
+
+
+def sdcpp_weights_dir() -> Path:
+    """Where the weight files sd.cpp reads are written once and reused: ``$SDCPP_WEIGHTS``, by default
+    ``weights/`` in :func:`sdcpp_home`."""
+    return Path(os.environ.get("SDCPP_WEIGHTS", sdcpp_home() / "weights"))
+
+
 def find_sdcpp(path: str | os.PathLike | None = None) -> Path | None:
     """The ``sd-cli`` binary: ``path`` if given (an SD35Error if it is not an executable file), else
     ``$SDCPP_HOME/build/bin/sd-cli`` (default home /work/sdcpp), else ``sd-cli`` on PATH, else None."""
@@ -76,7 +87,7 @@ def find_sdcpp(path: str | os.PathLike | None = None) -> Path | None:
                 "(it prints the binary's path) or leave --sdcpp out."
             )
         return p
-    home = Path(os.environ.get("SDCPP_HOME", "/work/sdcpp"))
+    home = sdcpp_home()
     for candidate in (home / DEFAULT_BINARY, shutil.which("sd-cli")):
         if candidate is not None and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)

@@ -191,7 +191,7 @@ def add_parser(sub) -> None:
         "--sdcpp-weights",
         type=Path,
         default=None,
-        help="where sd.cpp's weight files are written once and reused",
+        help="where sd.cpp's weight files are written once and reused (default $SDCPP_HOME/weights)",
     )
     peers.add_argument(
         "--plot", default=None, metavar="PNG", help="step time against resolution (needs matplotlib)"
