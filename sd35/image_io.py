@@ -61,14 +61,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return width, height
 
 
-def _has_alpha(im: Image.Image) -> bool:
+def has_alpha(im: Image.Image) -> bool:
+    """Whether ``im`` carries transparency: an alpha band, or a palette with a transparent entry."""
     return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
 
 
 def read_image(source: ImageSource, what: str = "image", *, param: str | None = None) -> Image.Image:
     """An RGB image from a path, encoded bytes or a PIL image: EXIF rotation applied, transparency on white."""
     im = _open(source, what, param)
-    if _has_alpha(im):
+    if has_alpha(im):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")
@@ -81,7 +82,7 @@ def read_mask(source: ImageSource, what: str = "mask", *, param: str | None = No
     OpenAI's image edits and of painting programs' erasers); other images by their grey level.
     """
     im = _open(source, what, param)
-    if _has_alpha(im):
+    if has_alpha(im):
         alpha = im.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
             return Image.eval(alpha, lambda a: 255 - a)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 
+from sd35.image_io import has_alpha
+
 EMPTY_MASK = 64
 """The side of the all-zero mask ComfyUI gives for an image without an alpha channel."""
 
@@ -38,13 +40,9 @@ def _integer(frame: Image.Image) -> Image.Image:
     return frame.point(lambda v: v * (1 / 255)) if frame.mode == "I" else frame
 
 
-def _has_alpha(frame: Image.Image) -> bool:
-    return "A" in frame.getbands() or (frame.mode == "P" and "transparency" in frame.info)
-
-
 def alpha_mask(path: Path) -> bool:
     """Whether LoadImage's MASK of ``path`` comes from its alpha (else it is an empty 64 x 64 one)."""
-    return _has_alpha(_frames(path)[0])
+    return has_alpha(_frames(path)[0])
 
 
 def _unit(array: np.ndarray) -> torch.Tensor:
@@ -65,7 +63,7 @@ def load_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     for frame in _frames(path):
         frame = _integer(frame)
         images.append(_unit(frame.convert("RGB")))
-        if _has_alpha(frame):
+        if has_alpha(frame):
             alpha = np.asarray(frame.convert("RGBA").getchannel("A"), dtype=np.float32)
             masks.append(_unit(255.0 - alpha))
         else:
